@@ -1,0 +1,2 @@
+//! Collective algorithms as schedules: plain data computed from (rank, size,
+//! counts, segment size). No sockets here; [`crate::exec`] runs them.

@@ -1,0 +1,256 @@
+//! One place for configuration: a [`Config`] filled from `KOLO_*` variables,
+//! from the variables other launchers set (torchrun, mpirun, srun), or in code.
+
+use crate::error::{Error, Result};
+use std::time::Duration;
+
+/// Default segment size: big enough to amortise a syscall, small enough that a
+/// reduced segment stays in L2 while the next one is on the wire.
+pub const DEFAULT_SEGMENT_BYTES: usize = 512 * 1024;
+/// Default port of the rendezvous store when none is given (torchrun's default).
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+
+/// Every variable kolo reads, with its default and meaning; `kolorun --help` prints this.
+pub const ENV_DOC: &[(&str, &str, &str)] = &[
+    ("KOLO_RANK", "-", "rank of this process (else RANK, OMPI_COMM_WORLD_RANK, SLURM_PROCID)"),
+    ("KOLO_SIZE", "-", "number of ranks (else WORLD_SIZE, OMPI_COMM_WORLD_SIZE, SLURM_NTASKS)"),
+    ("KOLO_LOCAL_RANK", "0", "rank on this host (else LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID)"),
+    ("KOLO_LOCAL_SIZE", "1", "ranks on this host (else LOCAL_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_SIZE, SLURM_NTASKS_PER_NODE)"),
+    ("KOLO_MASTER_ADDR", "127.0.0.1 if all ranks are local", "host of the rendezvous store (else MASTER_ADDR)"),
+    ("KOLO_MASTER_PORT", "29500", "port of the rendezvous store (else MASTER_PORT)"),
+    ("KOLO_STORE", "rank0", "who serves the store: rank0, or external (a launcher such as kolorun)"),
+    ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
+    ("KOLO_TIMEOUT", "60", "seconds any collective may wait before failing"),
+    ("KOLO_START_TIMEOUT", "60", "seconds to wait for every rank to arrive at rendezvous"),
+    ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
+    ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
+    ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
+];
+
+/// Everything a [`crate::Communicator`] needs to start.
+///
+/// ```
+/// let cfg = kolo::Config::local(0, 1, 29999);
+/// assert_eq!(cfg.size, 1);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pub local_size: usize,
+    /// Host of the rendezvous store.
+    pub master_addr: String,
+    /// Port of the rendezvous store.
+    pub master_port: u16,
+    /// Whether rank 0 serves the store (false when a launcher serves it).
+    pub serve_store: bool,
+    /// Interface or address to advertise (`KOLO_IFACE`); `None` picks automatically.
+    pub iface: Option<String>,
+    /// Deadline for one collective.
+    pub timeout: Duration,
+    /// Deadline for rendezvous and connection setup.
+    pub start_timeout: Duration,
+    /// Pipeline segment size in bytes.
+    pub segment_bytes: usize,
+    /// How long to busy-poll before blocking in epoll.
+    pub spin: Duration,
+    /// Allreduce up to this many bytes uses recursive doubling.
+    pub small_bytes: usize,
+}
+
+impl Config {
+    /// A config for `size` ranks on this host with the store on 127.0.0.1:`port`.
+    pub fn local(rank: usize, size: usize, port: u16) -> Config {
+        Config {
+            rank,
+            size,
+            local_rank: rank,
+            local_size: size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            serve_store: true,
+            iface: None,
+            timeout: Duration::from_secs(60),
+            start_timeout: Duration::from_secs(60),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            spin: Duration::from_micros(50),
+            small_bytes: 64 * 1024,
+        }
+    }
+
+    /// Fill from the process environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// Fill from any variable source (used by tests and by `from_env`).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        // Launcher families in order of precedence; the first that defines a rank wins,
+        // so a Slurm allocation running mpirun (which also sets SLURM_PROCID) still works.
+        let families: [(&str, [&str; 4]); 4] = [
+            ("kolo", ["KOLO_RANK", "KOLO_SIZE", "KOLO_LOCAL_RANK", "KOLO_LOCAL_SIZE"]),
+            ("torchrun", ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"]),
+            (
+                "mpirun",
+                [
+                    "OMPI_COMM_WORLD_RANK",
+                    "OMPI_COMM_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_LOCAL_RANK",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE",
+                ],
+            ),
+            ("srun", ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"]),
+        ];
+        let num = |k: &str| -> Result<Option<usize>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => {
+                    // SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading number is ours.
+                    let head: String = v.trim().chars().take_while(|c| c.is_ascii_digit()).collect();
+                    head.parse::<usize>()
+                        .map(Some)
+                        .map_err(|_| Error::Config(format!("{k}={v:?} is not a non-negative integer")))
+                }
+            }
+        };
+        let mut chosen = None;
+        for (name, vars) in families.iter() {
+            if get(vars[0]).is_some() {
+                chosen = Some((*name, *vars));
+                break;
+            }
+        }
+        let (family, vars) = chosen.ok_or_else(|| {
+            Error::Config(
+                "no rank given: set KOLO_RANK and KOLO_SIZE (or start under kolorun, torchrun, mpirun or srun)"
+                    .into(),
+            )
+        })?;
+        let rank = num(vars[0])?.expect("checked above");
+        let size = num(vars[1])?.ok_or_else(|| {
+            Error::Config(format!("{} is set ({family}) but {} is missing", vars[0], vars[1]))
+        })?;
+        if size == 0 {
+            return Err(Error::Config(format!("{}=0: world size must be at least 1", vars[1])));
+        }
+        if rank >= size {
+            return Err(Error::Config(format!(
+                "{}={rank} contradicts {}={size}: rank must be below size",
+                vars[0], vars[1]
+            )));
+        }
+        let local_rank = num(vars[2])?;
+        let local_size = num(vars[3])?;
+        let (local_rank, local_size) = match (local_rank, local_size) {
+            (Some(r), Some(s)) => (r, s),
+            (Some(r), None) => (r, size),
+            (None, Some(s)) => (rank % s.max(1), s),
+            (None, None) => (rank, size),
+        };
+        if local_size == 0 || local_size > size {
+            return Err(Error::Config(format!(
+                "{}={local_size} contradicts {}={size}: local size must be in 1..=size",
+                vars[3], vars[1]
+            )));
+        }
+        if local_rank >= local_size {
+            return Err(Error::Config(format!(
+                "{}={local_rank} contradicts {}={local_size}: local rank must be below local size",
+                vars[2], vars[3]
+            )));
+        }
+        let master_addr = match get("KOLO_MASTER_ADDR").or_else(|| get("MASTER_ADDR")) {
+            Some(a) if !a.trim().is_empty() => a.trim().to_string(),
+            _ if local_size == size => "127.0.0.1".to_string(),
+            _ => {
+                return Err(Error::Config(format!(
+                    "KOLO_MASTER_ADDR (or MASTER_ADDR) is not set and the job spans several hosts \
+                     ({family}: local size {local_size} < size {size})"
+                )))
+            }
+        };
+        let master_port = match get("KOLO_MASTER_PORT").or_else(|| get("MASTER_PORT")) {
+            None => DEFAULT_MASTER_PORT,
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| Error::Config(format!("KOLO_MASTER_PORT/MASTER_PORT={p:?} is not a port number")))?,
+        };
+        let serve_store = match get("KOLO_STORE").as_deref().map(str::trim) {
+            None | Some("") | Some("rank0") => true,
+            Some("external") => false,
+            Some(o) => return Err(Error::Config(format!("KOLO_STORE={o:?}: expected rank0 or external"))),
+        };
+        let secs = |k: &str, d: f64| -> Result<Duration> {
+            match get(k) {
+                None => Ok(Duration::from_secs_f64(d)),
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+                    _ => Err(Error::Config(format!("{k}={v:?} is not a positive number of seconds"))),
+                },
+            }
+        };
+        let mut cfg = Config::local(rank, size, master_port);
+        cfg.local_rank = local_rank;
+        cfg.local_size = local_size;
+        cfg.master_addr = master_addr;
+        cfg.serve_store = serve_store;
+        cfg.iface = get("KOLO_IFACE").filter(|s| !s.trim().is_empty());
+        cfg.timeout = secs("KOLO_TIMEOUT", 60.0)?;
+        cfg.start_timeout = secs("KOLO_START_TIMEOUT", 60.0)?;
+        if let Some(v) = num("KOLO_SEGMENT_BYTES")? {
+            if v < 4096 {
+                return Err(Error::Config(format!("KOLO_SEGMENT_BYTES={v} is below the minimum 4096")));
+            }
+            cfg.segment_bytes = v;
+        }
+        if let Some(v) = num("KOLO_SPIN_US")? {
+            cfg.spin = Duration::from_micros(v as u64);
+        }
+        if let Some(v) = num("KOLO_SMALL_BYTES")? {
+            cfg.small_bytes = v;
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn reads_each_launcher() {
+        let c = cfg(&[("KOLO_RANK", "1"), ("KOLO_SIZE", "4"), ("KOLO_MASTER_PORT", "1234")]).unwrap();
+        assert_eq!((c.rank, c.size, c.master_port), (1, 4, 1234));
+        let c = cfg(&[("RANK", "2"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "2"), ("LOCAL_WORLD_SIZE", "3")]).unwrap();
+        assert_eq!((c.rank, c.size, c.local_rank, c.master_addr.as_str()), (2, 3, 2, "127.0.0.1"));
+        let c = cfg(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4"), ("SLURM_PROCID", "0")]).unwrap();
+        assert_eq!(c.rank, 3);
+        let c = cfg(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "4(x2)"), ("MASTER_ADDR", "n1")]).unwrap();
+        assert_eq!((c.rank, c.local_rank, c.local_size, c.master_addr.as_str()), (5, 1, 4, "n1"));
+    }
+
+    #[test]
+    fn names_missing_and_contradictory_variables() {
+        let e = cfg(&[]).unwrap_err().to_string();
+        assert!(e.contains("KOLO_RANK"), "{e}");
+        let e = cfg(&[("KOLO_RANK", "0")]).unwrap_err().to_string();
+        assert!(e.contains("KOLO_SIZE"), "{e}");
+        let e = cfg(&[("KOLO_RANK", "4"), ("KOLO_SIZE", "4")]).unwrap_err().to_string();
+        assert!(e.contains("KOLO_RANK=4") && e.contains("KOLO_SIZE=4"), "{e}");
+        let e = cfg(&[("KOLO_RANK", "x"), ("KOLO_SIZE", "4")]).unwrap_err().to_string();
+        assert!(e.contains("KOLO_RANK"), "{e}");
+        let e = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "4"), ("KOLO_LOCAL_SIZE", "2")]).unwrap_err().to_string();
+        assert!(e.contains("MASTER_ADDR"), "{e}");
+        let e = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "2"), ("KOLO_TIMEOUT", "-1")]).unwrap_err().to_string();
+        assert!(e.contains("KOLO_TIMEOUT"), "{e}");
+    }
+}

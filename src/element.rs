@@ -1,0 +1,135 @@
+//! The element types kolo reduces and moves, and their wire codes.
+
+use half::{bf16, f16};
+
+/// Element type of a buffer, as carried in frame headers and the C ABI.
+///
+/// ```
+/// use kolo::DType;
+/// assert_eq!(DType::F16.size(), 2);
+/// assert_eq!(DType::from_code(DType::I64.code()), Some(DType::I64));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    U8,
+    I32,
+    I64,
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl DType {
+    /// Every dtype, for tests and benchmarks.
+    pub const ALL: [DType; 7] = [
+        DType::U8,
+        DType::I32,
+        DType::I64,
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+    ];
+
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::F32 => 4,
+            DType::I64 | DType::F64 => 8,
+        }
+    }
+
+    /// Code used on the wire.
+    pub fn code(self) -> u8 {
+        match self {
+            DType::U8 => 1,
+            DType::I32 => 2,
+            DType::I64 => 3,
+            DType::F16 => 4,
+            DType::BF16 => 5,
+            DType::F32 => 6,
+            DType::F64 => 7,
+        }
+    }
+
+    /// Inverse of [`DType::code`].
+    pub fn from_code(c: u8) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.code() == c)
+    }
+
+    /// Name as nccl-tests spells it (`float`, `half`, `bfloat16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::U8 => "uint8",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::F16 => "half",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float",
+            DType::F64 => "double",
+        }
+    }
+
+    /// Parse nccl-tests names and common aliases (`f32`, `float32`, ...).
+    pub fn parse(s: &str) -> Option<DType> {
+        Some(match s {
+            "uint8" | "u8" => DType::U8,
+            "int32" | "i32" | "int" => DType::I32,
+            "int64" | "i64" => DType::I64,
+            "half" | "f16" | "float16" => DType::F16,
+            "bfloat16" | "bf16" => DType::BF16,
+            "float" | "f32" | "float32" => DType::F32,
+            "double" | "f64" | "float64" => DType::F64,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A plain-old-data element kolo can send and reduce. Sealed: implemented for
+/// `u8, i32, i64, f16, bf16, f32, f64` only, which have no padding and no
+/// invalid bit patterns, so viewing them as bytes is sound.
+///
+/// ```
+/// use kolo::{DType, Element};
+/// assert_eq!(<f32 as Element>::DTYPE, DType::F32);
+/// let v = [1.0f32, 2.0];
+/// assert_eq!(kolo::element::as_bytes(&v).len(), 8);
+/// ```
+pub trait Element: sealed::Sealed + Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
+    /// The wire dtype of this element type.
+    const DTYPE: DType;
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t { const DTYPE: DType = DType::$d; }
+    )*};
+}
+element!(u8 => U8, i32 => I32, i64 => I64, f16 => F16, bf16 => BF16, f32 => F32, f64 => F64);
+
+/// View elements as bytes.
+pub fn as_bytes<T: Element>(s: &[T]) -> &[u8] {
+    // SAFETY: Element is sealed to padding-free POD types; u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) }
+}
+
+/// View elements as mutable bytes.
+pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; every byte pattern is a valid Element, so writes
+    // through the byte view cannot create an invalid value.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
+}

@@ -1,0 +1,119 @@
+//! Error values. Every failure names the rank that saw it, and where known the
+//! peer and the operation, so a log line from any rank says what happened.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Result alias used across kolo.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What went wrong. Every variant carries enough context to be printed alone.
+///
+/// ```
+/// let e = kolo::Error::InvalidArgument("count must be > 0".into());
+/// assert!(e.to_string().contains("count must be > 0"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A caller passed arguments that can never work (wrong buffer length, bad root...).
+    InvalidArgument(String),
+    /// Configuration (environment, launcher flags) is missing or contradictory.
+    Config(String),
+    /// Ranks called the same collective with different arguments (count, dtype, op, root, kind).
+    Mismatch {
+        rank: usize,
+        peer: usize,
+        op: String,
+        detail: String,
+    },
+    /// A peer closed its connection, reset it, or aborted the collective.
+    PeerLost {
+        rank: usize,
+        peer: usize,
+        host: String,
+        op: String,
+        detail: String,
+    },
+    /// A wait ran past its deadline.
+    Timeout {
+        rank: usize,
+        op: String,
+        waited: Duration,
+        detail: String,
+    },
+    /// Rendezvous failed (store unreachable, ranks missing).
+    Rendezvous { rank: usize, detail: String },
+    /// A peer sent bytes that are not a valid kolo frame for this job.
+    Protocol {
+        rank: usize,
+        peer: usize,
+        detail: String,
+    },
+    /// Another rank failed this collective and told us why.
+    Aborted {
+        rank: usize,
+        origin: usize,
+        op: String,
+        detail: String,
+    },
+    /// An OS-level I/O error outside a collective (bind, connect, spawn).
+    Io(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument(m) => write!(f, "invalid argument: {m}"),
+            Error::Config(m) => write!(f, "configuration error: {m}"),
+            Error::Mismatch {
+                rank,
+                peer,
+                op,
+                detail,
+            } => write!(f, "rank {rank}: {op}: mismatch with rank {peer}: {detail}"),
+            Error::PeerLost {
+                rank,
+                peer,
+                host,
+                op,
+                detail,
+            } => write!(f, "rank {rank}: {op}: lost peer rank {peer} ({host}): {detail}"),
+            Error::Timeout {
+                rank,
+                op,
+                waited,
+                detail,
+            } => write!(
+                f,
+                "rank {rank}: {op}: timed out after {:.1}s: {detail}",
+                waited.as_secs_f64()
+            ),
+            Error::Rendezvous { rank, detail } => write!(f, "rank {rank}: rendezvous: {detail}"),
+            Error::Protocol { rank, peer, detail } => {
+                write!(f, "rank {rank}: protocol error from rank {peer}: {detail}")
+            }
+            Error::Aborted {
+                rank,
+                origin,
+                op,
+                detail,
+            } => write!(f, "rank {rank}: {op}: aborted by rank {origin}: {detail}"),
+            Error::Io(m) => write!(f, "I/O error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    /// The peer rank this error is about, when it is about one.
+    pub fn peer(&self) -> Option<usize> {
+        match self {
+            Error::Mismatch { peer, .. }
+            | Error::PeerLost { peer, .. }
+            | Error::Protocol { peer, .. } => Some(*peer),
+            Error::Aborted { origin, .. } => Some(*origin),
+            _ => None,
+        }
+    }
+}

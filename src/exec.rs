@@ -1,0 +1,1 @@
+//! Runs a schedule from [`crate::algo`] over the [`crate::transport`].

@@ -1,0 +1,1 @@
+//! Moves bytes between ranks over TCP with mio. Knows nothing of reductions.
