@@ -1,35 +1,428 @@
-//! The public blocking API: a [`Communicator`] over a full mesh of TCP connections.
-use crate::config::Config;
-use crate::element::Element;
-use crate::error::Result;
-use crate::reduce::ReduceOp;
+//! The public blocking API: a [`Communicator`] over a full mesh of TCP
+//! connections. Each method validates its arguments, picks a schedule from
+//! [`crate::algo`], and runs it with [`crate::exec`].
 
-/// A group of ranks that run collectives together. Methods take `&self`;
-/// calls from several threads are serialised internally.
-pub struct Communicator {
-    rank: usize,
-    size: usize,
-    local_rank: usize,
-    local_size: usize,
+use crate::algo::{self, Schedule};
+use crate::config::Config;
+use crate::element::{as_bytes, as_bytes_mut, DType, Element};
+use crate::error::{Error, Result};
+use crate::exec::{self, Call, Opts, Workspace};
+use crate::reduce::{self, ReduceOp};
+use crate::rendezvous::{self, StoreClient, StoreServer};
+use crate::transport::frame::Desc;
+use crate::transport::Transport;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Wire codes of the collectives (part of every frame header).
+mod coll {
+    pub const ALLREDUCE: u8 = 1;
+    pub const BROADCAST: u8 = 2;
+    pub const ALLGATHER: u8 = 3;
+    pub const ALLGATHERV: u8 = 4;
+    pub const REDUCE_SCATTER: u8 = 5;
+    pub const ALLTOALL: u8 = 6;
+    pub const BARRIER: u8 = 7;
 }
 
-#[allow(unused_variables)]
+/// Name of a collective wire code, for error messages.
+pub fn coll_name(code: u8) -> &'static str {
+    match code {
+        coll::ALLREDUCE => "allreduce",
+        coll::BROADCAST => "broadcast",
+        coll::ALLGATHER => "allgather",
+        coll::ALLGATHERV => "allgatherv",
+        coll::REDUCE_SCATTER => "reduce_scatter",
+        coll::ALLTOALL => "alltoall",
+        coll::BARRIER => "barrier",
+        _ => "unknown collective",
+    }
+}
+
+struct Inner {
+    transport: Transport,
+    seq: u64,
+    ws: Workspace,
+    /// Set by the first failure: the mesh is then in an unknown state (a peer
+    /// may be mid-message), so every later call reports it instead of hanging.
+    failed: Option<Error>,
+}
+
+/// A group of ranks that run collectives together.
+///
+/// Every rank must call the same collectives in the same order with matching
+/// arguments; a mismatch is detected from frame headers and reported on every
+/// rank. Methods take `&self`; calls from several threads are serialised.
+///
+/// ```no_run
+/// use kolo::{Communicator, ReduceOp};
+/// let comm = Communicator::from_env()?;
+/// let mut v = vec![1.0f32; 4];
+/// comm.allreduce(&mut v, ReduceOp::Sum)?;
+/// assert!(v.iter().all(|&x| x == comm.size() as f32));
+/// # Ok::<(), kolo::Error>(())
+/// ```
+pub struct Communicator {
+    cfg: Config,
+    inner: Mutex<Inner>,
+    /// Rank 0 serves the rendezvous store for the communicator's lifetime
+    /// unless a launcher does.
+    _store: Option<StoreServer>,
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
+
 impl Communicator {
+    /// Join the job described by the environment (see [`Config::from_env`]).
+    ///
+    /// ```no_run
+    /// let comm = kolo::Communicator::from_env()?;
+    /// println!("rank {} of {}", comm.rank(), comm.size());
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
     pub fn from_env() -> Result<Communicator> {
         Communicator::init(Config::from_env()?)
     }
+
+    /// Rendezvous with the other ranks and connect to all of them. Fails after
+    /// `cfg.start_timeout` naming the ranks that never arrived.
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// assert_eq!(comm.size(), 1);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
     pub fn init(cfg: Config) -> Result<Communicator> {
-        Ok(Communicator { rank: cfg.rank, size: cfg.size, local_rank: cfg.local_rank, local_size: cfg.local_size })
+        if cfg.size == 0 || cfg.rank >= cfg.size {
+            return Err(Error::Config(format!("rank {} is not below size {}", cfg.rank, cfg.size)));
+        }
+        let deadline = Instant::now() + cfg.start_timeout;
+        let rank = cfg.rank;
+        let (transport, store) = if cfg.size == 1 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io(format!("bind: {e}")))?;
+            (Transport::establish(0, 1, random_id(), l, &[], deadline)?, None)
+        } else {
+            let ip = crate::net::advertise_ip(&cfg)?;
+            let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+                .map_err(|e| Error::Io(format!("rank {rank}: bind {ip}: {e}")))?;
+            let mine = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+            let store = if cfg.serve_store && rank == 0 {
+                let host = if ip.is_loopback() { "127.0.0.1" } else { "0.0.0.0" };
+                Some(StoreServer::bind(&format!("{host}:{}", cfg.master_port))?)
+            } else {
+                None
+            };
+            let master = format!("{}:{}", cfg.master_addr, cfg.master_port);
+            let mut client = StoreClient::connect(&master, rank, deadline)?;
+            let id_key = "kolo/comm_id";
+            if rank == 0 {
+                client.set(id_key, &random_id().to_le_bytes())?;
+            }
+            let raw = client.get(id_key, deadline)?;
+            let comm_id = u64::from_le_bytes(raw.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                rank,
+                detail: format!("malformed {id_key} in the store"),
+            })?);
+            let addrs = rendezvous::exchange_addresses(&mut client, "kolo", rank, cfg.size, mine, deadline)?;
+            (Transport::establish(rank, cfg.size, comm_id, listener, &addrs, deadline)?, store)
+        };
+        let comm = Communicator {
+            cfg,
+            inner: Mutex::new(Inner {
+                transport,
+                seq: 0,
+                ws: Workspace::default(),
+                failed: None,
+            }),
+            _store: store,
+        };
+        // Nobody returns before everyone is connected, so the store may go away.
+        comm.barrier()?;
+        Ok(comm)
     }
-    pub fn rank(&self) -> usize { self.rank }
-    pub fn size(&self) -> usize { self.size }
-    pub fn local_rank(&self) -> usize { self.local_rank }
-    pub fn local_size(&self) -> usize { self.local_size }
-    pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> { unimplemented!("stub") }
-    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> { unimplemented!("stub") }
-    pub fn allgather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> { unimplemented!("stub") }
-    pub fn allgatherv<T: Element>(&self, send: &[T], recv: &mut [T], counts: &[usize]) -> Result<()> { unimplemented!("stub") }
-    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> { unimplemented!("stub") }
-    pub fn alltoall<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> { unimplemented!("stub") }
-    pub fn barrier(&self) -> Result<()> { unimplemented!("stub") }
+
+    /// This rank, in `0..size()`.
+    pub fn rank(&self) -> usize {
+        self.cfg.rank
+    }
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.cfg.size
+    }
+    /// Rank among the processes on this host.
+    pub fn local_rank(&self) -> usize {
+        self.cfg.local_rank
+    }
+    /// Number of processes on this host.
+    pub fn local_size(&self) -> usize {
+        self.cfg.local_size
+    }
+    /// The configuration this communicator was started with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Bytes this rank has written to / read from its sockets (headers included).
+    pub fn bytes_on_wire(&self) -> (u64, u64) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (g.transport.bytes_sent, g.transport.bytes_received)
+    }
+
+    /// Elementwise reduction across ranks, in place; every rank gets the same bits.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let mut g = vec![0.5f32; 1 << 20];
+    /// comm.allreduce(&mut g, kolo::ReduceOp::Avg)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let (n, count) = (self.size(), buf.len());
+        let sched = if count * T::DTYPE.size() <= self.cfg.small_bytes {
+            algo::doubling::allreduce(self.rank(), n, count)
+        } else {
+            algo::ring::allreduce(self.rank(), n, count)
+        };
+        let call = self.call::<T>("allreduce", coll::ALLREDUCE, op, 0, count);
+        self.run(call, &sched, &[], as_bytes_mut(buf), Ok(()))?;
+        if op == ReduceOp::Avg {
+            reduce::divide(buf, n);
+        }
+        Ok(())
+    }
+
+    /// Copy `root`'s buffer to every rank.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let mut params = vec![comm.rank() as f64; 10];
+    /// comm.broadcast(&mut params, 0)?;
+    /// assert_eq!(params[0], 0.0);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        let (r, n, count) = (self.rank(), self.size(), buf.len());
+        let check = if root >= n {
+            Err(format!("broadcast root {root} is not below size {n}"))
+        } else {
+            Ok(())
+        };
+        let elem = T::DTYPE.size();
+        let sched = if root >= n {
+            Schedule::default()
+        } else if count * elem <= self.cfg.segment_bytes {
+            algo::broadcast::binomial(r, n, root, count)
+        } else {
+            algo::broadcast::chain(r, n, root, count, (self.cfg.segment_bytes / elem).max(1))
+        };
+        let call = self.call::<T>("broadcast", coll::BROADCAST, ReduceOp::Sum, root, count);
+        self.run(call, &sched, &[], as_bytes_mut(buf), check)
+    }
+
+    /// Gather every rank's `send` into `recv` (`size * send.len()` elements, rank order).
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let mut all = vec![0i32; comm.size()];
+    /// comm.allgather(&[comm.rank() as i32], &mut all)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allgather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let n = self.size();
+        let check = if recv.len() != n * send.len() {
+            Err(format!(
+                "allgather: recv has {} elements, expected size * send = {n} * {} = {}",
+                recv.len(),
+                send.len(),
+                n * send.len()
+            ))
+        } else {
+            Ok(())
+        };
+        let sched = match check {
+            Ok(()) => algo::ring::allgatherv(self.rank(), n, &vec![send.len(); n]),
+            Err(_) => Schedule::default(),
+        };
+        let call = self.call::<T>("allgather", coll::ALLGATHER, ReduceOp::Sum, 0, send.len());
+        self.run(call, &sched, as_bytes(send), as_bytes_mut(recv), check)
+    }
+
+    /// Gather with a different count per rank: `counts[i]` elements from rank i,
+    /// laid out in rank order in `recv`.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let counts: Vec<usize> = (0..comm.size()).map(|i| i + 1).collect();
+    /// let mine = vec![1u8; comm.rank() + 1];
+    /// let mut all = vec![0u8; counts.iter().sum()];
+    /// comm.allgatherv(&mine, &mut all, &counts)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allgatherv<T: Element>(&self, send: &[T], recv: &mut [T], counts: &[usize]) -> Result<()> {
+        let (r, n) = (self.rank(), self.size());
+        let total: usize = counts.iter().sum();
+        let check = if counts.len() != n {
+            Err(format!("allgatherv: {} counts given for {n} ranks", counts.len()))
+        } else if counts[r] != send.len() {
+            Err(format!("allgatherv: counts[{r}] = {} but send has {} elements", counts[r], send.len()))
+        } else if recv.len() != total {
+            Err(format!("allgatherv: recv has {} elements, counts sum to {total}", recv.len()))
+        } else {
+            Ok(())
+        };
+        let sched = match check {
+            Ok(()) => algo::ring::allgatherv(r, n, counts),
+            Err(_) => Schedule::default(),
+        };
+        let call = self.call::<T>("allgatherv", coll::ALLGATHERV, ReduceOp::Sum, 0, total);
+        self.run(call, &sched, as_bytes(send), as_bytes_mut(recv), check)
+    }
+
+    /// Reduce `send` (`size * recv.len()` elements) across ranks and leave block
+    /// `rank` of the result in `recv`.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let send = vec![1.0f32; 4 * comm.size()];
+    /// let mut mine = vec![0.0f32; 4];
+    /// comm.reduce_scatter(&send, &mut mine, kolo::ReduceOp::Sum)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+        let (r, n, per) = (self.rank(), self.size(), recv.len());
+        let check = if send.len() != n * per {
+            Err(format!(
+                "reduce_scatter: send has {} elements, expected size * recv = {n} * {per} = {}",
+                send.len(),
+                n * per
+            ))
+        } else {
+            Ok(())
+        };
+        // The ring reduces in place, so it works on a copy of the input.
+        let mut work: Vec<T> = if check.is_ok() { send.to_vec() } else { Vec::new() };
+        let sched = match check {
+            Ok(()) => algo::ring::reduce_scatter(r, n, per),
+            Err(_) => Schedule::default(),
+        };
+        let call = self.call::<T>("reduce_scatter", coll::REDUCE_SCATTER, op, 0, per);
+        self.run(call, &sched, &[], as_bytes_mut(&mut work), check)?;
+        recv.copy_from_slice(&work[r * per..(r + 1) * per]);
+        if op == ReduceOp::Avg {
+            reduce::divide(recv, n);
+        }
+        Ok(())
+    }
+
+    /// Block j of `send` goes to rank j; block i of `recv` comes from rank i.
+    /// Both hold `size` equal blocks.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let send: Vec<i64> = (0..comm.size() as i64).collect();
+    /// let mut recv = vec![0i64; comm.size()];
+    /// comm.alltoall(&send, &mut recv)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn alltoall<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let n = self.size();
+        let check = if send.len() != recv.len() || send.len() % n != 0 {
+            Err(format!(
+                "alltoall: send ({}) and recv ({}) must have the same length, a multiple of size {n}",
+                send.len(),
+                recv.len()
+            ))
+        } else {
+            Ok(())
+        };
+        let per = send.len() / n;
+        let sched = match check {
+            Ok(()) => algo::alltoall::pairwise(self.rank(), n, per),
+            Err(_) => Schedule::default(),
+        };
+        let call = self.call::<T>("alltoall", coll::ALLTOALL, ReduceOp::Sum, 0, per);
+        self.run(call, &sched, as_bytes(send), as_bytes_mut(recv), check)
+    }
+
+    /// Return only when every rank has entered the barrier.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// comm.barrier()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn barrier(&self) -> Result<()> {
+        let sched = algo::doubling::barrier(self.rank(), self.size());
+        let mut call = self.call::<u8>("barrier", coll::BARRIER, ReduceOp::Sum, 0, 0);
+        call.desc.dtype = 0;
+        call.desc.op = 0;
+        self.run(call, &sched, &[], &mut [], Ok(()))
+    }
+
+    fn call<T: Element>(&self, name: &'static str, code: u8, op: ReduceOp, root: usize, count: usize) -> Call {
+        let reduces = matches!(code, coll::ALLREDUCE | coll::REDUCE_SCATTER);
+        Call {
+            desc: Desc {
+                coll: code,
+                dtype: T::DTYPE.code(),
+                op: if reduces { op.code() } else { 0 },
+                root: root as u32,
+                count: count as u64,
+            },
+            seq: 0,
+            dtype: T::DTYPE,
+            op,
+            name,
+        }
+    }
+
+    /// Run one collective. A local argument error (`check`) fails this rank and
+    /// tells the peers, so no rank is left waiting on a call that never comes.
+    fn run(
+        &self,
+        mut call: Call,
+        sched: &Schedule,
+        input: &[u8],
+        output: &mut [u8],
+        check: std::result::Result<(), String>,
+    ) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &g.failed {
+            return Err(e.clone());
+        }
+        g.seq += 1;
+        call.seq = g.seq;
+        let inner = &mut *g;
+        let res = match check {
+            Err(msg) => {
+                let e = Error::InvalidArgument(format!("rank {}: {} #{}: {msg}", self.rank(), call.name, call.seq));
+                let clean = vec![true; self.size()];
+                inner.transport.abort_all(call.desc, call.seq, &e.to_string(), &clean);
+                Err(e)
+            }
+            Ok(()) => {
+                let opts = Opts {
+                    segment_bytes: self.cfg.segment_bytes,
+                    spin: self.cfg.spin,
+                    timeout: self.cfg.timeout,
+                };
+                exec::run(&mut inner.transport, sched, &call, input, output, &mut inner.ws, opts)
+            }
+        };
+        if let Err(e) = &res {
+            inner.failed = Some(e.clone());
+        }
+        res
+    }
+}
+
+/// The dtype of `T`, for callers that dispatch at run time.
+pub fn dtype_of<T: Element>() -> DType {
+    T::DTYPE
 }

@@ -1,1 +1,423 @@
 //! Runs a schedule from [`crate::algo`] over the [`crate::transport`].
+//!
+//! All operations of a round progress together on this thread: sends are
+//! written as far as the socket takes, receives are read segment by segment,
+//! and a segment that must be reduced is reduced as soon as it is complete
+//! while the kernel keeps receiving the next one. When nothing can move, the
+//! executor spins briefly (small messages arrive within microseconds), then
+//! sleeps in epoll until a socket is ready or the deadline passes.
+
+use crate::algo::{Apply, Buf, Op, Region, Schedule};
+use crate::element::DType;
+use crate::error::{Error, Result};
+use crate::reduce::{self, ReduceOp};
+use crate::transport::frame::{Desc, Header, Kind, HEADER_LEN};
+use crate::transport::{Incoming, Outgoing, RecvError, Transport};
+use std::time::{Duration, Instant};
+
+/// Identity of one collective call, for frame headers and error messages.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// What every rank must agree on.
+    pub desc: Desc,
+    /// Sequence number of this call on the communicator.
+    pub seq: u64,
+    pub dtype: DType,
+    pub op: ReduceOp,
+    /// Human name, e.g. "allreduce".
+    pub name: &'static str,
+}
+
+impl Call {
+    /// "allreduce #12" style label used in errors.
+    pub fn label(&self) -> String {
+        format!("{} #{}", self.name, self.seq)
+    }
+}
+
+/// Tunables for one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    pub segment_bytes: usize,
+    pub spin: Duration,
+    pub timeout: Duration,
+}
+
+/// Buffers reused across calls so the steady state allocates nothing.
+#[derive(Default)]
+pub struct Workspace {
+    /// Receive segments for reductions (u64 so every dtype is aligned).
+    segments: Vec<Vec<u64>>,
+    /// The schedule's `Buf::Scratch`.
+    scratch: Vec<u64>,
+}
+
+fn words(bytes: usize) -> usize {
+    bytes.div_ceil(8)
+}
+
+/// Raw view of the three buffers. Regions of one round are disjoint where one
+/// of them is written (checked by `Schedule::check_disjoint` in the tests of
+/// every algorithm), which is what makes handing out slices from these
+/// pointers sound.
+struct Mem {
+    input: (*const u8, usize),
+    output: (*mut u8, usize),
+    scratch: (*mut u8, usize),
+    elem: usize,
+}
+
+impl Mem {
+    fn bytes(&self, r: &Region) -> (usize, usize) {
+        (r.start * self.elem, r.len * self.elem)
+    }
+    fn slice(&self, r: &Region) -> &[u8] {
+        let (off, len) = self.bytes(r);
+        let (p, cap) = match r.buf {
+            Buf::Input => self.input,
+            Buf::Output => (self.output.0 as *const u8, self.output.1),
+            Buf::Scratch => (self.scratch.0 as *const u8, self.scratch.1),
+        };
+        assert!(off + len <= cap, "schedule region {r:?} outside its buffer");
+        // SAFETY: in bounds (asserted); see the type's comment for aliasing.
+        unsafe { std::slice::from_raw_parts(p.add(off), len) }
+    }
+    #[allow(clippy::mut_from_ref)]
+    fn slice_mut(&self, r: &Region) -> &mut [u8] {
+        let (off, len) = self.bytes(r);
+        let (p, cap) = match r.buf {
+            Buf::Input => panic!("schedule writes to the input buffer"),
+            Buf::Output => self.output,
+            Buf::Scratch => self.scratch,
+        };
+        assert!(off + len <= cap, "schedule region {r:?} outside its buffer");
+        // SAFETY: in bounds (asserted); see the type's comment for aliasing.
+        unsafe { std::slice::from_raw_parts_mut(p.add(off), len) }
+    }
+}
+
+struct SendState {
+    out: Outgoing,
+    from: Region,
+    done: bool,
+}
+
+struct RecvState {
+    inc: Incoming,
+    into: Region,
+    apply: Apply,
+    /// Bytes of `into` completed (copied or reduced).
+    pos: usize,
+    /// Bytes buffered in the segment awaiting reduction.
+    fill: usize,
+    /// Index into `Workspace::segments` for reductions.
+    seg: usize,
+    done: bool,
+}
+
+/// Run `sched` for `call`. `input` is read-only; `output` receives results.
+/// On failure every peer is told why (or, mid-frame, its connection is
+/// closed) and the error is returned.
+pub fn run(
+    t: &mut Transport,
+    sched: &Schedule,
+    call: &Call,
+    input: &[u8],
+    output: &mut [u8],
+    ws: &mut Workspace,
+    opts: Opts,
+) -> Result<()> {
+    let mut clean = vec![true; t.size()];
+    let res = run_rounds(t, sched, call, input, output, ws, opts, &mut clean);
+    if let Err(e) = &res {
+        t.abort_all(call.desc, call.seq, &e.to_string(), &clean);
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rounds(
+    t: &mut Transport,
+    sched: &Schedule,
+    call: &Call,
+    input: &[u8],
+    output: &mut [u8],
+    ws: &mut Workspace,
+    opts: Opts,
+    clean: &mut [bool],
+) -> Result<()> {
+    let elem = call.dtype.size();
+    let seg_bytes = (opts.segment_bytes / 8 * 8).max(8);
+    let scratch_bytes = sched.scratch_len() * elem;
+    if ws.scratch.len() < words(scratch_bytes) {
+        ws.scratch.resize(words(scratch_bytes), 0);
+    }
+    let mem = Mem {
+        input: (input.as_ptr(), input.len()),
+        output: (output.as_mut_ptr(), output.len()),
+        scratch: (ws.scratch.as_mut_ptr().cast(), scratch_bytes),
+        elem,
+    };
+    let deadline = Instant::now() + opts.timeout;
+    let header = |len: usize| Header {
+        kind: Kind::Data,
+        desc: call.desc,
+        comm_id: t.comm_id(),
+        seq: call.seq,
+        len: len as u64,
+    };
+    let mut sends: Vec<SendState> = Vec::new();
+    let mut recvs: Vec<RecvState> = Vec::new();
+    for round in &sched.rounds {
+        sends.clear();
+        recvs.clear();
+        let mut nseg = 0;
+        for op in &round.ops {
+            match *op {
+                Op::Copy { from, to } => {
+                    let src = mem.slice(&from);
+                    mem.slice_mut(&to).copy_from_slice(src);
+                }
+                Op::Send { peer, from } => sends.push(SendState {
+                    out: Outgoing::new(peer, header(from.len * elem).encode()),
+                    from,
+                    done: false,
+                }),
+                Op::Recv { peer, into, apply } => {
+                    let seg = if matches!(apply, Apply::Reduce { .. }) {
+                        nseg += 1;
+                        nseg - 1
+                    } else {
+                        usize::MAX
+                    };
+                    recvs.push(RecvState {
+                        inc: Incoming::new(peer, header(into.len * elem)),
+                        into,
+                        apply,
+                        pos: 0,
+                        fill: 0,
+                        seg,
+                        done: false,
+                    });
+                }
+                Op::Combine { .. } => {}
+            }
+        }
+        while ws.segments.len() < nseg {
+            ws.segments.push(Vec::new());
+        }
+        for s in ws.segments.iter_mut().take(nseg) {
+            if s.len() < words(seg_bytes) {
+                s.resize(words(seg_bytes), 0);
+            }
+        }
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            let mut moved = false;
+            for r in recvs.iter_mut().filter(|r| !r.done) {
+                moved |= progress_recv(t, r, &mem, ws, seg_bytes, call).map_err(|e| recv_error(t, call, r.inc.peer(), e))?;
+            }
+            for s in sends.iter_mut().filter(|s| !s.done) {
+                let payload = mem.slice(&s.from);
+                let before = s.out.remaining(payload);
+                match s.out.progress(t, payload) {
+                    Ok(done) => {
+                        s.done = done;
+                        moved |= s.out.remaining(payload) != before;
+                        // An abort frame can follow only at a frame boundary.
+                        let left = s.out.remaining(payload);
+                        clean[s.out.peer()] = left == 0 || left == payload.len() + HEADER_LEN;
+                    }
+                    Err(e) => {
+                        clean[s.out.peer()] = false;
+                        return Err(peer_lost(t, call, s.out.peer(), &format!("send failed: {e}")));
+                    }
+                }
+            }
+            if sends.iter().all(|s| s.done) && recvs.iter().all(|r| r.done) {
+                break;
+            }
+            if moved {
+                idle_since = None;
+                continue;
+            }
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) < opts.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if !t.wait(deadline)? {
+                return Err(timeout(t, call, opts.timeout, &sends, &recvs, &mem));
+            }
+            idle_since = None;
+        }
+        for op in &round.ops {
+            if let Op::Combine {
+                from,
+                into,
+                incoming_first,
+            } = *op
+            {
+                reduce::reduce_bytes(call.dtype, call.op, mem.slice_mut(&into), mem.slice(&from), incoming_first);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Advance one receive; returns whether any byte moved.
+fn progress_recv(
+    t: &mut Transport,
+    r: &mut RecvState,
+    mem: &Mem,
+    ws: &mut Workspace,
+    seg_bytes: usize,
+    call: &Call,
+) -> std::result::Result<bool, RecvError> {
+    let dest = mem.slice_mut(&r.into);
+    let mut moved = false;
+    match r.apply {
+        Apply::Copy => loop {
+            let n = r.inc.progress(t, &mut dest[r.pos..])?;
+            r.pos += n;
+            moved |= n > 0;
+            if r.inc.is_done() {
+                r.done = true;
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+        },
+        Apply::Reduce { incoming_first } => loop {
+            let seg_len = seg_bytes.min(dest.len() - r.pos);
+            let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
+            let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
+            r.fill += n;
+            moved |= n > 0;
+            if r.fill == seg_len && seg_len > 0 {
+                reduce::reduce_bytes(
+                    call.dtype,
+                    call.op,
+                    &mut dest[r.pos..r.pos + seg_len],
+                    &buf[..seg_len],
+                    incoming_first,
+                );
+                r.pos += seg_len;
+                r.fill = 0;
+                continue;
+            }
+            if r.inc.is_done() {
+                r.done = true;
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+        },
+    }
+    Ok(moved)
+}
+
+fn bytes_of(v: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64 has no padding and every byte pattern is valid for it.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len() * 8) }
+}
+
+fn peer_lost(t: &Transport, call: &Call, peer: usize, detail: &str) -> Error {
+    Error::PeerLost {
+        rank: t.rank(),
+        peer,
+        host: t.host(peer).to_string(),
+        op: call.label(),
+        detail: detail.to_string(),
+    }
+}
+
+fn code_name(field: &str, v: u64) -> String {
+    match field {
+        "dtype" => DType::from_code(v as u8).map_or(v.to_string(), |d| d.name().to_string()),
+        "op" => ReduceOp::from_code(v as u8).map_or(v.to_string(), |o| o.name().to_string()),
+        "collective" => crate::comm::coll_name(v as u8).to_string(),
+        _ => v.to_string(),
+    }
+}
+
+fn recv_error(t: &Transport, call: &Call, peer: usize, e: RecvError) -> Error {
+    let rank = t.rank();
+    match e {
+        RecvError::Io(e) => peer_lost(t, call, peer, &e.to_string()),
+        RecvError::Aborted(text) => Error::Aborted {
+            rank,
+            origin: peer,
+            op: call.label(),
+            detail: text,
+        },
+        RecvError::Protocol(detail) => Error::Protocol { rank, peer, detail },
+        RecvError::Mismatch(exp, got) => {
+            let detail = if got.seq != exp.seq {
+                format!(
+                    "rank {peer} is at collective #{} ({}), this rank at #{} ({})",
+                    got.seq,
+                    code_name("collective", got.desc.coll as u64),
+                    exp.seq,
+                    call.name
+                )
+            } else if let Some(fields) = exp.desc.diff(&got.desc) {
+                fields
+                    .iter()
+                    .map(|(f, mine, theirs)| {
+                        format!(
+                            "{f}: rank {rank} has {}, rank {peer} has {}",
+                            code_name(f, *mine),
+                            code_name(f, *theirs)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            } else {
+                format!(
+                    "message length: rank {rank} expects {} bytes, rank {peer} sent {} (per-rank counts differ)",
+                    exp.len, got.len
+                )
+            };
+            Error::Mismatch {
+                rank,
+                peer,
+                op: call.label(),
+                detail,
+            }
+        }
+    }
+}
+
+fn timeout(t: &Transport, call: &Call, waited: Duration, sends: &[SendState], recvs: &[RecvState], mem: &Mem) -> Error {
+    let mut parts: Vec<String> = recvs
+        .iter()
+        .filter(|r| !r.done)
+        .map(|r| {
+            format!(
+                "receiving from rank {} ({}): {} of {} bytes",
+                r.inc.peer(),
+                t.host(r.inc.peer()),
+                r.into.len * mem.elem - r.inc.remaining(),
+                r.into.len * mem.elem
+            )
+        })
+        .collect();
+    parts.extend(sends.iter().filter(|s| !s.done).map(|s| {
+        format!(
+            "sending to rank {} ({}): {} bytes left",
+            s.out.peer(),
+            t.host(s.out.peer()),
+            s.out.remaining(mem.slice(&s.from))
+        )
+    }));
+    Error::Timeout {
+        rank: t.rank(),
+        op: call.label(),
+        waited,
+        detail: format!("still {}", parts.join("; ")),
+    }
+}

@@ -1,1 +1,445 @@
-//! Moves bytes between ranks over TCP with mio. Knows nothing of reductions.
+//! Moves bytes between ranks over TCP with mio: a full mesh of non-blocking,
+//! `TCP_NODELAY` connections, framed messages written with vectored sends, and
+//! an epoll wait with a deadline. It knows nothing of reductions or dtypes:
+//! [`crate::exec`] decides where received bytes go.
+
+pub mod frame;
+
+use crate::error::{Error, Result};
+use frame::{Desc, Header, Kind, HEADER_LEN, HELLO_LEN};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use socket2::SockRef;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Socket buffer size requested for data connections: the kernel's default
+/// autotuning starts at 16 KiB for sends, far below what a bulk transfer needs.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// One connected peer.
+struct Peer {
+    stream: TcpStream,
+    host: String,
+}
+
+/// The connections of one rank to every other rank.
+pub struct Transport {
+    rank: usize,
+    size: usize,
+    comm_id: u64,
+    peers: Vec<Option<Peer>>,
+    poll: Poll,
+    events: Events,
+    /// Payload and header bytes written to sockets since creation.
+    pub bytes_sent: u64,
+    /// Payload and header bytes read from sockets since creation.
+    pub bytes_received: u64,
+}
+
+fn io_err(what: &str, e: io::Error) -> Error {
+    Error::Io(format!("{what}: {e}"))
+}
+
+fn tune(stream: &std::net::TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let s = SockRef::from(stream);
+    s.set_send_buffer_size(SOCKET_BUFFER)?;
+    s.set_recv_buffer_size(SOCKET_BUFFER)?;
+    // Detect a peer host that vanished without a FIN (power loss, cable cut).
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(5);
+    s.set_tcp_keepalive(&ka)?;
+    Ok(())
+}
+
+impl Transport {
+    /// Connect to every other rank. `listener` is this rank's bound listener
+    /// whose address was published as `addrs[rank]`. Rank i dials every rank
+    /// below it and accepts from every rank above it; each connection starts
+    /// with a hello naming the job and the caller's rank, and connections with
+    /// a wrong job id, version or rank are dropped without disturbing the rest.
+    pub fn establish(
+        rank: usize,
+        size: usize,
+        comm_id: u64,
+        listener: std::net::TcpListener,
+        addrs: &[SocketAddr],
+        deadline: Instant,
+    ) -> Result<Transport> {
+        let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
+        let hello = frame::encode_hello(comm_id, rank as u32, size as u32);
+        for (j, addr) in addrs.iter().enumerate().take(rank) {
+            let stream = connect_retry(*addr, deadline).map_err(|e| Error::PeerLost {
+                rank,
+                peer: j,
+                host: addr.to_string(),
+                op: "connect".into(),
+                detail: e.to_string(),
+            })?;
+            tune(&stream).map_err(|e| io_err("socket options", e))?;
+            (&stream)
+                .write_all(&hello)
+                .map_err(|e| io_err(&format!("hello to rank {j} at {addr}"), e))?;
+            peers[j] = Some(Peer {
+                stream: TcpStream::from_std(stream),
+                host: addr.ip().to_string(),
+            });
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| io_err("listener", e))?;
+        let mut missing = size - rank - 1;
+        let mut lst = TcpListener::from_std(listener);
+        let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
+        let mut events = Events::with_capacity(64);
+        poll.registry()
+            .register(&mut lst, Token(usize::MAX), Interest::READABLE)
+            .map_err(|e| io_err("epoll register", e))?;
+        while missing > 0 {
+            match lst.accept() {
+                Ok((s, from)) => match accept_hello(s, comm_id, rank, size, deadline) {
+                    Ok((j, stream)) if j > rank && peers[j].is_none() => {
+                        peers[j] = Some(Peer {
+                            stream: TcpStream::from_std(stream),
+                            host: from.ip().to_string(),
+                        });
+                        missing -= 1;
+                    }
+                    Ok((j, _)) => eprintln!(
+                        "kolo: rank {rank}: dropped connection from {from}: claims rank {j}, which is taken or not above {rank}"
+                    ),
+                    Err(e) => eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}"),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let waiting: Vec<String> = (rank + 1..size)
+                            .filter(|&j| peers[j].is_none())
+                            .map(|j| j.to_string())
+                            .collect();
+                        return Err(Error::Timeout {
+                            rank,
+                            op: "connect".into(),
+                            waited: Duration::ZERO,
+                            detail: format!("ranks {} never connected", waiting.join(", ")),
+                        });
+                    }
+                    poll.poll(&mut events, Some(deadline - now))
+                        .map_err(|e| io_err("epoll wait", e))?;
+                }
+                Err(e) => return Err(io_err("accept", e)),
+            }
+        }
+        drop(lst);
+        let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
+        for (j, p) in peers.iter_mut().enumerate() {
+            if let Some(p) = p {
+                poll.registry()
+                    .register(&mut p.stream, Token(j), Interest::READABLE | Interest::WRITABLE)
+                    .map_err(|e| io_err("epoll register", e))?;
+            }
+        }
+        Ok(Transport {
+            rank,
+            size,
+            comm_id,
+            peers,
+            poll,
+            events: Events::with_capacity(256),
+            bytes_sent: 0,
+            bytes_received: 0,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    /// The id every frame of this communicator carries.
+    pub fn comm_id(&self) -> u64 {
+        self.comm_id
+    }
+    /// Printable address of a peer, for error messages.
+    pub fn host(&self, peer: usize) -> &str {
+        self.peers[peer].as_ref().map_or("?", |p| p.host.as_str())
+    }
+
+    fn stream(&self, peer: usize) -> io::Result<&TcpStream> {
+        self.peers
+            .get(peer)
+            .and_then(|p| p.as_ref())
+            .map(|p| &p.stream)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, format!("no connection to rank {peer}")))
+    }
+
+    /// Non-blocking vectored send (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
+    pub fn send(&mut self, peer: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let s = self.stream(peer)?;
+        let n = SockRef::from(s).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)?;
+        self.bytes_sent += n as u64;
+        Ok(n)
+    }
+
+    /// Non-blocking receive.
+    pub fn recv(&mut self, peer: usize, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.stream(peer)?;
+        let n = s.read(buf)?;
+        self.bytes_received += n as u64;
+        Ok(n)
+    }
+
+    /// Sleep until some connection becomes readable or writable, or `deadline`.
+    /// Returns false when the deadline passed.
+    pub fn wait(&mut self, deadline: Instant) -> Result<bool> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(false);
+        }
+        match self.poll.poll(&mut self.events, Some(deadline - now)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(e) => Err(io_err("epoll wait", e)),
+        }
+    }
+
+    /// Best effort: tell every peer why this rank gives up, then close every
+    /// connection so nobody waits on us. A connection in the middle of a frame
+    /// cannot take the abort frame; closing it is the message.
+    pub fn abort_all(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
+        let text = why.as_bytes();
+        let text = &text[..text.len().min(frame::MAX_ABORT_LEN as usize)];
+        let hdr = Header {
+            kind: Kind::Abort,
+            desc,
+            comm_id: self.comm_id,
+            seq,
+            len: text.len() as u64,
+        }
+        .encode();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        for j in 0..self.size {
+            if self.peers[j].is_none() || !clean.get(j).copied().unwrap_or(true) {
+                continue;
+            }
+            let mut out = Outgoing::new(j, hdr);
+            while Instant::now() < deadline {
+                match out.progress(self, text) {
+                    Ok(true) | Err(_) => break,
+                    Ok(false) => std::thread::yield_now(),
+                }
+            }
+        }
+        for p in self.peers.iter_mut().flatten() {
+            let _ = p.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn connect_retry(addr: SocketAddr, deadline: Instant) -> io::Result<std::net::TcpStream> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("could not connect to {addr} before the start timeout")));
+        }
+        match std::net::TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
+            Ok(s) => return Ok(s),
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn accept_hello(
+    s: TcpStream,
+    comm_id: u64,
+    rank: usize,
+    size: usize,
+    deadline: Instant,
+) -> io::Result<(usize, std::net::TcpStream)> {
+    let s: std::net::TcpStream = s.into();
+    s.set_nonblocking(false)?;
+    // A silent or slow stranger may hold us for at most a second.
+    let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let mut raw = [0u8; HELLO_LEN];
+    (&s).read_exact(&mut raw)?;
+    let (id, r, n) = frame::decode_hello(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if id != comm_id || n as usize != size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("hello for job {id:#x} of size {n}, this job is {comm_id:#x} of size {size}"),
+        ));
+    }
+    let _ = rank;
+    s.set_read_timeout(None)?;
+    tune(&s)?;
+    s.set_nonblocking(true)?;
+    Ok((r as usize, s))
+}
+
+/// An outgoing message: header then payload, written as far as the socket takes.
+pub struct Outgoing {
+    peer: usize,
+    header: [u8; HEADER_LEN],
+    done: usize,
+}
+
+impl Outgoing {
+    /// A message to `peer` with this encoded header.
+    pub fn new(peer: usize, header: [u8; HEADER_LEN]) -> Outgoing {
+        Outgoing { peer, header, done: 0 }
+    }
+    /// The destination rank.
+    pub fn peer(&self) -> usize {
+        self.peer
+    }
+    /// Bytes of the payload still to send.
+    pub fn remaining(&self, payload: &[u8]) -> usize {
+        HEADER_LEN + payload.len() - self.done
+    }
+    /// Write as much as the socket takes; true once everything is sent.
+    pub fn progress(&mut self, t: &mut Transport, payload: &[u8]) -> io::Result<bool> {
+        let total = HEADER_LEN + payload.len();
+        while self.done < total {
+            let n = if self.done < HEADER_LEN {
+                t.send(self.peer, &[IoSlice::new(&self.header[self.done..]), IoSlice::new(payload)])
+            } else {
+                t.send(self.peer, &[IoSlice::new(&payload[self.done - HEADER_LEN..])])
+            };
+            match n {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+                Ok(n) => self.done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Why a receive failed, before the executor adds rank/op context.
+#[derive(Debug)]
+pub enum RecvError {
+    /// The socket failed or closed.
+    Io(io::Error),
+    /// The peer sent a valid abort frame with this text.
+    Aborted(String),
+    /// The header does not match what this rank expects (`expected`, `got`).
+    Mismatch(Header, Header),
+    /// Not a kolo frame, or from another job.
+    Protocol(String),
+}
+
+/// An incoming message: the header is read and checked against the
+/// expected one, then the payload is handed out piece by piece.
+pub struct Incoming {
+    peer: usize,
+    expect: Header,
+    header: [u8; HEADER_LEN],
+    got_header: usize,
+    got: u64,
+}
+
+impl Incoming {
+    /// Expect a message from `peer` with exactly this header.
+    pub fn new(peer: usize, expect: Header) -> Incoming {
+        Incoming {
+            peer,
+            expect,
+            header: [0; HEADER_LEN],
+            got_header: 0,
+            got: 0,
+        }
+    }
+    /// The source rank.
+    pub fn peer(&self) -> usize {
+        self.peer
+    }
+    /// Payload bytes still expected.
+    pub fn remaining(&self) -> usize {
+        (self.expect.len - self.got) as usize
+    }
+    /// Whether the header is in and the whole payload delivered.
+    pub fn is_done(&self) -> bool {
+        self.got_header == HEADER_LEN && self.got == self.expect.len
+    }
+
+    /// Read the header if it is not complete; Ok(true) once it is in and valid.
+    fn header(&mut self, t: &mut Transport) -> std::result::Result<bool, RecvError> {
+        while self.got_header < HEADER_LEN {
+            match t.recv(self.peer, &mut self.header[self.got_header..]) {
+                Ok(0) => return Err(RecvError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by peer"))),
+                Ok(n) => self.got_header += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RecvError::Io(e)),
+            }
+        }
+        let h = Header::decode(&self.header).map_err(RecvError::Protocol)?;
+        if h.comm_id != self.expect.comm_id {
+            return Err(RecvError::Protocol(format!(
+                "frame for communicator {:#x}, this one is {:#x}",
+                h.comm_id, self.expect.comm_id
+            )));
+        }
+        if h.kind == Kind::Abort {
+            return Err(RecvError::Aborted(read_abort_text(t, self.peer, h.len)));
+        }
+        if h.seq != self.expect.seq || h.desc != self.expect.desc || h.len != self.expect.len {
+            return Err(RecvError::Mismatch(self.expect, h));
+        }
+        Ok(true)
+    }
+
+    /// Receive up to `dst.len()` payload bytes into `dst` (which the caller
+    /// points at the next unreceived part). Returns how many arrived (0 when
+    /// the socket has nothing now).
+    pub fn progress(&mut self, t: &mut Transport, dst: &mut [u8]) -> std::result::Result<usize, RecvError> {
+        if self.got_header < HEADER_LEN && !self.header(t)? {
+            return Ok(0);
+        }
+        let want = dst.len().min(self.remaining());
+        let mut filled = 0;
+        while filled < want {
+            match t.recv(self.peer, &mut dst[filled..want]) {
+                Ok(0) => return Err(RecvError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by peer"))),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RecvError::Io(e)),
+            }
+        }
+        self.got += filled as u64;
+        Ok(filled)
+    }
+}
+
+/// Read an abort frame's text, waiting at most a moment for it.
+fn read_abort_text(t: &mut Transport, peer: usize, len: u64) -> String {
+    let mut buf = vec![0u8; len as usize];
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while got < buf.len() && Instant::now() < deadline {
+        match t.recv(peer, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf[..got]).into_owned()
+}
