@@ -1,14 +1,915 @@
 //! Reduction kernels: `acc = acc (op) incoming` over slices, per dtype.
-//! (Interface pinned; kernels to be written.)
+//!
+//! Dispatch on `(dtype, op, incoming_first)` happens once per call; each
+//! combination runs its own monomorphized loop (a `zip` over the two slices
+//! with the operator inlined as a closure), which LLVM auto-vectorizes.
+//! `f16`/`bf16` are widened to `f32` in stack blocks, reduced there, and
+//! rounded back, so 16-bit reductions round once per step (as NCCL does).
 
-use crate::element::DType;
+use crate::element::{as_bytes, as_bytes_mut, DType, Element};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 
 /// Reduction operator. `Avg` reduces as `Sum`; the caller divides by the rank count.
+///
+/// ```
+/// use kolo::ReduceOp;
+/// assert_eq!(ReduceOp::parse("max"), Some(ReduceOp::Max));
+/// assert_eq!(ReduceOp::Avg.to_string(), "avg");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
+    /// Elementwise sum (wrapping for integers).
     Sum,
+    /// Elementwise product (wrapping for integers).
     Prod,
+    /// Elementwise minimum.
     Min,
+    /// Elementwise maximum.
     Max,
+    /// Sum, then divide by the number of ranks (see [`divide`]).
     Avg,
+}
+
+impl ReduceOp {
+    /// Every operator, in wire-code order.
+    ///
+    /// ```
+    /// use kolo::ReduceOp;
+    /// assert_eq!(ReduceOp::ALL.len(), 5);
+    /// assert_eq!(ReduceOp::ALL[0], ReduceOp::Sum);
+    /// ```
+    pub const ALL: [ReduceOp; 5] = [
+        ReduceOp::Sum,
+        ReduceOp::Prod,
+        ReduceOp::Min,
+        ReduceOp::Max,
+        ReduceOp::Avg,
+    ];
+
+    /// Code used on the wire (1..=5). Stable: peers of different builds must agree,
+    /// so never renumber; 0 is left unused so a zeroed header is detectably invalid.
+    ///
+    /// ```
+    /// use kolo::ReduceOp;
+    /// assert_eq!(ReduceOp::Sum.code(), 1);
+    /// assert_eq!(ReduceOp::Avg.code(), 5);
+    /// ```
+    pub fn code(self) -> u8 {
+        match self {
+            ReduceOp::Sum => 1,
+            ReduceOp::Prod => 2,
+            ReduceOp::Min => 3,
+            ReduceOp::Max => 4,
+            ReduceOp::Avg => 5,
+        }
+    }
+
+    /// Inverse of [`ReduceOp::code`]; `None` for unknown codes.
+    ///
+    /// ```
+    /// use kolo::ReduceOp;
+    /// assert_eq!(ReduceOp::from_code(3), Some(ReduceOp::Min));
+    /// assert_eq!(ReduceOp::from_code(0), None);
+    /// ```
+    pub fn from_code(c: u8) -> Option<ReduceOp> {
+        ReduceOp::ALL.into_iter().find(|op| op.code() == c)
+    }
+
+    /// Name as nccl-tests spells it (`sum`, `prod`, `min`, `max`, `avg`).
+    ///
+    /// ```
+    /// use kolo::ReduceOp;
+    /// assert_eq!(ReduceOp::Prod.name(), "prod");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Prod => "prod",
+            ReduceOp::Min => "min",
+            ReduceOp::Max => "max",
+            ReduceOp::Avg => "avg",
+        }
+    }
+
+    /// Inverse of [`ReduceOp::name`]; `None` for anything else.
+    ///
+    /// ```
+    /// use kolo::ReduceOp;
+    /// assert_eq!(ReduceOp::parse("avg"), Some(ReduceOp::Avg));
+    /// assert_eq!(ReduceOp::parse("mean"), None);
+    /// ```
+    pub fn parse(s: &str) -> Option<ReduceOp> {
+        ReduceOp::ALL.into_iter().find(|op| op.name() == s)
+    }
+}
+
+/// Prints [`ReduceOp::name`].
+///
+/// ```
+/// assert_eq!(format!("{}", kolo::ReduceOp::Min), "min");
+/// ```
+impl std::fmt::Display for ReduceOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `acc[i] = acc[i] (op) inc[i]` when `incoming_first == false`,
+/// `acc[i] = inc[i] (op) acc[i]` when `incoming_first == true` (operand order matters for
+/// bitwise reproducibility of e.g. NaN payloads / signed zeros in min/max; callers
+/// use it to make both partners of an exchange compute `op(lower_rank, higher_rank)`).
+/// `Avg` reduces as `Sum` (the caller divides at the end).
+///
+/// Integers use wrapping add/mul; floats plain IEEE ops with `f32::min`/`max` semantics
+/// (a NaN operand loses to a number); `f16`/`bf16` are computed in `f32` and rounded
+/// back to nearest-even.
+///
+/// # Panics
+/// If `acc.len() != inc.len()`.
+///
+/// ```
+/// use kolo::reduce::reduce;
+/// use kolo::ReduceOp;
+/// let mut acc = [1.0f32, 5.0, -2.0];
+/// reduce(ReduceOp::Max, &mut acc, &[3.0, 4.0, -1.0], false);
+/// assert_eq!(acc, [3.0, 5.0, -1.0]);
+/// ```
+pub fn reduce<T: Element>(op: ReduceOp, acc: &mut [T], inc: &[T], incoming_first: bool) {
+    assert_eq!(acc.len(), inc.len(), "reduce: slice lengths differ");
+    // One implementation: the typed entry goes through the byte entry, whose
+    // alignment/length checks trivially hold for typed slices.
+    reduce_bytes(
+        T::DTYPE,
+        op,
+        as_bytes_mut(acc),
+        as_bytes(inc),
+        incoming_first,
+    );
+}
+
+/// Same as [`reduce`] on the raw bytes of `dtype` elements (native endianness).
+///
+/// # Panics
+/// If the lengths differ, are not a multiple of `dtype.size()`, or either slice is not
+/// aligned for the dtype (callers guarantee this; it is an internal bug otherwise).
+///
+/// ```
+/// use kolo::element::{as_bytes, as_bytes_mut};
+/// use kolo::reduce::reduce_bytes;
+/// use kolo::{DType, ReduceOp};
+/// let mut acc = [250u8, 3];
+/// reduce_bytes(DType::U8, ReduceOp::Sum, &mut acc, &[10, 4], false);
+/// assert_eq!(acc, [4, 7]); // wrapping
+/// let mut a = [2i32, 3];
+/// reduce_bytes(DType::I32, ReduceOp::Prod, as_bytes_mut(&mut a), as_bytes(&[5i32, -1]), true);
+/// assert_eq!(a, [10, -3]);
+/// ```
+pub fn reduce_bytes(dtype: DType, op: ReduceOp, acc: &mut [u8], inc: &[u8], incoming_first: bool) {
+    assert_eq!(acc.len(), inc.len(), "reduce_bytes: slice lengths differ");
+    match dtype {
+        DType::U8 => u8::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::I32 => i32::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::I64 => i64::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::F16 => f16::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::BF16 => bf16::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::F32 => f32::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::F64 => f64::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+    }
+}
+
+/// Finish an `Avg`: `buf[i] = buf[i] / n` (integers: truncating division;
+/// `f16`/`bf16`: in `f32`, then rounded to nearest-even).
+///
+/// # Panics
+/// If `n == 0`.
+///
+/// ```
+/// use kolo::reduce::divide;
+/// let mut v = [7i32, -7, 9];
+/// divide(&mut v, 2);
+/// assert_eq!(v, [3, -3, 4]);
+/// let mut f = [1.0f64, 3.0];
+/// divide(&mut f, 4);
+/// assert_eq!(f, [0.25, 0.75]);
+/// ```
+pub fn divide<T: Element>(buf: &mut [T], n: usize) {
+    divide_bytes(T::DTYPE, as_bytes_mut(buf), n);
+}
+
+/// Same as [`divide`] on the raw bytes of `dtype` elements.
+///
+/// # Panics
+/// If `n == 0`, or `buf` is not a whole number of aligned `dtype` elements.
+///
+/// ```
+/// use kolo::element::as_bytes_mut;
+/// use kolo::reduce::divide_bytes;
+/// use kolo::DType;
+/// let mut v = [3.0f32, 6.0];
+/// divide_bytes(DType::F32, as_bytes_mut(&mut v), 3);
+/// assert_eq!(v, [1.0, 2.0]);
+/// ```
+pub fn divide_bytes(dtype: DType, buf: &mut [u8], n: usize) {
+    assert!(n > 0, "divide: n must be positive");
+    match dtype {
+        DType::U8 => u8::divide_impl(cast_mut(buf), n),
+        DType::I32 => i32::divide_impl(cast_mut(buf), n),
+        DType::I64 => i64::divide_impl(cast_mut(buf), n),
+        DType::F16 => f16::divide_impl(cast_mut(buf), n),
+        DType::BF16 => bf16::divide_impl(cast_mut(buf), n),
+        DType::F32 => f32::divide_impl(cast_mut(buf), n),
+        DType::F64 => f64::divide_impl(cast_mut(buf), n),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Byte views -> typed slices (the only unsafe in this module).
+
+fn check_layout<T: Element>(b: &[u8]) -> usize {
+    let size = std::mem::size_of::<T>();
+    assert!(
+        b.len() % size == 0,
+        "reduce: byte length {} is not a multiple of {} ({:?})",
+        b.len(),
+        size,
+        T::DTYPE
+    );
+    assert!(
+        b.as_ptr().cast::<T>().is_aligned(),
+        "reduce: buffer is not aligned for {:?}",
+        T::DTYPE
+    );
+    b.len() / size
+}
+
+fn cast<T: Element>(b: &[u8]) -> &[T] {
+    let n = check_layout::<T>(b);
+    // SAFETY: length and alignment checked above; Element types are POD with no
+    // invalid bit patterns, and the borrow keeps the bytes alive and shared.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), n) }
+}
+
+fn cast_mut<T: Element>(b: &mut [u8]) -> &mut [T] {
+    let n = check_layout::<T>(b);
+    // SAFETY: as in `cast`, and the exclusive borrow is moved into the result.
+    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), n) }
+}
+
+// ---------------------------------------------------------------------------
+// Generic loops. `#[inline(always)]` so each (type, op, order) closure gets its
+// own fully inlined, vectorizable loop instead of an indirect call per element.
+
+#[inline(always)]
+fn zip_with<T: Copy>(acc: &mut [T], inc: &[T], f: impl Fn(T, T) -> T) {
+    // zip over both slices: no bounds checks, trip count known to LLVM.
+    for (a, &b) in acc.iter_mut().zip(inc) {
+        *a = f(*a, b);
+    }
+}
+
+/// Applies `f` in the requested operand order; the order branch is taken once per call.
+#[inline(always)]
+fn ordered<T: Copy>(acc: &mut [T], inc: &[T], incoming_first: bool, f: impl Fn(T, T) -> T) {
+    if incoming_first {
+        zip_with(acc, inc, |a, b| f(b, a));
+    } else {
+        zip_with(acc, inc, f);
+    }
+}
+
+/// Per-type kernels, private so `Element` stays the only public bound.
+trait Kernel: Element {
+    fn reduce_impl(op: ReduceOp, acc: &mut [Self], inc: &[Self], incoming_first: bool);
+    fn divide_impl(buf: &mut [Self], n: usize);
+}
+
+macro_rules! int_kernel {
+    ($($t:ty),*) => {$(
+        impl Kernel for $t {
+            fn reduce_impl(op: ReduceOp, acc: &mut [$t], inc: &[$t], first: bool) {
+                match op {
+                    ReduceOp::Sum | ReduceOp::Avg => ordered(acc, inc, first, <$t>::wrapping_add),
+                    ReduceOp::Prod => ordered(acc, inc, first, <$t>::wrapping_mul),
+                    ReduceOp::Min => ordered(acc, inc, first, <$t>::min),
+                    ReduceOp::Max => ordered(acc, inc, first, <$t>::max),
+                }
+            }
+
+            fn divide_impl(buf: &mut [$t], n: usize) {
+                match <$t>::try_from(n) {
+                    Ok(d) => buf.iter_mut().for_each(|x| *x /= d),
+                    // n exceeds the type's range, so |x| < n for every x except
+                    // possibly MIN == -n; widen to i128 so that case is exact too.
+                    Err(_) => buf
+                        .iter_mut()
+                        .for_each(|x| *x = (*x as i128 / n as i128) as $t),
+                }
+            }
+        }
+    )*};
+}
+int_kernel!(u8, i32, i64);
+
+macro_rules! float_kernel {
+    ($($t:ty),*) => {$(
+        impl Kernel for $t {
+            fn reduce_impl(op: ReduceOp, acc: &mut [$t], inc: &[$t], first: bool) {
+                float_reduce(op, acc, inc, first);
+            }
+
+            fn divide_impl(buf: &mut [$t], n: usize) {
+                // True division (not multiply-by-reciprocal) so the result is the
+                // correctly rounded quotient, independent of how we vectorize.
+                let d = n as $t;
+                buf.iter_mut().for_each(|x| *x /= d);
+            }
+        }
+    )*};
+}
+float_kernel!(f32, f64);
+
+/// Shared by f32/f64 and by the f32 blocks of f16/bf16.
+#[inline(always)]
+fn float_reduce<T>(op: ReduceOp, acc: &mut [T], inc: &[T], first: bool)
+where
+    T: Copy + std::ops::Add<Output = T> + std::ops::Mul<Output = T> + FloatMinMax,
+{
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => ordered(acc, inc, first, |a, b| a + b),
+        ReduceOp::Prod => ordered(acc, inc, first, |a, b| a * b),
+        ReduceOp::Min => ordered(acc, inc, first, T::fmin),
+        ReduceOp::Max => ordered(acc, inc, first, T::fmax),
+    }
+}
+
+trait FloatMinMax {
+    fn fmin(self, other: Self) -> Self;
+    fn fmax(self, other: Self) -> Self;
+}
+
+macro_rules! float_minmax {
+    ($($t:ty),*) => {$(
+        impl FloatMinMax for $t {
+            #[inline(always)]
+            fn fmin(self, other: $t) -> $t { self.min(other) }
+            #[inline(always)]
+            fn fmax(self, other: $t) -> $t { self.max(other) }
+        }
+    )*};
+}
+float_minmax!(f32, f64);
+
+// ---------------------------------------------------------------------------
+// 16-bit floats: widen a block to f32 on the stack, reduce, round back.
+
+/// Elements per f32 block: 2 x 1 KiB of stack, large enough to amortize the
+/// per-block conversion dispatch, small enough to stay in L1.
+const BLOCK: usize = 256;
+
+/// 16-bit float formats that convert to/from f32 slices exactly as their scalar
+/// `to_f32`/`from_f32` do (so block and scalar results agree bitwise).
+trait Half: Element {
+    fn widen(src: &[Self], dst: &mut [f32]);
+    fn narrow(dst: &mut [Self], src: &[f32]);
+}
+
+impl Half for f16 {
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        // half picks F16C at runtime where available.
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn narrow(dst: &mut [f16], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl Half for bf16 {
+    // half's bf16 slice conversions are per-element loops with branches and bounds
+    // checks; these branch-free versions vectorize and are bit-identical to
+    // `bf16::to_f32` / `bf16::from_f32` (checked exhaustively / by sweep in tests).
+    #[inline(always)]
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let h = s.to_bits() as u32;
+            // half quiets NaNs (sets the top mantissa bit) when widening.
+            let quiet = if h & 0x7FFF > 0x7F80 { 0x40 } else { 0 };
+            *d = f32::from_bits((h | quiet) << 16);
+        }
+    }
+    #[inline(always)]
+    fn narrow(dst: &mut [bf16], src: &[f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let x = s.to_bits();
+            let hi = x >> 16;
+            // Round to nearest, ties to even: round bit set and (sticky bits or lsb).
+            let up = (x & 0x8000 != 0 && x & 0x1_7FFF != 0) as u32;
+            let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
+                hi | 0x40 // NaN: keep payload, set quiet bit
+            } else {
+                hi + up
+            };
+            *d = bf16::from_bits(bits as u16);
+        }
+    }
+}
+
+#[inline(always)]
+fn half_reduce<H: Half>(op: ReduceOp, acc: &mut [H], inc: &[H], first: bool) {
+    let mut fa = [0f32; BLOCK];
+    let mut fb = [0f32; BLOCK];
+    for (ca, cb) in acc.chunks_mut(BLOCK).zip(inc.chunks(BLOCK)) {
+        let (xa, xb) = (&mut fa[..ca.len()], &mut fb[..cb.len()]);
+        H::widen(ca, xa);
+        H::widen(cb, xb);
+        // The op dispatch per block is negligible next to 256 elements of work.
+        float_reduce(op, xa, xb, first);
+        H::narrow(ca, xa);
+    }
+}
+
+fn half_divide<H: Half>(buf: &mut [H], n: usize) {
+    let d = n as f32;
+    let mut fa = [0f32; BLOCK];
+    for c in buf.chunks_mut(BLOCK) {
+        let x = &mut fa[..c.len()];
+        H::widen(c, x);
+        x.iter_mut().for_each(|v| *v /= d);
+        H::narrow(c, x);
+    }
+}
+
+macro_rules! half_kernel {
+    ($($t:ty),*) => {$(
+        impl Kernel for $t {
+            fn reduce_impl(op: ReduceOp, acc: &mut [$t], inc: &[$t], first: bool) {
+                half_reduce(op, acc, inc, first);
+            }
+            fn divide_impl(buf: &mut [$t], n: usize) {
+                half_divide(buf, n);
+            }
+        }
+    )*};
+}
+half_kernel!(f16, bf16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LENS: [usize; 7] = [0, 1, 7, 255, 256, 257, 1003];
+
+    /// Deterministic xorshift64* so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+    }
+
+    /// Test values and bitwise equality, written independently of the kernels.
+    trait TestElem: Element {
+        fn gen(r: &mut Rng) -> Self;
+        fn bits(self) -> u64;
+        fn is_nan_(self) -> bool;
+        fn is_zero(self) -> bool;
+        /// Scalar reference for `a (op) b`.
+        fn reference(op: ReduceOp, a: Self, b: Self) -> Self;
+        fn ref_div(a: Self, n: usize) -> Self;
+    }
+
+    macro_rules! int_test {
+        ($($t:ty),*) => {$(
+            impl TestElem for $t {
+                fn gen(r: &mut Rng) -> $t {
+                    let x = r.next();
+                    // Mix small values (products stay meaningful) with full-range ones (wrapping).
+                    if x & 3 == 0 { (x >> 8) as $t } else { (((x >> 8) % 21) as $t).wrapping_sub(10) }
+                }
+                fn bits(self) -> u64 { self as u64 }
+                fn is_nan_(self) -> bool { false }
+                fn is_zero(self) -> bool { self == 0 }
+                fn reference(op: ReduceOp, a: $t, b: $t) -> $t {
+                    match op {
+                        ReduceOp::Sum | ReduceOp::Avg => a.wrapping_add(b),
+                        ReduceOp::Prod => a.wrapping_mul(b),
+                        ReduceOp::Min => if a <= b { a } else { b },
+                        ReduceOp::Max => if a >= b { a } else { b },
+                    }
+                }
+                fn ref_div(a: $t, n: usize) -> $t {
+                    (a as i128 / n as i128) as $t
+                }
+            }
+        )*};
+    }
+    int_test!(u8, i32, i64);
+
+    /// Special f32 values: zeros, infinities, NaN with a payload, subnormals,
+    /// f16/bf16 overflow and rounding-tie neighbourhoods.
+    fn special_f32(r: &mut Rng) -> f32 {
+        const S: [u32; 14] = [
+            0x0000_0000,
+            0x8000_0000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_1234,
+            0x0000_0001,
+            0x8000_0003,
+            0x477F_E000,
+            0x477F_F000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_8001,
+            0x3380_0000,
+            0x7F7F_FFFF,
+        ];
+        f32::from_bits(S[(r.next() % S.len() as u64) as usize])
+    }
+
+    fn gen_f32(r: &mut Rng) -> f32 {
+        let x = r.next();
+        match x % 8 {
+            0 => special_f32(r),
+            // Arbitrary bit patterns exercise rounding everywhere (NaNs included).
+            1 => f32::from_bits((x >> 32) as u32),
+            _ => ((x >> 16) % 20001) as f32 / 100.0 - 100.0,
+        }
+    }
+
+    impl TestElem for f32 {
+        fn gen(r: &mut Rng) -> f32 {
+            gen_f32(r)
+        }
+        fn bits(self) -> u64 {
+            self.to_bits() as u64
+        }
+        fn is_nan_(self) -> bool {
+            self.is_nan()
+        }
+        fn is_zero(self) -> bool {
+            self == 0.0
+        }
+        fn reference(op: ReduceOp, a: f32, b: f32) -> f32 {
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => a + b,
+                ReduceOp::Prod => a * b,
+                ReduceOp::Min => {
+                    if a.is_nan() {
+                        b
+                    } else if b.is_nan() || a < b {
+                        a
+                    } else {
+                        b
+                    }
+                }
+                ReduceOp::Max => {
+                    if a.is_nan() {
+                        b
+                    } else if b.is_nan() || a > b {
+                        a
+                    } else {
+                        b
+                    }
+                }
+            }
+        }
+        fn ref_div(a: f32, n: usize) -> f32 {
+            a / n as f32
+        }
+    }
+
+    impl TestElem for f64 {
+        fn gen(r: &mut Rng) -> f64 {
+            let x = r.next();
+            if x % 8 == 1 {
+                f64::from_bits(r.next())
+            } else {
+                gen_f32(r) as f64 * 1.000_000_1
+            }
+        }
+        fn bits(self) -> u64 {
+            self.to_bits()
+        }
+        fn is_nan_(self) -> bool {
+            self.is_nan()
+        }
+        fn is_zero(self) -> bool {
+            self == 0.0
+        }
+        fn reference(op: ReduceOp, a: f64, b: f64) -> f64 {
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => a + b,
+                ReduceOp::Prod => a * b,
+                ReduceOp::Min => {
+                    if a.is_nan() {
+                        b
+                    } else if b.is_nan() || a < b {
+                        a
+                    } else {
+                        b
+                    }
+                }
+                ReduceOp::Max => {
+                    if a.is_nan() {
+                        b
+                    } else if b.is_nan() || a > b {
+                        a
+                    } else {
+                        b
+                    }
+                }
+            }
+        }
+        fn ref_div(a: f64, n: usize) -> f64 {
+            a / n as f64
+        }
+    }
+
+    macro_rules! half_test {
+        ($($t:ty),*) => {$(
+            impl TestElem for $t {
+                fn gen(r: &mut Rng) -> $t {
+                    if r.next() % 4 == 0 {
+                        <$t>::from_bits(r.next() as u16) // any pattern, NaNs included
+                    } else {
+                        <$t>::from_f32(gen_f32(r))
+                    }
+                }
+                fn bits(self) -> u64 { self.to_bits() as u64 }
+                fn is_nan_(self) -> bool { self.is_nan() }
+                fn is_zero(self) -> bool { self.to_f32() == 0.0 }
+                fn reference(op: ReduceOp, a: $t, b: $t) -> $t {
+                    <$t>::from_f32(f32::reference(op, a.to_f32(), b.to_f32()))
+                }
+                fn ref_div(a: $t, n: usize) -> $t { <$t>::from_f32(a.to_f32() / n as f32) }
+            }
+        )*};
+    }
+    half_test!(f16, bf16);
+
+    /// Generates a pair of inputs avoiding the cases whose bitwise result is not
+    /// pinned down by Rust/LLVM semantics (so the test cannot flake): two NaNs
+    /// (which payload wins may depend on instruction operand order chosen by the
+    /// backend) and +0/-0 pairs in min/max (IEEE minNum may return either).
+    fn gen_pair<T: TestElem>(r: &mut Rng, op: ReduceOp) -> (T, T) {
+        loop {
+            let (a, b) = (T::gen(r), T::gen(r));
+            let nan2 = a.is_nan_() && b.is_nan_();
+            let zeros = matches!(op, ReduceOp::Min | ReduceOp::Max)
+                && a.is_zero()
+                && b.is_zero()
+                && a.bits() != b.bits();
+            if !nan2 && !zeros {
+                return (a, b);
+            }
+        }
+    }
+
+    fn check<T: TestElem>() {
+        let mut r = Rng(0x9E37_79B9_7F4A_7C15 ^ T::DTYPE.code() as u64);
+        for op in ReduceOp::ALL {
+            for first in [false, true] {
+                for len in LENS {
+                    // Offset 1 misaligns the start relative to the vector width.
+                    for off in [0, 1] {
+                        let pairs: Vec<(T, T)> =
+                            (0..len + off).map(|_| gen_pair(&mut r, op)).collect();
+                        let acc0: Vec<T> = pairs.iter().map(|p| p.0).collect();
+                        let inc: Vec<T> = pairs.iter().map(|p| p.1).collect();
+                        let want: Vec<u64> = pairs[off..]
+                            .iter()
+                            .map(|&(a, b)| {
+                                let v = if first {
+                                    T::reference(op, b, a)
+                                } else {
+                                    T::reference(op, a, b)
+                                };
+                                v.bits()
+                            })
+                            .collect();
+
+                        let mut acc = acc0.clone();
+                        reduce(op, &mut acc[off..], &inc[off..], first);
+                        let got: Vec<u64> = acc[off..].iter().map(|x| x.bits()).collect();
+                        assert!(
+                            acc[..off]
+                                .iter()
+                                .zip(&acc0)
+                                .all(|(x, y)| x.bits() == y.bits()),
+                            "wrote outside the slice"
+                        );
+                        for i in 0..len {
+                            assert_eq!(
+                                got[i],
+                                want[i],
+                                "{:?} {op} first={first} len={len} off={off} i={i}: {:?} (op) {:?}",
+                                T::DTYPE,
+                                acc0[off + i],
+                                inc[off + i]
+                            );
+                        }
+
+                        let mut acc = acc0.clone();
+                        reduce_bytes(
+                            T::DTYPE,
+                            op,
+                            as_bytes_mut(&mut acc[off..]),
+                            as_bytes(&inc[off..]),
+                            first,
+                        );
+                        let got_b: Vec<u64> = acc[off..].iter().map(|x| x.bits()).collect();
+                        assert_eq!(got_b, want, "{:?} {op} bytes path len={len}", T::DTYPE);
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_divide<T: TestElem>() {
+        let mut r = Rng(0xD1B5_4A32_D192_ED03 ^ T::DTYPE.code() as u64);
+        for n in [1usize, 2, 3, 7, 1000, 1 << 40] {
+            for len in LENS {
+                let v: Vec<T> = (0..len).map(|_| T::gen(&mut r)).collect();
+                let want: Vec<u64> = v.iter().map(|&x| T::ref_div(x, n).bits()).collect();
+                let mut got = v.clone();
+                divide(&mut got, n);
+                let got_bits: Vec<u64> = got.iter().map(|x| x.bits()).collect();
+                assert_eq!(got_bits, want, "{:?} divide n={n} len={len}", T::DTYPE);
+                let mut got = v.clone();
+                divide_bytes(T::DTYPE, as_bytes_mut(&mut got), n);
+                let got_bits: Vec<u64> = got.iter().map(|x| x.bits()).collect();
+                assert_eq!(
+                    got_bits,
+                    want,
+                    "{:?} divide_bytes n={n} len={len}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_u8() {
+        check::<u8>()
+    }
+    #[test]
+    fn reduce_i32() {
+        check::<i32>()
+    }
+    #[test]
+    fn reduce_i64() {
+        check::<i64>()
+    }
+    #[test]
+    fn reduce_f16() {
+        check::<f16>()
+    }
+    #[test]
+    fn reduce_bf16() {
+        check::<bf16>()
+    }
+    #[test]
+    fn reduce_f32() {
+        check::<f32>()
+    }
+    #[test]
+    fn reduce_f64() {
+        check::<f64>()
+    }
+
+    #[test]
+    fn divide_all_dtypes() {
+        check_divide::<u8>();
+        check_divide::<i32>();
+        check_divide::<i64>();
+        check_divide::<f16>();
+        check_divide::<bf16>();
+        check_divide::<f32>();
+        check_divide::<f64>();
+    }
+
+    #[test]
+    fn divide_integer_edges() {
+        let mut v = [i64::MIN, i64::MAX, -1];
+        divide(&mut v, 1usize << 63);
+        assert_eq!(v, [-1, 0, 0]);
+        let mut v = [255u8, 7];
+        divide(&mut v, 256);
+        assert_eq!(v, [0, 0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "n must be positive")]
+    fn divide_by_zero_panics() {
+        divide(&mut [1.0f32], 0);
+    }
+
+    #[test]
+    fn bf16_widen_exhaustive() {
+        let src: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let mut dst = vec![0f32; src.len()];
+        bf16::widen(&src, &mut dst);
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(d.to_bits(), s.to_f32().to_bits(), "{:#06x}", s.to_bits());
+        }
+    }
+
+    #[test]
+    fn bf16_narrow_matches_from_f32() {
+        // Every 2^16 block boundary neighbourhood (ties, overflow to inf, NaNs of both
+        // signs) plus a prime-stride sweep of the whole f32 space.
+        let mut xs: Vec<f32> = Vec::new();
+        for hi in 0..=u16::MAX as u32 {
+            for lo in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+                xs.push(f32::from_bits(hi << 16 | lo));
+            }
+        }
+        xs.extend((0..u32::MAX / 65_537).map(|i| f32::from_bits(i.wrapping_mul(65_537))));
+        let mut dst = vec![bf16::ZERO; xs.len()];
+        bf16::narrow(&mut dst, &xs);
+        for (x, d) in xs.iter().zip(&dst) {
+            assert_eq!(
+                d.to_bits(),
+                bf16::from_f32(*x).to_bits(),
+                "{:#010x}",
+                x.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "lengths differ")]
+    fn bytes_length_mismatch_panics() {
+        let mut a = [0i32; 4];
+        let b = [0i32; 3];
+        reduce_bytes(
+            DType::F32,
+            ReduceOp::Sum,
+            as_bytes_mut(&mut a),
+            as_bytes(&b),
+            false,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "not a multiple")]
+    fn bytes_partial_element_panics() {
+        let mut a = [0i64; 2];
+        let b = [0i64; 2];
+        reduce_bytes(
+            DType::I64,
+            ReduceOp::Max,
+            &mut as_bytes_mut(&mut a)[..12],
+            &as_bytes(&b)[..12],
+            false,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "not aligned")]
+    fn bytes_misaligned_acc_panics() {
+        let mut a = [0i32; 5];
+        let b = [0i32; 5];
+        // Valid length (4 elements), start one byte past an aligned address.
+        reduce_bytes(
+            DType::F32,
+            ReduceOp::Sum,
+            &mut as_bytes_mut(&mut a)[1..17],
+            &as_bytes(&b)[..16],
+            false,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "not aligned")]
+    fn bytes_misaligned_inc_panics() {
+        let mut a = [0i64; 3];
+        let b = [0i64; 3];
+        reduce_bytes(
+            DType::F64,
+            ReduceOp::Min,
+            &mut as_bytes_mut(&mut a)[..16],
+            &as_bytes(&b)[4..20],
+            true,
+        );
+    }
+
+    #[test]
+    fn op_codes_names_roundtrip() {
+        for (i, op) in ReduceOp::ALL.into_iter().enumerate() {
+            assert_eq!(op.code() as usize, i + 1);
+            assert_eq!(ReduceOp::from_code(op.code()), Some(op));
+            assert_eq!(ReduceOp::parse(op.name()), Some(op));
+            assert_eq!(op.to_string(), op.name());
+        }
+        assert_eq!(ReduceOp::from_code(0), None);
+        assert_eq!(ReduceOp::from_code(6), None);
+        assert_eq!(ReduceOp::parse("Sum"), None);
+    }
 }
