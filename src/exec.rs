@@ -159,10 +159,11 @@ fn run_rounds(
         elem,
     };
     let deadline = Instant::now() + opts.timeout;
+    let comm_id = t.comm_id();
     let header = |len: usize| Header {
         kind: Kind::Data,
         desc: call.desc,
-        comm_id: t.comm_id(),
+        comm_id,
         seq: call.seq,
         len: len as u64,
     };

@@ -135,7 +135,7 @@ impl Transport {
             }
         }
         drop(lst);
-        let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
+        let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         for (j, p) in peers.iter_mut().enumerate() {
             if let Some(p) = p {
                 poll.registry()
