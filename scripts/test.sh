@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Set up and run every test: formatting, clippy, unit/integration tests, doctests.
+# Works on a fresh Debian machine with only cargo and python3 (system packages need root
+# or sudo). `.ci/run` calls this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "test.sh: need root (or sudo) to run: $*" >&2
+        return 1
+    fi
+}
+
+# System packages: mpirun for the launcher-compatibility tests, iproute2 (ip) for the
+# network tests. apt only runs when mpirun is missing.
+if ! command -v mpirun >/dev/null 2>&1; then
+    step "installing openmpi-bin iproute2 (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update
+    as_root apt-get install -y --no-install-recommends openmpi-bin iproute2
+fi
+
+# rustfmt and clippy come with rustup's default profile; add them when missing.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+        step "adding rustfmt and clippy (rustup)"
+        rustup component add rustfmt clippy
+    fi
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# Tests launch kolorun, kolo-bench and the examples, so build them first.
+step "cargo build --release (bins, examples)"
+cargo build --release --workspace --bins --examples
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --release"
+    cargo nextest run --workspace --release
+else
+    step "cargo test --release"
+    cargo test --workspace --release
+fi
+
+# nextest does not run doctests.
+step "cargo test --doc --release"
+cargo test --doc --workspace --release
+
+step "all tests passed"
