@@ -1,0 +1,1000 @@
+//! `kolorun`: start a kolo job (like `mpirun`/`horovodrun`).
+//!
+//! It serves the rendezvous store itself, starts every rank with the `KOLO_*`
+//! variables set (locally, or over ssh), prefixes each output line with the
+//! rank, forwards SIGINT/SIGTERM, and stops the whole job as soon as one rank
+//! fails, exiting with that rank's status. Run `kolorun --help` for usage.
+use crossbeam_channel::Sender;
+use kolo::net;
+use kolo::rendezvous::StoreServer;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest line forwarded in one piece; longer lines are split.
+const MAX_LINE: u64 = 1 << 20;
+/// After every rank has exited, how long to wait for pipes that a leftover
+/// grandchild still holds open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq)]
+struct Opts {
+    np: Option<usize>,
+    hosts: Vec<(String, usize)>,
+    hostfile: Option<String>,
+    start_timeout: String,
+    output_dir: Option<PathBuf>,
+    exports: Vec<(String, Option<String>)>,
+    master_addr: Option<String>,
+    grace: Duration,
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Action {
+    Help,
+    Version,
+    Run(Opts),
+}
+
+fn usage() -> String {
+    let mut s = String::from(
+        "kolorun: start a kolo job, one process per rank.
+
+USAGE:
+    kolorun -np N [OPTIONS] [--] CMD [ARGS...]
+
+OPTIONS:
+    -np, -n, --np N        number of ranks to start (default: total slots of -H/--hostfile;
+                           required without them)
+    -H, --host LIST        hosts as host[:slots],... (slots default 1); ranks fill hosts in
+                           order. Default: all ranks on this host
+    --hostfile F           file with one host per line: `host slots=N` or `host:N` or `host`;
+                           `#` starts a comment
+    --start-timeout S      seconds ranks wait for each other at rendezvous, passed as
+                           KOLO_START_TIMEOUT (default 60)
+    --output-dir D         also append each rank's output to D/rank.<r>.log
+    -x VAR[=VAL]           pass VAR to every rank, with VAL or its value in kolorun's
+                           environment (repeatable; local ranks inherit the environment anyway)
+    --master-addr A        address remote hosts use to reach kolorun's store (default: the
+                           local address that routes to the first remote host)
+    --grace S              seconds between forwarding SIGTERM/SIGINT and SIGKILL (default 5)
+    -h, --help             print this help
+    --version              print the version
+
+Local ranks run directly; ranks on other hosts run through
+`ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new HOST 'cd CWD && exec env ... CMD'`.
+Each output line is prefixed with `[rank] `. When a rank exits non-zero or is killed,
+kolorun stops the others (SIGTERM, then SIGKILL after the grace period) and exits with
+that rank's status (128+signal when it was killed by a signal).
+
+ENVIRONMENT (set by kolorun for each rank: KOLO_RANK, KOLO_SIZE, KOLO_LOCAL_RANK,
+KOLO_LOCAL_SIZE, KOLO_MASTER_ADDR, KOLO_MASTER_PORT, KOLO_STORE=external,
+KOLO_START_TIMEOUT; the others pass through from kolorun's environment or -x):
+",
+    );
+    let w = kolo::config::ENV_DOC
+        .iter()
+        .map(|(k, _, _)| k.len())
+        .max()
+        .unwrap_or(0);
+    for (name, default, meaning) in kolo::config::ENV_DOC {
+        s.push_str(&format!("    {name:w$}  {meaning} [default: {default}]\n"));
+    }
+    s
+}
+
+fn parse_slots(spec: &str, what: &str) -> Result<(String, usize), String> {
+    let spec = spec.trim();
+    // host:N, but leave bare IPv6 addresses alone ("[::1]:2" works).
+    if let Some((h, n)) = spec.rsplit_once(':') {
+        if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) {
+            let n: usize = n
+                .parse()
+                .map_err(|_| format!("{what}: {spec:?}: slots {n:?} is not a number"))?;
+            if n == 0 {
+                return Err(format!("{what}: {spec:?}: slots must be at least 1"));
+            }
+            return Ok((h.to_string(), n));
+        }
+    }
+    if spec.is_empty() {
+        return Err(format!("{what}: empty host name"));
+    }
+    Ok((spec.to_string(), 1))
+}
+
+/// Parse a hostfile: `host slots=N`, `host:N` or `host` per line, `#` comments.
+fn parse_hostfile(text: &str, name: &str) -> Result<Vec<(String, usize)>, String> {
+    let mut hosts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let where_ = format!("{name}:{}", i + 1);
+        let mut words = line.split_whitespace();
+        let first = words.next().expect("non-empty line");
+        let (host, mut slots) = parse_slots(first, &where_)?;
+        for w in words {
+            match w.strip_prefix("slots=") {
+                Some(n) => {
+                    slots = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        format!("{where_}: {w:?}: slots must be a positive number")
+                    })?;
+                }
+                // mpirun hostfiles may say max_slots=...; ignore what we do not use.
+                None if w.contains('=') => {}
+                None => {
+                    return Err(format!(
+                        "{where_}: unexpected {w:?} (expected `host slots=N`)"
+                    ))
+                }
+            }
+        }
+        hosts.push((host, slots));
+    }
+    if hosts.is_empty() {
+        return Err(format!("{name}: no hosts"));
+    }
+    Ok(hosts)
+}
+
+fn parse_args(args: &[String]) -> Result<Action, String> {
+    let mut o = Opts {
+        np: None,
+        hosts: Vec::new(),
+        hostfile: None,
+        start_timeout: "60".into(),
+        output_dir: None,
+        exports: Vec::new(),
+        master_addr: None,
+        grace: Duration::from_secs(5),
+        cmd: Vec::new(),
+    };
+    let mut i = 0;
+    let mut saw_host = false;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--" {
+            o.cmd = args[i + 1..].to_vec();
+            break;
+        }
+        if !a.starts_with('-') || a == "-" {
+            o.cmd = args[i..].to_vec();
+            break;
+        }
+        // Accept both `--flag value` and `--flag=value`.
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") || f == "-np" => (f, Some(v.to_string())),
+            _ => (a, None),
+        };
+        let value = |i: &mut usize| -> Result<String, String> {
+            if let Some(v) = &inline {
+                return Ok(v.clone());
+            }
+            *i += 1;
+            args.get(*i)
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let secs = |v: &str, flag: &str| -> Result<f64, String> {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0 && s.is_finite())
+                .ok_or_else(|| format!("{flag} {v:?}: expected a positive number of seconds"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(Action::Help),
+            "--version" => return Ok(Action::Version),
+            "-np" | "-n" | "--np" => {
+                let v = value(&mut i)?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| format!("{flag} {v:?}: not a number"))?;
+                if n == 0 {
+                    return Err(format!("{flag} 0: need at least one rank"));
+                }
+                o.np = Some(n);
+            }
+            "-H" | "--host" | "--hosts" => {
+                saw_host = true;
+                for h in value(&mut i)?.split(',').filter(|s| !s.trim().is_empty()) {
+                    o.hosts.push(parse_slots(h, flag)?);
+                }
+            }
+            "--hostfile" => o.hostfile = Some(value(&mut i)?),
+            "--start-timeout" => {
+                let v = value(&mut i)?;
+                secs(&v, flag)?;
+                o.start_timeout = v.trim().to_string();
+            }
+            "--output-dir" => o.output_dir = Some(PathBuf::from(value(&mut i)?)),
+            "-x" => {
+                let v = value(&mut i)?;
+                let (k, val) = match v.split_once('=') {
+                    Some((k, val)) => (k.to_string(), Some(val.to_string())),
+                    None => (v.clone(), None),
+                };
+                let valid = !k.is_empty()
+                    && !k.starts_with(|c: char| c.is_ascii_digit())
+                    && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    return Err(format!("-x {v:?}: {k:?} is not a valid variable name"));
+                }
+                o.exports.push((k, val));
+            }
+            "--master-addr" => o.master_addr = Some(value(&mut i)?),
+            "--grace" => o.grace = Duration::from_secs_f64(secs(&value(&mut i)?, flag)?),
+            _ => return Err(format!("unknown option {a:?} (see kolorun --help)")),
+        }
+        i += 1;
+    }
+    if o.cmd.is_empty() {
+        return Err("no command given (see kolorun --help)".into());
+    }
+    if saw_host && o.hostfile.is_some() {
+        return Err("give hosts with -H or --hostfile, not both".into());
+    }
+    if saw_host && o.hosts.is_empty() {
+        return Err("-H: no hosts given".into());
+    }
+    if o.np.is_none() && !saw_host && o.hostfile.is_none() {
+        return Err("-np N is required when no hosts are given".into());
+    }
+    Ok(Action::Run(o))
+}
+
+/// Quote `s` for a POSIX shell: safe words stay as they are, anything else is
+/// single-quoted with embedded quotes spliced in as `'\''`.
+fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c));
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The command ssh runs on a remote host for one rank.
+fn remote_command(cwd: &str, env: &[(String, String)], cmd: &[String]) -> String {
+    let mut s = format!("cd {} && exec env", shell_quote(cwd));
+    for (k, v) in env {
+        s.push(' ');
+        s.push_str(&shell_quote(&format!("{k}={v}")));
+    }
+    for a in cmd {
+        s.push(' ');
+        s.push_str(&shell_quote(a));
+    }
+    s
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn is_local_host(host: &str, me: &str) -> bool {
+    let h = host.rsplit('@').next().unwrap_or(host);
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    let short = |s: &str| s.split('.').next().unwrap_or(s).to_ascii_lowercase();
+    h == "localhost"
+        || h == "::1"
+        || h.starts_with("127.")
+        || h.eq_ignore_ascii_case(me)
+        || (h.parse::<std::net::IpAddr>().is_err() && short(h) == short(me))
+}
+
+/// Where one rank runs.
+#[derive(Debug, Clone, PartialEq)]
+struct Placement {
+    host: String,
+    local: bool,
+    local_rank: usize,
+    local_size: usize,
+}
+
+/// Fill hosts in order, up to their slots.
+fn place(hosts: &[(String, usize)], np: usize, me: &str) -> Result<Vec<Placement>, String> {
+    let total: usize = hosts.iter().map(|(_, s)| s).sum();
+    if np > total {
+        return Err(format!(
+            "{np} ranks requested but the hosts offer only {total} slots ({})",
+            hosts
+                .iter()
+                .map(|(h, s)| format!("{h}:{s}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    let mut out = Vec::with_capacity(np);
+    'fill: for (h, slots) in hosts {
+        for _ in 0..*slots {
+            if out.len() == np {
+                break 'fill;
+            }
+            out.push(Placement {
+                host: h.clone(),
+                local: is_local_host(h, me),
+                local_rank: 0,
+                local_size: 0,
+            });
+        }
+    }
+    // Every name for this machine (localhost, 127.0.0.1, its hostname) is one host.
+    let key = |p: &Placement| if p.local { None } else { Some(p.host.clone()) };
+    let mut counts: HashMap<Option<String>, usize> = HashMap::new();
+    for p in &mut out {
+        let c = counts.entry(key(p)).or_insert(0);
+        p.local_rank = *c;
+        *c += 1;
+    }
+    for p in &mut out {
+        p.local_size = counts[&key(p)];
+    }
+    Ok(out)
+}
+
+enum Msg {
+    Line {
+        rank: usize,
+        err: bool,
+        line: Vec<u8>,
+    },
+    PipeClosed,
+    Exited(usize),
+    Signal(i32),
+}
+
+fn spawn_reader(rank: usize, err: bool, pipe: impl Read + Send + 'static, tx: Sender<Msg>) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::with_capacity(64 * 1024, pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.by_ref().take(MAX_LINE).read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if buf.last() == Some(&b'\n') {
+                        buf.pop();
+                    }
+                    let line = std::mem::take(&mut buf);
+                    if tx.send(Msg::Line { rank, err, line }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Msg::PipeClosed);
+    });
+}
+
+/// Block until `pid` has exited, without reaping it, then report. Leaving the
+/// zombie in place until the main thread reaps it means the pid (and its
+/// process group) cannot be reused while the main thread may still signal it.
+fn spawn_waiter(rank: usize, pid: u32, tx: Sender<Msg>) {
+    std::thread::spawn(move || {
+        loop {
+            // SAFETY: siginfo_t is plain data; waitid writes it.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        let _ = tx.send(Msg::Exited(rank));
+    });
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Exit status as a shell reports it, and a description.
+fn status_of(st: ExitStatus) -> (i32, String) {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => (c, c.to_string()),
+        (None, Some(s)) => (
+            128 + s,
+            format!("{} (killed by signal {s}, {})", 128 + s, signal_name(s)),
+        ),
+        _ => (1, "unknown".into()),
+    }
+}
+
+struct Rank {
+    child: Option<Child>,
+    host: String,
+    running: bool,
+}
+
+struct Job {
+    ranks: Vec<Rank>,
+    kill_at: Option<Instant>,
+    grace: Duration,
+    /// Set once the job is being torn down (a failure, a signal, a spawn error).
+    stopping: bool,
+    /// Whether leftover processes of exited ranks were killed after the last leader exited.
+    swept: bool,
+}
+
+impl Job {
+    fn running(&self) -> usize {
+        self.ranks.iter().filter(|r| r.running).count()
+    }
+    /// Signal the process group of every running rank (each rank leads its
+    /// own), and with `exited` also the groups of ranks whose leader already
+    /// exited, so processes they left behind are stopped too.
+    fn signal_all(&mut self, sig: i32, exited: bool) {
+        for r in self.ranks.iter().filter(|r| r.running || exited) {
+            if let Some(c) = &r.child {
+                // SAFETY: plain syscall. A running leader is unreaped, so its group
+                // id cannot be reused; an exited rank's group is signalled only
+                // while the job is stopping, seconds after the leader exited.
+                unsafe { libc::kill(-(c.id() as libc::pid_t), sig) };
+            }
+        }
+    }
+    /// Ask every rank to stop, with SIGKILL after the grace period.
+    fn stop(&mut self, sig: i32) {
+        self.stopping = true;
+        self.signal_all(sig, true);
+        if self.kill_at.is_none() {
+            self.kill_at = Some(Instant::now() + self.grace);
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        "rank"
+    } else {
+        "ranks"
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("kolorun: {msg}");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match parse_args(&args) {
+        Ok(Action::Help) => {
+            print!("{}", usage());
+            return;
+        }
+        Ok(Action::Version) => {
+            println!("kolorun {}", kolo::VERSION);
+            return;
+        }
+        Ok(Action::Run(o)) => o,
+        Err(e) => fail(e),
+    };
+    std::process::exit(run(opts));
+}
+
+fn run(opts: Opts) -> i32 {
+    let me = hostname();
+    let hosts = if let Some(f) = &opts.hostfile {
+        let text =
+            std::fs::read_to_string(f).unwrap_or_else(|e| fail(format!("--hostfile {f}: {e}")));
+        parse_hostfile(&text, f).unwrap_or_else(|e| fail(e))
+    } else if !opts.hosts.is_empty() {
+        opts.hosts.clone()
+    } else {
+        vec![(me.clone(), opts.np.unwrap_or(1))]
+    };
+    let np = opts
+        .np
+        .unwrap_or_else(|| hosts.iter().map(|(_, s)| s).sum());
+    let placement = place(&hosts, np, &me).unwrap_or_else(|e| fail(e));
+    let all_local = placement.iter().all(|p| p.local);
+
+    // Serve the store ourselves; ranks get KOLO_STORE=external.
+    let (bind, master_addr) = if all_local {
+        (
+            "127.0.0.1:0",
+            opts.master_addr
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1".into()),
+        )
+    } else {
+        let addr = match &opts.master_addr {
+            Some(a) => a.clone(),
+            None => {
+                let remote = &placement
+                    .iter()
+                    .find(|p| !p.local)
+                    .expect("not all local")
+                    .host;
+                let h = remote.rsplit('@').next().unwrap_or(remote);
+                let ip = net::resolve(h, 22)
+                    .and_then(|a| net::local_ip_toward(a.ip()))
+                    .ok()
+                    .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+                    .or_else(|| {
+                        net::interfaces()
+                            .ok()
+                            .and_then(|ifs| net::match_iface("^lo", &ifs, false).ok())
+                    })
+                    .unwrap_or_else(|| {
+                        fail(format!(
+                            "cannot find an address {remote} could reach kolorun at; use --master-addr"
+                        ))
+                    });
+                ip.to_string()
+            }
+        };
+        ("0.0.0.0:0", addr)
+    };
+    let store = StoreServer::bind(bind).unwrap_or_else(|e| fail(e));
+    let port = store.local_addr().port();
+
+    let mut exports = Vec::new();
+    for (k, v) in &opts.exports {
+        match v.clone().or_else(|| std::env::var(k).ok()) {
+            Some(v) => exports.push((k.clone(), v)),
+            None => eprintln!(
+                "kolorun: warning: -x {k}: {k} is not set in kolorun's environment; not passed"
+            ),
+        }
+    }
+    let mut logs: Vec<Option<File>> = Vec::new();
+    if let Some(d) = &opts.output_dir {
+        std::fs::create_dir_all(d)
+            .unwrap_or_else(|e| fail(format!("--output-dir {}: {e}", d.display())));
+        for r in 0..np {
+            let p = d.join(format!("rank.{r}.log"));
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .unwrap_or_else(|e| fail(format!("{}: {e}", p.display())));
+            logs.push(Some(f));
+        }
+    }
+    let cwd = std::env::current_dir()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| ".".into());
+
+    let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
+    // Register before spawning so a Ctrl-C during start-up is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .unwrap_or_else(|e| fail(format!("cannot install signal handlers: {e}")));
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Msg::Signal(s)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let mut job = Job {
+        ranks: Vec::with_capacity(np),
+        kill_at: None,
+        grace: opts.grace,
+        stopping: false,
+        swept: false,
+    };
+    let mut open_pipes = 0usize;
+    let mut exit_code: Option<i32> = None;
+    for (rank, p) in placement.iter().enumerate() {
+        let env: Vec<(String, String)> = [
+            ("KOLO_RANK", rank.to_string()),
+            ("KOLO_SIZE", np.to_string()),
+            ("KOLO_LOCAL_RANK", p.local_rank.to_string()),
+            ("KOLO_LOCAL_SIZE", p.local_size.to_string()),
+            ("KOLO_MASTER_ADDR", master_addr.clone()),
+            ("KOLO_MASTER_PORT", port.to_string()),
+            ("KOLO_STORE", "external".into()),
+            ("KOLO_START_TIMEOUT", opts.start_timeout.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(exports.iter().cloned())
+        .collect();
+        let mut cmd = if p.local {
+            let mut c = Command::new(&opts.cmd[0]);
+            c.args(&opts.cmd[1..]).envs(env.iter().map(|(k, v)| (k, v)));
+            c
+        } else {
+            let mut c = Command::new("ssh");
+            c.args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=accept-new",
+            ])
+            .arg(&p.host)
+            .arg(remote_command(&cwd, &env, &opts.cmd));
+            c
+        };
+        // Each rank leads its own process group: signals reach everything it
+        // started, and the terminal's Ctrl-C reaches only kolorun, which forwards it.
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        match cmd.spawn() {
+            Ok(mut child) => {
+                spawn_reader(rank, false, child.stdout.take().expect("piped"), tx.clone());
+                spawn_reader(rank, true, child.stderr.take().expect("piped"), tx.clone());
+                open_pipes += 2;
+                spawn_waiter(rank, child.id(), tx.clone());
+                job.ranks.push(Rank {
+                    child: Some(child),
+                    host: p.host.clone(),
+                    running: true,
+                });
+            }
+            Err(e) => {
+                let what = if p.local { opts.cmd[0].as_str() } else { "ssh" };
+                eprintln!(
+                    "kolorun: cannot start rank {rank} (host {}): {what}: {e}; stopping the other {} {}",
+                    p.host,
+                    job.running(),
+                    plural(job.running())
+                );
+                exit_code = Some(if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                });
+                job.stop(libc::SIGTERM);
+                break;
+            }
+        }
+    }
+    drop(tx);
+
+    let mut got_signal: Option<i32> = None;
+    let mut all_exited_at: Option<Instant> = None;
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    loop {
+        let running = job.running();
+        if running == 0 && all_exited_at.is_none() {
+            all_exited_at = Some(Instant::now());
+        }
+        if running == 0 && open_pipes == 0 {
+            break;
+        }
+        if running == 0 && job.stopping && !job.swept {
+            // Every rank has exited while stopping, but something they started
+            // still holds a pipe (e.g. a background job that ignores SIGINT).
+            job.signal_all(libc::SIGKILL, true);
+            job.swept = true;
+        }
+        let deadline = if running == 0 {
+            all_exited_at.map(|t| t + DRAIN_AFTER_EXIT)
+        } else {
+            job.kill_at
+        };
+        let msg = match deadline {
+            Some(d) => rx.recv_deadline(d),
+            None => rx
+                .recv()
+                .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if running == 0 {
+                    break; // a leftover process holds a pipe open; do not wait for it
+                }
+                eprintln!(
+                    "kolorun: {running} {} still running {:.1}s after being asked to stop; sending SIGKILL",
+                    plural(running),
+                    job.grace.as_secs_f64()
+                );
+                job.signal_all(libc::SIGKILL, true);
+                job.kill_at = None;
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        match msg {
+            Msg::Line { rank, err, line } => {
+                let mut out = Vec::with_capacity(line.len() + 8);
+                out.extend_from_slice(format!("[{rank}] ").as_bytes());
+                out.extend_from_slice(&line);
+                out.push(b'\n');
+                let _ = if err {
+                    stderr.lock().write_all(&out)
+                } else {
+                    let mut s = stdout.lock();
+                    s.write_all(&out).and_then(|_| s.flush())
+                };
+                if let Some(Some(f)) = logs.get_mut(rank) {
+                    let mut l = line;
+                    l.push(b'\n');
+                    let _ = f.write_all(&l);
+                }
+            }
+            Msg::PipeClosed => open_pipes -= 1,
+            Msg::Signal(sig) => {
+                if got_signal.is_none() {
+                    eprintln!(
+                        "kolorun: got {}; forwarding it to the {} running {} (SIGKILL in {:.1}s; repeat to kill now)",
+                        signal_name(sig),
+                        job.running(),
+                        plural(job.running()),
+                        job.grace.as_secs_f64()
+                    );
+                    got_signal = Some(sig);
+                    job.stop(sig);
+                } else {
+                    eprintln!(
+                        "kolorun: got {} again; killing the ranks now",
+                        signal_name(sig)
+                    );
+                    job.signal_all(libc::SIGKILL, true);
+                }
+            }
+            Msg::Exited(rank) => {
+                let r = &mut job.ranks[rank];
+                let Some(child) = r.child.as_mut() else {
+                    continue;
+                };
+                // The waiter saw the exit without reaping it; this returns at once.
+                let status = child.wait();
+                r.running = false;
+                let (code, desc) = match status {
+                    Ok(st) => status_of(st),
+                    Err(e) => (1, format!("unknown ({e})")),
+                };
+                if code != 0 && !job.stopping {
+                    let host = job.ranks[rank].host.clone();
+                    let others = job.running();
+                    eprintln!(
+                        "kolorun: rank {rank} (host {host}) exited with status {desc}; stopping the other {others} {}",
+                        plural(others)
+                    );
+                    exit_code = Some(code);
+                    job.stop(libc::SIGTERM);
+                }
+            }
+        }
+    }
+    let _ = std::io::stdout().flush();
+    drop(store);
+    exit_code.or(got_signal.map(|s| 128 + s)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn quoting_round_trips_through_sh() {
+        for w in [
+            "plain",
+            "",
+            "a b",
+            "it's",
+            "$HOME",
+            "`x`",
+            "a\"b",
+            "*",
+            "tab\there",
+            "new\nline",
+            "'",
+            "--x=1",
+        ] {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", shell_quote(w)))
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                w,
+                "{w:?} -> {}",
+                shell_quote(w)
+            );
+        }
+        assert_eq!(shell_quote("abc-1.2/x:y"), "abc-1.2/x:y");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn remote_command_is_one_shell_line() {
+        let c = remote_command(
+            "/home/me/my dir",
+            &[("KOLO_RANK".into(), "1".into()), ("X".into(), "a b".into())],
+            &s(&["python", "-c", "print('hi')"]),
+        );
+        assert_eq!(
+            c,
+            r#"cd '/home/me/my dir' && exec env KOLO_RANK=1 'X=a b' python -c 'print('\''hi'\'')'"#
+        );
+    }
+
+    #[test]
+    fn parses_flags() {
+        let Action::Run(o) = parse_args(&s(&[
+            "-np",
+            "4",
+            "-H",
+            "a:2,b",
+            "--start-timeout",
+            "7.5",
+            "-x",
+            "FOO=bar",
+            "-x",
+            "PATH",
+            "--grace=1",
+            "--output-dir",
+            "/tmp/o",
+            "--",
+            "prog",
+            "-np",
+            "9",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.np, Some(4));
+        assert_eq!(o.hosts, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
+        assert_eq!(o.start_timeout, "7.5");
+        assert_eq!(
+            o.exports,
+            vec![("FOO".into(), Some("bar".into())), ("PATH".into(), None)]
+        );
+        assert_eq!(o.grace, Duration::from_secs(1));
+        assert_eq!(o.cmd, s(&["prog", "-np", "9"]));
+        // The command starts at the first non-option word.
+        let Action::Run(o) = parse_args(&s(&["-np", "2", "sh", "-c", "x"])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.cmd, s(&["sh", "-c", "x"]));
+        assert_eq!(parse_args(&s(&["--help"])).unwrap(), Action::Help);
+        for bad in [
+            &["-np", "0", "x"][..],
+            &["-np", "x", "y"],
+            &["x"],
+            &["-np", "2"],
+            &["-np", "2", "--bogus", "x"],
+            &["-np", "2", "-x", "1A", "x"],
+            &["-np", "2", "--start-timeout", "-1", "x"],
+            &["-H", "a:0", "x"],
+        ] {
+            assert!(parse_args(&s(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hostfile_forms() {
+        let h = parse_hostfile(
+            "# nodes\nn1 slots=4\nn2:2   # two\n\nn3\nn4 slots=2 max_slots=8\n",
+            "hf",
+        )
+        .unwrap();
+        assert_eq!(
+            h,
+            vec![
+                ("n1".into(), 4),
+                ("n2".into(), 2),
+                ("n3".into(), 1),
+                ("n4".into(), 2)
+            ]
+        );
+        assert!(parse_hostfile("n1 slots=x\n", "hf")
+            .unwrap_err()
+            .contains("hf:1"));
+        assert!(parse_hostfile("n1 junk\n", "hf").is_err());
+        assert!(parse_hostfile("# empty\n", "hf").is_err());
+    }
+
+    #[test]
+    fn placement_fills_hosts_in_order() {
+        let p = place(&[("a".into(), 2), ("b".into(), 2)], 3, "me").unwrap();
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.host.as_str(), p.local_rank, p.local_size))
+            .collect();
+        assert_eq!(got, vec![("a", 0, 2), ("a", 1, 2), ("b", 0, 1)]);
+        let p = place(
+            &[("localhost".into(), 1), ("b".into(), 1), ("me".into(), 2)],
+            4,
+            "me",
+        )
+        .unwrap();
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.local, p.local_rank, p.local_size))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(true, 0, 3), (false, 0, 1), (true, 1, 3), (true, 2, 3)]
+        );
+        assert!(place(&[("a".into(), 1)], 2, "me")
+            .unwrap_err()
+            .contains("only 1 slots"));
+        assert!(place(&[("localhost".into(), 1)], 1, "me").unwrap()[0].local);
+        assert!(place(&[("me.example.com".into(), 1)], 1, "me").unwrap()[0].local);
+        assert!(!place(&[("other".into(), 1)], 1, "me").unwrap()[0].local);
+    }
+
+    #[test]
+    fn local_hosts() {
+        for h in [
+            "localhost",
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+            "node7",
+            "node7.cluster",
+            "user@node7",
+        ] {
+            assert!(is_local_host(h, "node7"), "{h}");
+        }
+        for h in ["node8", "10.0.0.7", "node70"] {
+            assert!(!is_local_host(h, "node7"), "{h}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let u = usage();
+        for (k, d, _) in kolo::config::ENV_DOC {
+            assert!(u.contains(k) && u.contains(d), "{k}");
+        }
+        for f in [
+            "-np",
+            "-H",
+            "--hostfile",
+            "--start-timeout",
+            "--output-dir",
+            "-x",
+            "--master-addr",
+            "--grace",
+        ] {
+            assert!(u.contains(f), "{f}");
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! End-to-end checks of the `kolorun` launcher with local ranks (`sh -c ...`).
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KOLORUN: &str = env!("CARGO_BIN_EXE_kolorun");
+
+fn kolorun(args: &[&str]) -> Output {
+    Command::new(KOLORUN)
+        .args(args)
+        .output()
+        .expect("run kolorun")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn sets_env_per_rank() {
+    let out = kolorun(&[
+        "-np",
+        "3",
+        "--start-timeout",
+        "7",
+        "-x",
+        "KOLO_TEST_FOO=bar baz",
+        "sh",
+        "-c",
+        "echo \"R=$KOLO_RANK S=$KOLO_SIZE L=$KOLO_LOCAL_RANK LS=$KOLO_LOCAL_SIZE \
+         M=$KOLO_MASTER_ADDR P=$KOLO_MASTER_PORT ST=$KOLO_STORE T=$KOLO_START_TIMEOUT X=$KOLO_TEST_FOO\"",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let mut port = None;
+    for r in 0..3 {
+        let l = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("[{r}] ")))
+            .unwrap_or_else(|| panic!("no line from rank {r}: {stdout}"));
+        let want =
+            format!("[{r}] R={r} S=3 L={r} LS=3 M=127.0.0.1 P=PORT ST=external T=7 X=bar baz");
+        let p = l.split("P=").nth(1).unwrap().split(' ').next().unwrap();
+        let p: u16 = p.parse().unwrap();
+        assert!(p > 0);
+        assert_eq!(
+            *port.get_or_insert(p),
+            p,
+            "every rank gets the same store port"
+        );
+        assert_eq!(l.replace(&format!("P={p}"), "P=PORT"), want);
+    }
+}
+
+#[test]
+fn prefixes_output_and_writes_logs() {
+    let dir = std::env::temp_dir().join(format!("kolorun-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = kolorun(&[
+        "-np",
+        "2",
+        "--output-dir",
+        dir.to_str().unwrap(),
+        "sh",
+        "-c",
+        "printf 'out one\\nout two\\n'; echo err line >&2; printf 'no newline'",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    for r in 0..2 {
+        for l in ["out one", "out two", "no newline"] {
+            assert!(stdout.contains(&format!("[{r}] {l}\n")), "{stdout}");
+        }
+        assert!(stderr.contains(&format!("[{r}] err line\n")), "{stderr}");
+        assert!(!stdout.contains("err line"), "{stdout}");
+        let log = std::fs::read_to_string(dir.join(format!("rank.{r}.log"))).unwrap();
+        assert!(
+            log.contains("out one\n") && log.contains("err line\n"),
+            "{log}"
+        );
+        assert!(!log.contains('['), "log lines are not prefixed: {log}");
+    }
+    // Order within one pipe of one rank is preserved.
+    let r0: Vec<&str> = stdout.lines().filter(|l| l.starts_with("[0] ")).collect();
+    assert_eq!(r0, vec!["[0] out one", "[0] out two", "[0] no newline"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn failing_rank_stops_the_job_with_its_status() {
+    let t0 = Instant::now();
+    let out = kolorun(&[
+        "-np",
+        "3",
+        "sh",
+        "-c",
+        "if [ $KOLO_RANK = 1 ]; then exit 3; fi; sleep 30",
+    ]);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = text(&out.stderr);
+    let naming: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("kolorun: rank"))
+        .collect();
+    assert_eq!(naming.len(), 1, "{stderr}");
+    assert!(
+        naming[0].starts_with("kolorun: rank 1 (host ")
+            && naming[0].ends_with("exited with status 3; stopping the other 2 ranks"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn rank_killed_by_signal_gives_128_plus_signal() {
+    let out = kolorun(&[
+        "-np",
+        "2",
+        "sh",
+        "-c",
+        "if [ $KOLO_RANK = 0 ]; then kill -9 $$; fi; sleep 30",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    assert!(text(&out.stderr).contains("rank 0 (host "), "{out:?}");
+}
+
+#[test]
+fn all_ok_exits_zero_and_missing_command_fails() {
+    assert!(kolorun(&["-np", "2", "true"]).status.success());
+    let out = kolorun(&["-np", "1", "/nonexistent/kolo-test-cmd"]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    assert!(text(&out.stderr).contains("cannot start rank 0"), "{out:?}");
+    let out = kolorun(&["-np", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no command"), "{out:?}");
+}
+
+#[test]
+fn forwards_sigint_to_every_rank() {
+    let mut child = Command::new(KOLORUN)
+        .args([
+            "-np",
+            "2",
+            "sh",
+            "-c",
+            "trap 'echo got INT; exit 0' INT; echo ready; sleep 30 & wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ready = 0;
+    while ready < 2 {
+        let l = lines.next().expect("kolorun output ended early").unwrap();
+        if l.ends_with("ready") {
+            ready += 1;
+        }
+    }
+    let t0 = Instant::now();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert_eq!(status.code(), Some(130));
+    for r in 0..2 {
+        assert!(rest.contains(&format!("[{r}] got INT")), "{rest:?}");
+    }
+}
+
+#[test]
+fn help_documents_flags_and_variables() {
+    let out = kolorun(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for (name, default, _) in kolo::config::ENV_DOC {
+        assert!(help.contains(name) && help.contains(default), "{name}");
+    }
+    for flag in [
+        "-np",
+        "-H",
+        "--hostfile",
+        "--start-timeout",
+        "--output-dir",
+        "-x",
+    ] {
+        assert!(help.contains(flag), "{flag}");
+    }
+}
+
+#[test]
+fn remote_hosts_go_through_ssh_with_quoted_env() {
+    // A stand-in `ssh` that runs the remote command locally, so the whole
+    // remote path (quoting, cd, env) is exercised without any network.
+    let dir = std::env::temp_dir().join(format!("kolorun-fake-ssh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ssh = dir.join("ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\n[ \"$1 $2 $3 $4\" = '-o BatchMode=yes -o StrictHostKeyChecking=accept-new' ] || exit 99\n\
+         echo \"ssh to $5\" >&2\nexec sh -c \"$6\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(KOLORUN)
+        .env("PATH", path)
+        .args([
+            "-H",
+            "fakehost-a:2,fakehost-b",
+            "--master-addr",
+            "127.0.0.1",
+            "-x",
+            "KOLO_TEST_Q=it's $HOME",
+            "sh",
+            "-c",
+            "echo \"$KOLO_RANK/$KOLO_SIZE local $KOLO_LOCAL_RANK/$KOLO_LOCAL_SIZE q=$KOLO_TEST_Q pwd=$(pwd)\"",
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let cwd = std::env::current_dir().unwrap();
+    for (r, lr, ls) in [(0, 0, 2), (1, 1, 2), (2, 0, 1)] {
+        let want = format!(
+            "[{r}] {r}/3 local {lr}/{ls} q=it's $HOME pwd={}",
+            cwd.display()
+        );
+        assert!(
+            stdout.lines().any(|l| l == want),
+            "want {want:?} in {stdout}"
+        );
+    }
+    assert!(
+        stderr.contains("[0] ssh to fakehost-a") && stderr.contains("[2] ssh to fakehost-b"),
+        "{stderr}"
+    );
+}
