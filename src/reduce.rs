@@ -167,14 +167,25 @@ pub fn reduce<T: Element>(op: ReduceOp, acc: &mut [T], inc: &[T], incoming_first
 /// ```
 pub fn reduce_bytes(dtype: DType, op: ReduceOp, acc: &mut [u8], inc: &[u8], incoming_first: bool) {
     assert_eq!(acc.len(), inc.len(), "reduce_bytes: slice lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::reduce_bytes(dtype, op, acc, inc, incoming_first) };
+    }
+    reduce_portable(dtype, op, acc, inc, incoming_first)
+}
+
+/// The kernels compiled for the build's baseline target features.
+#[inline(always)]
+fn reduce_portable(dtype: DType, op: ReduceOp, acc: &mut [u8], inc: &[u8], first: bool) {
     match dtype {
-        DType::U8 => u8::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
-        DType::I32 => i32::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
-        DType::I64 => i64::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
-        DType::F16 => f16::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
-        DType::BF16 => bf16::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
-        DType::F32 => f32::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
-        DType::F64 => f64::reduce_impl(op, cast_mut(acc), cast(inc), incoming_first),
+        DType::U8 => u8::reduce_impl(op, cast_mut(acc), cast(inc), first),
+        DType::I32 => i32::reduce_impl(op, cast_mut(acc), cast(inc), first),
+        DType::I64 => i64::reduce_impl(op, cast_mut(acc), cast(inc), first),
+        DType::F16 => f16::reduce_impl(op, cast_mut(acc), cast(inc), first),
+        DType::BF16 => bf16::reduce_impl(op, cast_mut(acc), cast(inc), first),
+        DType::F32 => f32::reduce_impl(op, cast_mut(acc), cast(inc), first),
+        DType::F64 => f64::reduce_impl(op, cast_mut(acc), cast(inc), first),
     }
 }
 
@@ -212,6 +223,16 @@ pub fn divide<T: Element>(buf: &mut [T], n: usize) {
 /// ```
 pub fn divide_bytes(dtype: DType, buf: &mut [u8], n: usize) {
     assert!(n > 0, "divide: n must be positive");
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::divide_bytes(dtype, buf, n) };
+    }
+    divide_portable(dtype, buf, n)
+}
+
+#[inline(always)]
+fn divide_portable(dtype: DType, buf: &mut [u8], n: usize) {
     match dtype {
         DType::U8 => u8::divide_impl(cast_mut(buf), n),
         DType::I32 => i32::divide_impl(cast_mut(buf), n),
@@ -223,9 +244,48 @@ pub fn divide_bytes(dtype: DType, buf: &mut [u8], n: usize) {
     }
 }
 
+/// A second copy of every kernel compiled for AVX2 + F16C, picked at runtime.
+/// Release builds target baseline x86-64 (SSE2), where the 16-bit kernels are
+/// compute-bound: AVX2 doubles the vector width, and with F16C enabled half's
+/// per-8-element conversion helpers inline into the block loop instead of being
+/// called through function pointers. IEEE add/mul/min/max/div give the same
+/// results at any vector width (Rust never contracts into FMA), so both copies
+/// agree bitwise; the tests check the portable copy as well.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+
+    #[inline]
+    pub(super) fn wide() -> bool {
+        // Cached by std after the first call: one relaxed load per reduction.
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn reduce_bytes(
+        dtype: DType,
+        op: ReduceOp,
+        acc: &mut [u8],
+        inc: &[u8],
+        first: bool,
+    ) {
+        reduce_portable(dtype, op, acc, inc, first)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn divide_bytes(dtype: DType, buf: &mut [u8], n: usize) {
+        divide_portable(dtype, buf, n)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Byte views -> typed slices (the only unsafe in this module).
 
+#[inline(always)]
 fn check_layout<T: Element>(b: &[u8]) -> usize {
     let size = std::mem::size_of::<T>();
     assert!(
@@ -243,6 +303,7 @@ fn check_layout<T: Element>(b: &[u8]) -> usize {
     b.len() / size
 }
 
+#[inline(always)]
 fn cast<T: Element>(b: &[u8]) -> &[T] {
     let n = check_layout::<T>(b);
     // SAFETY: length and alignment checked above; Element types are POD with no
@@ -250,6 +311,7 @@ fn cast<T: Element>(b: &[u8]) -> &[T] {
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), n) }
 }
 
+#[inline(always)]
 fn cast_mut<T: Element>(b: &mut [u8]) -> &mut [T] {
     let n = check_layout::<T>(b);
     // SAFETY: as in `cast`, and the exclusive borrow is moved into the result.
@@ -287,6 +349,7 @@ trait Kernel: Element {
 macro_rules! int_kernel {
     ($($t:ty),*) => {$(
         impl Kernel for $t {
+            #[inline(always)]
             fn reduce_impl(op: ReduceOp, acc: &mut [$t], inc: &[$t], first: bool) {
                 match op {
                     ReduceOp::Sum | ReduceOp::Avg => ordered(acc, inc, first, <$t>::wrapping_add),
@@ -296,6 +359,7 @@ macro_rules! int_kernel {
                 }
             }
 
+            #[inline(always)]
             fn divide_impl(buf: &mut [$t], n: usize) {
                 match <$t>::try_from(n) {
                     Ok(d) => buf.iter_mut().for_each(|x| *x /= d),
@@ -314,10 +378,12 @@ int_kernel!(u8, i32, i64);
 macro_rules! float_kernel {
     ($($t:ty),*) => {$(
         impl Kernel for $t {
+            #[inline(always)]
             fn reduce_impl(op: ReduceOp, acc: &mut [$t], inc: &[$t], first: bool) {
                 float_reduce(op, acc, inc, first);
             }
 
+            #[inline(always)]
             fn divide_impl(buf: &mut [$t], n: usize) {
                 // True division (not multiply-by-reciprocal) so the result is the
                 // correctly rounded quotient, independent of how we vectorize.
@@ -430,6 +496,7 @@ fn half_reduce<H: Half>(op: ReduceOp, acc: &mut [H], inc: &[H], first: bool) {
     }
 }
 
+#[inline(always)]
 fn half_divide<H: Half>(buf: &mut [H], n: usize) {
     let d = n as f32;
     let mut fa = [0f32; BLOCK];
@@ -444,9 +511,11 @@ fn half_divide<H: Half>(buf: &mut [H], n: usize) {
 macro_rules! half_kernel {
     ($($t:ty),*) => {$(
         impl Kernel for $t {
+            #[inline(always)]
             fn reduce_impl(op: ReduceOp, acc: &mut [$t], inc: &[$t], first: bool) {
                 half_reduce(op, acc, inc, first);
             }
+            #[inline(always)]
             fn divide_impl(buf: &mut [$t], n: usize) {
                 half_divide(buf, n);
             }
@@ -725,6 +794,18 @@ mod tests {
                         );
                         let got_b: Vec<u64> = acc[off..].iter().map(|x| x.bits()).collect();
                         assert_eq!(got_b, want, "{:?} {op} bytes path len={len}", T::DTYPE);
+
+                        // The baseline copy too (the public entry may pick the wide one).
+                        let mut acc = acc0.clone();
+                        reduce_portable(
+                            T::DTYPE,
+                            op,
+                            as_bytes_mut(&mut acc[off..]),
+                            as_bytes(&inc[off..]),
+                            first,
+                        );
+                        let got_p: Vec<u64> = acc[off..].iter().map(|x| x.bits()).collect();
+                        assert_eq!(got_p, want, "{:?} {op} portable len={len}", T::DTYPE);
                     }
                 }
             }
@@ -748,6 +829,15 @@ mod tests {
                     got_bits,
                     want,
                     "{:?} divide_bytes n={n} len={len}",
+                    T::DTYPE
+                );
+                let mut got = v.clone();
+                divide_portable(T::DTYPE, as_bytes_mut(&mut got), n);
+                let got_bits: Vec<u64> = got.iter().map(|x| x.bits()).collect();
+                assert_eq!(
+                    got_bits,
+                    want,
+                    "{:?} divide portable n={n} len={len}",
                     T::DTYPE
                 );
             }
