@@ -74,7 +74,11 @@ pub struct Communicator {
 fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.write_u32(std::process::id());
     h.finish() | 1
 }
@@ -101,20 +105,33 @@ impl Communicator {
     /// ```
     pub fn init(cfg: Config) -> Result<Communicator> {
         if cfg.size == 0 || cfg.rank >= cfg.size {
-            return Err(Error::Config(format!("rank {} is not below size {}", cfg.rank, cfg.size)));
+            return Err(Error::Config(format!(
+                "rank {} is not below size {}",
+                cfg.rank, cfg.size
+            )));
         }
         let deadline = Instant::now() + cfg.start_timeout;
         let rank = cfg.rank;
         let (transport, store) = if cfg.size == 1 {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Io(format!("bind: {e}")))?;
-            (Transport::establish(0, 1, random_id(), l, &[], deadline)?, None)
+            let l = std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| Error::Io(format!("bind: {e}")))?;
+            (
+                Transport::establish(0, 1, random_id(), l, &[], deadline)?,
+                None,
+            )
         } else {
             let ip = crate::net::advertise_ip(&cfg)?;
             let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
                 .map_err(|e| Error::Io(format!("rank {rank}: bind {ip}: {e}")))?;
-            let mine = listener.local_addr().map_err(|e| Error::Io(e.to_string()))?;
+            let mine = listener
+                .local_addr()
+                .map_err(|e| Error::Io(e.to_string()))?;
             let store = if cfg.serve_store && rank == 0 {
-                let host = if ip.is_loopback() { "127.0.0.1" } else { "0.0.0.0" };
+                let host = if ip.is_loopback() {
+                    "127.0.0.1"
+                } else {
+                    "0.0.0.0"
+                };
                 Some(StoreServer::bind(&format!("{host}:{}", cfg.master_port))?)
             } else {
                 None
@@ -126,12 +143,23 @@ impl Communicator {
                 client.set(id_key, &random_id().to_le_bytes())?;
             }
             let raw = client.get(id_key, deadline)?;
-            let comm_id = u64::from_le_bytes(raw.as_slice().try_into().map_err(|_| Error::Rendezvous {
+            let comm_id =
+                u64::from_le_bytes(raw.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                    rank,
+                    detail: format!("malformed {id_key} in the store"),
+                })?);
+            let addrs = rendezvous::exchange_addresses(
+                &mut client,
+                "kolo",
                 rank,
-                detail: format!("malformed {id_key} in the store"),
-            })?);
-            let addrs = rendezvous::exchange_addresses(&mut client, "kolo", rank, cfg.size, mine, deadline)?;
-            (Transport::establish(rank, cfg.size, comm_id, listener, &addrs, deadline)?, store)
+                cfg.size,
+                mine,
+                deadline,
+            )?;
+            (
+                Transport::establish(rank, cfg.size, comm_id, listener, &addrs, deadline)?,
+                store,
+            )
         };
         let comm = Communicator {
             cfg,
@@ -264,15 +292,30 @@ impl Communicator {
     /// comm.allgatherv(&mine, &mut all, &counts)?;
     /// # Ok::<(), kolo::Error>(())
     /// ```
-    pub fn allgatherv<T: Element>(&self, send: &[T], recv: &mut [T], counts: &[usize]) -> Result<()> {
+    pub fn allgatherv<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        counts: &[usize],
+    ) -> Result<()> {
         let (r, n) = (self.rank(), self.size());
         let total: usize = counts.iter().sum();
         let check = if counts.len() != n {
-            Err(format!("allgatherv: {} counts given for {n} ranks", counts.len()))
+            Err(format!(
+                "allgatherv: {} counts given for {n} ranks",
+                counts.len()
+            ))
         } else if counts[r] != send.len() {
-            Err(format!("allgatherv: counts[{r}] = {} but send has {} elements", counts[r], send.len()))
+            Err(format!(
+                "allgatherv: counts[{r}] = {} but send has {} elements",
+                counts[r],
+                send.len()
+            ))
         } else if recv.len() != total {
-            Err(format!("allgatherv: recv has {} elements, counts sum to {total}", recv.len()))
+            Err(format!(
+                "allgatherv: recv has {} elements, counts sum to {total}",
+                recv.len()
+            ))
         } else {
             Ok(())
         };
@@ -294,7 +337,12 @@ impl Communicator {
     /// comm.reduce_scatter(&send, &mut mine, kolo::ReduceOp::Sum)?;
     /// # Ok::<(), kolo::Error>(())
     /// ```
-    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         let (r, n, per) = (self.rank(), self.size(), recv.len());
         let check = if send.len() != n * per {
             Err(format!(
@@ -306,7 +354,11 @@ impl Communicator {
             Ok(())
         };
         // The ring reduces in place, so it works on a copy of the input.
-        let mut work: Vec<T> = if check.is_ok() { send.to_vec() } else { Vec::new() };
+        let mut work: Vec<T> = if check.is_ok() {
+            send.to_vec()
+        } else {
+            Vec::new()
+        };
         let sched = match check {
             Ok(()) => algo::ring::reduce_scatter(r, n, per),
             Err(_) => Schedule::default(),
@@ -365,7 +417,14 @@ impl Communicator {
         self.run(call, &sched, &[], &mut [], Ok(()))
     }
 
-    fn call<T: Element>(&self, name: &'static str, code: u8, op: ReduceOp, root: usize, count: usize) -> Call {
+    fn call<T: Element>(
+        &self,
+        name: &'static str,
+        code: u8,
+        op: ReduceOp,
+        root: usize,
+        count: usize,
+    ) -> Call {
         let reduces = matches!(code, coll::ALLREDUCE | coll::REDUCE_SCATTER);
         Call {
             desc: Desc {
@@ -401,9 +460,16 @@ impl Communicator {
         let inner = &mut *g;
         let res = match check {
             Err(msg) => {
-                let e = Error::InvalidArgument(format!("rank {}: {} #{}: {msg}", self.rank(), call.name, call.seq));
+                let e = Error::InvalidArgument(format!(
+                    "rank {}: {} #{}: {msg}",
+                    self.rank(),
+                    call.name,
+                    call.seq
+                ));
                 let clean = vec![true; self.size()];
-                inner.transport.abort_all(call.desc, call.seq, &e.to_string(), &clean);
+                inner
+                    .transport
+                    .abort_all(call.desc, call.seq, &e.to_string(), &clean);
                 Err(e)
             }
             Ok(()) => {
@@ -412,7 +478,15 @@ impl Communicator {
                     spin: self.cfg.spin,
                     timeout: self.cfg.timeout,
                 };
-                exec::run(&mut inner.transport, sched, &call, input, output, &mut inner.ws, opts)
+                exec::run(
+                    &mut inner.transport,
+                    sched,
+                    &call,
+                    input,
+                    output,
+                    &mut inner.ws,
+                    opts,
+                )
             }
         };
         if let Err(e) = &res {

@@ -89,8 +89,19 @@ impl Config {
         // Launcher families in order of precedence; the first that defines a rank wins,
         // so a Slurm allocation running mpirun (which also sets SLURM_PROCID) still works.
         let families: [(&str, [&str; 4]); 4] = [
-            ("kolo", ["KOLO_RANK", "KOLO_SIZE", "KOLO_LOCAL_RANK", "KOLO_LOCAL_SIZE"]),
-            ("torchrun", ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"]),
+            (
+                "kolo",
+                [
+                    "KOLO_RANK",
+                    "KOLO_SIZE",
+                    "KOLO_LOCAL_RANK",
+                    "KOLO_LOCAL_SIZE",
+                ],
+            ),
+            (
+                "torchrun",
+                ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"],
+            ),
             (
                 "mpirun",
                 [
@@ -100,7 +111,15 @@ impl Config {
                     "OMPI_COMM_WORLD_LOCAL_SIZE",
                 ],
             ),
-            ("srun", ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"]),
+            (
+                "srun",
+                [
+                    "SLURM_PROCID",
+                    "SLURM_NTASKS",
+                    "SLURM_LOCALID",
+                    "SLURM_NTASKS_PER_NODE",
+                ],
+            ),
         ];
         let num = |k: &str| -> Result<Option<usize>> {
             match get(k) {
@@ -108,10 +127,14 @@ impl Config {
                 Some(v) if v.trim().is_empty() => Ok(None),
                 Some(v) => {
                     // SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading number is ours.
-                    let head: String = v.trim().chars().take_while(|c| c.is_ascii_digit()).collect();
-                    head.parse::<usize>()
-                        .map(Some)
-                        .map_err(|_| Error::Config(format!("{k}={v:?} is not a non-negative integer")))
+                    let head: String = v
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit())
+                        .collect();
+                    head.parse::<usize>().map(Some).map_err(|_| {
+                        Error::Config(format!("{k}={v:?} is not a non-negative integer"))
+                    })
                 }
             }
         };
@@ -130,10 +153,16 @@ impl Config {
         })?;
         let rank = num(vars[0])?.expect("checked above");
         let size = num(vars[1])?.ok_or_else(|| {
-            Error::Config(format!("{} is set ({family}) but {} is missing", vars[0], vars[1]))
+            Error::Config(format!(
+                "{} is set ({family}) but {} is missing",
+                vars[0], vars[1]
+            ))
         })?;
         if size == 0 {
-            return Err(Error::Config(format!("{}=0: world size must be at least 1", vars[1])));
+            return Err(Error::Config(format!(
+                "{}=0: world size must be at least 1",
+                vars[1]
+            )));
         }
         if rank >= size {
             return Err(Error::Config(format!(
@@ -173,22 +202,29 @@ impl Config {
         };
         let master_port = match get("KOLO_MASTER_PORT").or_else(|| get("MASTER_PORT")) {
             None => DEFAULT_MASTER_PORT,
-            Some(p) => p
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| Error::Config(format!("KOLO_MASTER_PORT/MASTER_PORT={p:?} is not a port number")))?,
+            Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                Error::Config(format!(
+                    "KOLO_MASTER_PORT/MASTER_PORT={p:?} is not a port number"
+                ))
+            })?,
         };
         let serve_store = match get("KOLO_STORE").as_deref().map(str::trim) {
             None | Some("") | Some("rank0") => true,
             Some("external") => false,
-            Some(o) => return Err(Error::Config(format!("KOLO_STORE={o:?}: expected rank0 or external"))),
+            Some(o) => {
+                return Err(Error::Config(format!(
+                    "KOLO_STORE={o:?}: expected rank0 or external"
+                )))
+            }
         };
         let secs = |k: &str, d: f64| -> Result<Duration> {
             match get(k) {
                 None => Ok(Duration::from_secs_f64(d)),
                 Some(v) => match v.trim().parse::<f64>() {
                     Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-                    _ => Err(Error::Config(format!("{k}={v:?} is not a positive number of seconds"))),
+                    _ => Err(Error::Config(format!(
+                        "{k}={v:?} is not a positive number of seconds"
+                    ))),
                 },
             }
         };
@@ -202,7 +238,9 @@ impl Config {
         cfg.start_timeout = secs("KOLO_START_TIMEOUT", 60.0)?;
         if let Some(v) = num("KOLO_SEGMENT_BYTES")? {
             if v < 4096 {
-                return Err(Error::Config(format!("KOLO_SEGMENT_BYTES={v} is below the minimum 4096")));
+                return Err(Error::Config(format!(
+                    "KOLO_SEGMENT_BYTES={v} is below the minimum 4096"
+                )));
             }
             cfg.segment_bytes = v;
         }
@@ -222,20 +260,52 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(vars: &[(&str, &str)]) -> Result<Config> {
-        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_vars(|k| m.get(k).cloned())
     }
 
     #[test]
     fn reads_each_launcher() {
-        let c = cfg(&[("KOLO_RANK", "1"), ("KOLO_SIZE", "4"), ("KOLO_MASTER_PORT", "1234")]).unwrap();
+        let c = cfg(&[
+            ("KOLO_RANK", "1"),
+            ("KOLO_SIZE", "4"),
+            ("KOLO_MASTER_PORT", "1234"),
+        ])
+        .unwrap();
         assert_eq!((c.rank, c.size, c.master_port), (1, 4, 1234));
-        let c = cfg(&[("RANK", "2"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "2"), ("LOCAL_WORLD_SIZE", "3")]).unwrap();
-        assert_eq!((c.rank, c.size, c.local_rank, c.master_addr.as_str()), (2, 3, 2, "127.0.0.1"));
-        let c = cfg(&[("OMPI_COMM_WORLD_RANK", "3"), ("OMPI_COMM_WORLD_SIZE", "4"), ("SLURM_PROCID", "0")]).unwrap();
+        let c = cfg(&[
+            ("RANK", "2"),
+            ("WORLD_SIZE", "3"),
+            ("LOCAL_RANK", "2"),
+            ("LOCAL_WORLD_SIZE", "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.rank, c.size, c.local_rank, c.master_addr.as_str()),
+            (2, 3, 2, "127.0.0.1")
+        );
+        let c = cfg(&[
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("SLURM_PROCID", "0"),
+        ])
+        .unwrap();
         assert_eq!(c.rank, 3);
-        let c = cfg(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "4(x2)"), ("MASTER_ADDR", "n1")]).unwrap();
-        assert_eq!((c.rank, c.local_rank, c.local_size, c.master_addr.as_str()), (5, 1, 4, "n1"));
+        let c = cfg(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NTASKS_PER_NODE", "4(x2)"),
+            ("MASTER_ADDR", "n1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.rank, c.local_rank, c.local_size, c.master_addr.as_str()),
+            (5, 1, 4, "n1")
+        );
     }
 
     #[test]
@@ -244,13 +314,32 @@ mod tests {
         assert!(e.contains("KOLO_RANK"), "{e}");
         let e = cfg(&[("KOLO_RANK", "0")]).unwrap_err().to_string();
         assert!(e.contains("KOLO_SIZE"), "{e}");
-        let e = cfg(&[("KOLO_RANK", "4"), ("KOLO_SIZE", "4")]).unwrap_err().to_string();
-        assert!(e.contains("KOLO_RANK=4") && e.contains("KOLO_SIZE=4"), "{e}");
-        let e = cfg(&[("KOLO_RANK", "x"), ("KOLO_SIZE", "4")]).unwrap_err().to_string();
+        let e = cfg(&[("KOLO_RANK", "4"), ("KOLO_SIZE", "4")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KOLO_RANK=4") && e.contains("KOLO_SIZE=4"),
+            "{e}"
+        );
+        let e = cfg(&[("KOLO_RANK", "x"), ("KOLO_SIZE", "4")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KOLO_RANK"), "{e}");
-        let e = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "4"), ("KOLO_LOCAL_SIZE", "2")]).unwrap_err().to_string();
+        let e = cfg(&[
+            ("KOLO_RANK", "0"),
+            ("KOLO_SIZE", "4"),
+            ("KOLO_LOCAL_SIZE", "2"),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("MASTER_ADDR"), "{e}");
-        let e = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "2"), ("KOLO_TIMEOUT", "-1")]).unwrap_err().to_string();
+        let e = cfg(&[
+            ("KOLO_RANK", "0"),
+            ("KOLO_SIZE", "2"),
+            ("KOLO_TIMEOUT", "-1"),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("KOLO_TIMEOUT"), "{e}");
     }
 }

@@ -108,7 +108,9 @@ mod sealed {
 /// let v = [1.0f32, 2.0];
 /// assert_eq!(kolo::element::as_bytes(&v).len(), 8);
 /// ```
-pub trait Element: sealed::Sealed + Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
+pub trait Element:
+    sealed::Sealed + Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static
+{
     /// The wire dtype of this element type.
     const DTYPE: DType;
 }

@@ -77,7 +77,10 @@ impl fmt::Display for Error {
                 host,
                 op,
                 detail,
-            } => write!(f, "rank {rank}: {op}: lost peer rank {peer} ({host}): {detail}"),
+            } => write!(
+                f,
+                "rank {rank}: {op}: lost peer rank {peer} ({host}): {detail}"
+            ),
             Error::Timeout {
                 rank,
                 op,

@@ -216,7 +216,8 @@ fn run_rounds(
         loop {
             let mut moved = false;
             for r in recvs.iter_mut().filter(|r| !r.done) {
-                moved |= progress_recv(t, r, &mem, ws, seg_bytes, call).map_err(|e| recv_error(t, call, r.inc.peer(), e))?;
+                moved |= progress_recv(t, r, &mem, ws, seg_bytes, call)
+                    .map_err(|e| recv_error(t, call, r.inc.peer(), e))?;
             }
             for s in sends.iter_mut().filter(|s| !s.done) {
                 let payload = mem.slice(&s.from);
@@ -231,7 +232,12 @@ fn run_rounds(
                     }
                     Err(e) => {
                         clean[s.out.peer()] = false;
-                        return Err(peer_lost(t, call, s.out.peer(), &format!("send failed: {e}")));
+                        return Err(peer_lost(
+                            t,
+                            call,
+                            s.out.peer(),
+                            &format!("send failed: {e}"),
+                        ));
                     }
                 }
             }
@@ -260,7 +266,13 @@ fn run_rounds(
                 incoming_first,
             } = *op
             {
-                reduce::reduce_bytes(call.dtype, call.op, mem.slice_mut(&into), mem.slice(&from), incoming_first);
+                reduce::reduce_bytes(
+                    call.dtype,
+                    call.op,
+                    mem.slice_mut(&into),
+                    mem.slice(&from),
+                    incoming_first,
+                );
             }
         }
     }
@@ -393,7 +405,14 @@ fn recv_error(t: &Transport, call: &Call, peer: usize, e: RecvError) -> Error {
     }
 }
 
-fn timeout(t: &Transport, call: &Call, waited: Duration, sends: &[SendState], recvs: &[RecvState], mem: &Mem) -> Error {
+fn timeout(
+    t: &Transport,
+    call: &Call,
+    waited: Duration,
+    sends: &[SendState],
+    recvs: &[RecvState],
+    mem: &Mem,
+) -> Error {
     let mut parts: Vec<String> = recvs
         .iter()
         .filter(|r| !r.done)

@@ -40,7 +40,11 @@ fn all_collectives<T: TestElem>(c: &Communicator, seed: u64) -> Vec<u64> {
             let s = seed ^ (k as u64) << 8 ^ (op.code() as u64) << 16;
             let mut buf: Vec<T> = (0..count).map(|i| input(op, s, r, i)).collect();
             c.allreduce(&mut buf, op).unwrap();
-            check(&format!("allreduce {op} n={n} count={count} rank={r}"), &buf, &reference(op, s, n, count));
+            check(
+                &format!("allreduce {op} n={n} count={count} rank={r}"),
+                &buf,
+                &reference(op, s, n, count),
+            );
             prints.push(fingerprint(&buf));
 
             if count <= 1009 {
@@ -49,7 +53,11 @@ fn all_collectives<T: TestElem>(c: &Communicator, seed: u64) -> Vec<u64> {
                 let mut recv = vec![T::from_i64(0); count];
                 c.reduce_scatter(&send, &mut recv, op).unwrap();
                 let full = reference::<T>(op, s, n, n * count);
-                check(&format!("reduce_scatter {op} n={n} count={count} rank={r}"), &recv, &full[r * count..(r + 1) * count]);
+                check(
+                    &format!("reduce_scatter {op} n={n} count={count} rank={r}"),
+                    &recv,
+                    &full[r * count..(r + 1) * count],
+                );
                 prints.push(fingerprint(&full));
             }
         }
@@ -62,7 +70,11 @@ fn all_collectives<T: TestElem>(c: &Communicator, seed: u64) -> Vec<u64> {
             let mut buf: Vec<T> = (0..count).map(|i| at(r, i)).collect();
             c.broadcast(&mut buf, root).unwrap();
             let want: Vec<T> = (0..count).map(|i| at(root, i)).collect();
-            check(&format!("broadcast root={root} n={n} count={count} rank={r}"), &buf, &want);
+            check(
+                &format!("broadcast root={root} n={n} count={count} rank={r}"),
+                &buf,
+                &want,
+            );
         }
         if count > 1009 {
             continue;
@@ -71,21 +83,35 @@ fn all_collectives<T: TestElem>(c: &Communicator, seed: u64) -> Vec<u64> {
         let mine: Vec<T> = (0..count).map(|i| at(r, i)).collect();
         let mut all = vec![T::from_i64(0); n * count];
         c.allgather(&mine, &mut all).unwrap();
-        let want: Vec<T> = (0..n).flat_map(|q| (0..count).map(move |i| at(q, i))).collect();
-        check(&format!("allgather n={n} count={count} rank={r}"), &all, &want);
+        let want: Vec<T> = (0..n)
+            .flat_map(|q| (0..count).map(move |i| at(q, i)))
+            .collect();
+        check(
+            &format!("allgather n={n} count={count} rank={r}"),
+            &all,
+            &want,
+        );
         // allgatherv with a different count per rank (including zeros)
         let cs: Vec<usize> = (0..n).map(|q| (count + q * 3) % (count + 2)).collect();
         let mine: Vec<T> = (0..cs[r]).map(|i| at(r, i)).collect();
         let mut all = vec![T::from_i64(0); cs.iter().sum()];
         c.allgatherv(&mine, &mut all, &cs).unwrap();
-        let want: Vec<T> = (0..n).flat_map(|q| (0..cs[q]).map(move |i| at(q, i))).collect();
+        let want: Vec<T> = (0..n)
+            .flat_map(|q| (0..cs[q]).map(move |i| at(q, i)))
+            .collect();
         check(&format!("allgatherv counts={cs:?} rank={r}"), &all, &want);
         // alltoall: element i of rank q's block for rank j is at(q, j * count + i)
         let send: Vec<T> = (0..n * count).map(|i| at(r, i)).collect();
         let mut recv = vec![T::from_i64(0); n * count];
         c.alltoall(&send, &mut recv).unwrap();
-        let want: Vec<T> = (0..n).flat_map(|q| (0..count).map(move |i| at(q, r * count + i))).collect();
-        check(&format!("alltoall n={n} count={count} rank={r}"), &recv, &want);
+        let want: Vec<T> = (0..n)
+            .flat_map(|q| (0..count).map(move |i| at(q, r * count + i)))
+            .collect();
+        check(
+            &format!("alltoall n={n} count={count} rank={r}"),
+            &recv,
+            &want,
+        );
     }
     c.barrier().unwrap();
     prints
@@ -97,13 +123,21 @@ fn inexact_sums<T: TestElem>(c: &Communicator, tol: f64) -> Vec<u64> {
     let (r, n) = (c.rank(), c.size());
     let mut prints = Vec::new();
     for count in [n + 1, 1009, 100_003] {
-        let val = |q: usize, i: usize| ((mix((q * 1_000_003 + i) as u64) % 2_000_001) as f64 / 1e6 - 1.0) * 1.7;
+        let val = |q: usize, i: usize| {
+            ((mix((q * 1_000_003 + i) as u64) % 2_000_001) as f64 / 1e6 - 1.0) * 1.7
+        };
         let mut buf: Vec<T> = (0..count).map(|i| T::from_f64(val(r, i))).collect();
-        let exact: Vec<f64> = (0..count).map(|i| (0..n).map(|q| val(q, i)).sum()).collect();
+        let exact: Vec<f64> = (0..count)
+            .map(|i| (0..n).map(|q| val(q, i)).sum())
+            .collect();
         c.allreduce(&mut buf, ReduceOp::Sum).unwrap();
         for (i, (g, e)) in buf.iter().zip(&exact).enumerate() {
             let g = half_to_f64(*g);
-            assert!((g - e).abs() <= tol * n as f64, "{} rank {r} elem {i}: {g} vs {e}", T::DTYPE);
+            assert!(
+                (g - e).abs() <= tol * n as f64,
+                "{} rank {r} elem {i}: {g} vs {e}",
+                T::DTYPE
+            );
         }
         prints.push(fingerprint(&buf));
     }

@@ -90,11 +90,14 @@ mod tests {
             for root in [0, n / 2, n - 1] {
                 for count in [0, 1, 9, 40] {
                     for scheds in [
-                        (0..n).map(|r| binomial(r, n, root, count)).collect::<Vec<_>>(),
+                        (0..n)
+                            .map(|r| binomial(r, n, root, count))
+                            .collect::<Vec<_>>(),
                         (0..n).map(|r| chain(r, n, root, count, 4)).collect(),
                     ] {
                         scheds.iter().for_each(|s| s.check_disjoint().unwrap());
-                        let outs: Vec<Vec<sim::Val>> = (0..n).map(|r| vec![vec![r]; count]).collect();
+                        let outs: Vec<Vec<sim::Val>> =
+                            (0..n).map(|r| vec![vec![r]; count]).collect();
                         let outs = sim::run(&scheds, vec![vec![]; n], outs);
                         for o in &outs {
                             assert!(o.iter().all(|v| v == &vec![root]), "n={n} root={root}");

@@ -29,7 +29,10 @@ pub fn allreduce(rank: usize, size: usize, count: usize) -> Schedule {
     let newrank = if rank < 2 * rem {
         if rank % 2 == 0 {
             rounds.push(Round {
-                ops: vec![Op::Send { peer: rank + 1, from: all }],
+                ops: vec![Op::Send {
+                    peer: rank + 1,
+                    from: all,
+                }],
             });
             None
         } else {
@@ -80,7 +83,10 @@ pub fn allreduce(rank: usize, size: usize, count: usize) -> Schedule {
                 apply: Apply::Copy,
             }
         } else {
-            Op::Send { peer: rank - 1, from: all }
+            Op::Send {
+                peer: rank - 1,
+                from: all,
+            }
         };
         rounds.push(Round { ops: vec![op] });
     }

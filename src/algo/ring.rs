@@ -140,7 +140,10 @@ mod tests {
                     // 2(N-1)/N * count, up to one element of rounding per chunk sent.
                     let ideal = 2.0 * (n as f64 - 1.0) / n as f64 * count as f64;
                     let sent = s.elements_sent() as f64;
-                    assert!((sent - ideal).abs() <= 2.0 * (n as f64 - 1.0), "n={n} count={count} sent={sent} ideal={ideal}");
+                    assert!(
+                        (sent - ideal).abs() <= 2.0 * (n as f64 - 1.0),
+                        "n={n} count={count} sent={sent} ideal={ideal}"
+                    );
                 }
                 let outs = sim::run(&scheds, vec![vec![]; n], sim::own(n, count));
                 let all: Vec<usize> = (0..n).collect();

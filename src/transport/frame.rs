@@ -100,7 +100,9 @@ impl Header {
         }
         let version = b.get_u16_le();
         if version != VERSION {
-            return Err(format!("wire version {version}, this build speaks {VERSION}"));
+            return Err(format!(
+                "wire version {version}, this build speaks {VERSION}"
+            ));
         }
         let kind = match b.get_u8() {
             1 => Kind::Data,
@@ -117,7 +119,9 @@ impl Header {
         let count = b.get_u64_le();
         let len = b.get_u64_le();
         if kind == Kind::Abort && len > MAX_ABORT_LEN {
-            return Err(format!("abort frame of {len} bytes exceeds {MAX_ABORT_LEN}"));
+            return Err(format!(
+                "abort frame of {len} bytes exceeds {MAX_ABORT_LEN}"
+            ));
         }
         Ok(Header {
             kind,
@@ -160,7 +164,9 @@ pub fn decode_hello(raw: &[u8; HELLO_LEN]) -> Result<(u64, u32, u32), String> {
     }
     let version = b.get_u16_le();
     if version != VERSION {
-        return Err(format!("hello with wire version {version}, this build speaks {VERSION}"));
+        return Err(format!(
+            "hello with wire version {version}, this build speaks {VERSION}"
+        ));
     }
     let _ = b.get_u16_le();
     Ok((b.get_u64_le(), b.get_u32_le(), b.get_u32_le()))

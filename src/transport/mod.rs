@@ -18,9 +18,15 @@ use std::time::{Duration, Instant};
 /// autotuning starts at 16 KiB for sends, far below what a bulk transfer needs.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// One connected peer.
+/// One connected peer: a connection per direction. On loopback (and on any
+/// host) a socket that both sends and receives bulk data has its lock taken by
+/// the kernel's delivery of incoming segments while this rank sends, so the
+/// two directions contend; separate sockets let them run in parallel.
 struct Peer {
-    stream: TcpStream,
+    /// Dialed by this rank; carries our frames to the peer.
+    tx: TcpStream,
+    /// Accepted from the peer; carries its frames to us.
+    rx: TcpStream,
     host: String,
 }
 
@@ -45,8 +51,14 @@ fn io_err(what: &str, e: io::Error) -> Error {
 fn tune(stream: &std::net::TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let s = SockRef::from(stream);
-    s.set_send_buffer_size(SOCKET_BUFFER)?;
-    s.set_recv_buffer_size(SOCKET_BUFFER)?;
+    let size = std::env::var("KOLO_SOCKET_BUFFER")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(SOCKET_BUFFER);
+    if size > 0 {
+        s.set_send_buffer_size(size)?;
+        s.set_recv_buffer_size(size)?;
+    }
     // Detect a peer host that vanished without a FIN (power loss, cable cut).
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(5))
@@ -58,10 +70,11 @@ fn tune(stream: &std::net::TcpStream) -> io::Result<()> {
 
 impl Transport {
     /// Connect to every other rank. `listener` is this rank's bound listener
-    /// whose address was published as `addrs[rank]`. Rank i dials every rank
-    /// below it and accepts from every rank above it; each connection starts
-    /// with a hello naming the job and the caller's rank, and connections with
-    /// a wrong job id, version or rank are dropped without disturbing the rest.
+    /// whose address was published as `addrs[rank]`. Each rank dials every
+    /// peer (its sending connection) and accepts one connection from every
+    /// peer (its receiving connection). Each connection starts with a hello
+    /// naming the job and the caller's rank; connections with a wrong job id,
+    /// version or rank are dropped without disturbing the rest.
     pub fn establish(
         rank: usize,
         size: usize,
@@ -70,9 +83,14 @@ impl Transport {
         addrs: &[SocketAddr],
         deadline: Instant,
     ) -> Result<Transport> {
-        let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
         let hello = frame::encode_hello(comm_id, rank as u32, size as u32);
-        for (j, addr) in addrs.iter().enumerate().take(rank) {
+        let mut tx: Vec<Option<std::net::TcpStream>> = (0..size).map(|_| None).collect();
+        let mut rx: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
+            (0..size).map(|_| None).collect();
+        for (j, addr) in addrs.iter().enumerate() {
+            if j == rank {
+                continue;
+            }
             let stream = connect_retry(*addr, deadline).map_err(|e| Error::PeerLost {
                 rank,
                 peer: j,
@@ -84,15 +102,15 @@ impl Transport {
             (&stream)
                 .write_all(&hello)
                 .map_err(|e| io_err(&format!("hello to rank {j} at {addr}"), e))?;
-            peers[j] = Some(Peer {
-                stream: TcpStream::from_std(stream),
-                host: addr.ip().to_string(),
-            });
+            stream
+                .set_nonblocking(true)
+                .map_err(|e| io_err("nonblocking", e))?;
+            tx[j] = Some(stream);
         }
         listener
             .set_nonblocking(true)
             .map_err(|e| io_err("listener", e))?;
-        let mut missing = size - rank - 1;
+        let mut missing = size - 1;
         let mut lst = TcpListener::from_std(listener);
         let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         let mut events = Events::with_capacity(64);
@@ -101,24 +119,21 @@ impl Transport {
             .map_err(|e| io_err("epoll register", e))?;
         while missing > 0 {
             match lst.accept() {
-                Ok((s, from)) => match accept_hello(s, comm_id, rank, size, deadline) {
-                    Ok((j, stream)) if j > rank && peers[j].is_none() => {
-                        peers[j] = Some(Peer {
-                            stream: TcpStream::from_std(stream),
-                            host: from.ip().to_string(),
-                        });
+                Ok((s, from)) => match accept_hello(s, comm_id, size, deadline) {
+                    Ok((j, stream)) if j != rank && j < size && rx[j].is_none() => {
+                        rx[j] = Some((stream, from));
                         missing -= 1;
                     }
                     Ok((j, _)) => eprintln!(
-                        "kolo: rank {rank}: dropped connection from {from}: claims rank {j}, which is taken or not above {rank}"
+                        "kolo: rank {rank}: dropped connection from {from}: claims rank {j}, which is taken or invalid"
                     ),
                     Err(e) => eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}"),
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let now = Instant::now();
                     if now >= deadline {
-                        let waiting: Vec<String> = (rank + 1..size)
-                            .filter(|&j| peers[j].is_none())
+                        let waiting: Vec<String> = (0..size)
+                            .filter(|&j| j != rank && rx[j].is_none())
                             .map(|j| j.to_string())
                             .collect();
                         return Err(Error::Timeout {
@@ -136,12 +151,26 @@ impl Transport {
         }
         drop(lst);
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
-        for (j, p) in peers.iter_mut().enumerate() {
-            if let Some(p) = p {
-                poll.registry()
-                    .register(&mut p.stream, Token(j), Interest::READABLE | Interest::WRITABLE)
-                    .map_err(|e| io_err("epoll register", e))?;
-            }
+        let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
+        for j in (0..size).filter(|&j| j != rank) {
+            let (t, (r, from)) = (
+                tx[j].take().expect("dialed"),
+                rx[j].take().expect("accepted"),
+            );
+            let mut p = Peer {
+                tx: TcpStream::from_std(t),
+                rx: TcpStream::from_std(r),
+                host: addrs
+                    .get(j)
+                    .map_or(from.ip().to_string(), |a| a.ip().to_string()),
+            };
+            poll.registry()
+                .register(&mut p.tx, Token(2 * j), Interest::WRITABLE)
+                .map_err(|e| io_err("epoll register", e))?;
+            poll.registry()
+                .register(&mut p.rx, Token(2 * j + 1), Interest::READABLE)
+                .map_err(|e| io_err("epoll register", e))?;
+            peers[j] = Some(p);
         }
         Ok(Transport {
             rank,
@@ -172,17 +201,21 @@ impl Transport {
         self.peers[peer].as_ref().map_or("?", |p| p.host.as_str())
     }
 
-    fn stream(&self, peer: usize) -> io::Result<&TcpStream> {
+    fn peer(&self, peer: usize) -> io::Result<&Peer> {
         self.peers
             .get(peer)
             .and_then(|p| p.as_ref())
-            .map(|p| &p.stream)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, format!("no connection to rank {peer}")))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("no connection to rank {peer}"),
+                )
+            })
     }
 
     /// Non-blocking vectored send (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
     pub fn send(&mut self, peer: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let s = self.stream(peer)?;
+        let s = &self.peer(peer)?.tx;
         let n = SockRef::from(s).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)?;
         self.bytes_sent += n as u64;
         Ok(n)
@@ -190,7 +223,7 @@ impl Transport {
 
     /// Non-blocking receive.
     pub fn recv(&mut self, peer: usize, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = self.stream(peer)?;
+        let mut s = &self.peer(peer)?.rx;
         let n = s.read(buf)?;
         self.bytes_received += n as u64;
         Ok(n)
@@ -238,7 +271,8 @@ impl Transport {
             }
         }
         for p in self.peers.iter_mut().flatten() {
-            let _ = p.stream.shutdown(std::net::Shutdown::Both);
+            let _ = p.tx.shutdown(std::net::Shutdown::Both);
+            let _ = p.rx.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -248,11 +282,19 @@ fn connect_retry(addr: SocketAddr, deadline: Instant) -> io::Result<std::net::Tc
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("could not connect to {addr} before the start timeout")));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("could not connect to {addr} before the start timeout"),
+            ));
         }
         match std::net::TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
             Ok(s) => return Ok(s),
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
+                ) =>
+            {
                 std::thread::sleep(backoff.min(left));
                 backoff = (backoff * 2).min(Duration::from_millis(200));
             }
@@ -264,25 +306,26 @@ fn connect_retry(addr: SocketAddr, deadline: Instant) -> io::Result<std::net::Tc
 fn accept_hello(
     s: TcpStream,
     comm_id: u64,
-    rank: usize,
     size: usize,
     deadline: Instant,
 ) -> io::Result<(usize, std::net::TcpStream)> {
     let s: std::net::TcpStream = s.into();
     s.set_nonblocking(false)?;
     // A silent or slow stranger may hold us for at most a second.
-    let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(1));
     s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
     let mut raw = [0u8; HELLO_LEN];
     (&s).read_exact(&mut raw)?;
-    let (id, r, n) = frame::decode_hello(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let (id, r, n) =
+        frame::decode_hello(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     if id != comm_id || n as usize != size {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("hello for job {id:#x} of size {n}, this job is {comm_id:#x} of size {size}"),
         ));
     }
-    let _ = rank;
     s.set_read_timeout(None)?;
     tune(&s)?;
     s.set_nonblocking(true)?;
@@ -299,7 +342,11 @@ pub struct Outgoing {
 impl Outgoing {
     /// A message to `peer` with this encoded header.
     pub fn new(peer: usize, header: [u8; HEADER_LEN]) -> Outgoing {
-        Outgoing { peer, header, done: 0 }
+        Outgoing {
+            peer,
+            header,
+            done: 0,
+        }
     }
     /// The destination rank.
     pub fn peer(&self) -> usize {
@@ -314,12 +361,26 @@ impl Outgoing {
         let total = HEADER_LEN + payload.len();
         while self.done < total {
             let n = if self.done < HEADER_LEN {
-                t.send(self.peer, &[IoSlice::new(&self.header[self.done..]), IoSlice::new(payload)])
+                t.send(
+                    self.peer,
+                    &[
+                        IoSlice::new(&self.header[self.done..]),
+                        IoSlice::new(payload),
+                    ],
+                )
             } else {
-                t.send(self.peer, &[IoSlice::new(&payload[self.done - HEADER_LEN..])])
+                t.send(
+                    self.peer,
+                    &[IoSlice::new(&payload[self.done - HEADER_LEN..])],
+                )
             };
             match n {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "connection closed",
+                    ))
+                }
                 Ok(n) => self.done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -381,7 +442,12 @@ impl Incoming {
     fn header(&mut self, t: &mut Transport) -> std::result::Result<bool, RecvError> {
         while self.got_header < HEADER_LEN {
             match t.recv(self.peer, &mut self.header[self.got_header..]) {
-                Ok(0) => return Err(RecvError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by peer"))),
+                Ok(0) => {
+                    return Err(RecvError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed by peer",
+                    )))
+                }
                 Ok(n) => self.got_header += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -407,7 +473,11 @@ impl Incoming {
     /// Receive up to `dst.len()` payload bytes into `dst` (which the caller
     /// points at the next unreceived part). Returns how many arrived (0 when
     /// the socket has nothing now).
-    pub fn progress(&mut self, t: &mut Transport, dst: &mut [u8]) -> std::result::Result<usize, RecvError> {
+    pub fn progress(
+        &mut self,
+        t: &mut Transport,
+        dst: &mut [u8],
+    ) -> std::result::Result<usize, RecvError> {
         if self.got_header < HEADER_LEN && !self.header(t)? {
             return Ok(0);
         }
@@ -415,7 +485,12 @@ impl Incoming {
         let mut filled = 0;
         while filled < want {
             match t.recv(self.peer, &mut dst[filled..want]) {
-                Ok(0) => return Err(RecvError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed by peer"))),
+                Ok(0) => {
+                    return Err(RecvError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed by peer",
+                    )))
+                }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

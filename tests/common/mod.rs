@@ -22,7 +22,11 @@ pub fn run_ranks<R: Send>(n: usize, f: impl Fn(Communicator) -> R + Sync) -> Vec
 }
 
 /// Like `run_ranks`, letting the test adjust each rank's config.
-pub fn run_ranks_with<R: Send>(n: usize, tweak: impl Fn(&mut Config) + Sync, f: impl Fn(Communicator) -> R + Sync) -> Vec<R> {
+pub fn run_ranks_with<R: Send>(
+    n: usize,
+    tweak: impl Fn(&mut Config) + Sync,
+    f: impl Fn(Communicator) -> R + Sync,
+) -> Vec<R> {
     let store = StoreServer::bind("127.0.0.1:0").expect("store");
     let port = store.local_addr().port();
     std::thread::scope(|s| {
@@ -32,12 +36,15 @@ pub fn run_ranks_with<R: Send>(n: usize, tweak: impl Fn(&mut Config) + Sync, f: 
                 s.spawn(move || {
                     let mut cfg = config(r, n, port);
                     tweak(&mut cfg);
-                    let c = Communicator::init(cfg).unwrap_or_else(|e| panic!("rank {r}: init: {e}"));
+                    let c =
+                        Communicator::init(cfg).unwrap_or_else(|e| panic!("rank {r}: init: {e}"));
                     f(c)
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("rank thread panicked"))
+            .collect()
     })
 }
 
@@ -63,9 +70,15 @@ pub trait TestElem: Element {
 macro_rules! int_elem {
     ($t:ty, $signed:expr) => {
         impl TestElem for $t {
-            fn from_i64(v: i64) -> Self { v as $t }
-            fn from_f64(v: f64) -> Self { v as $t }
-            fn bits(self) -> u64 { self as u64 }
+            fn from_i64(v: i64) -> Self {
+                v as $t
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn bits(self) -> u64 {
+                self as u64
+            }
             fn combine(op: ReduceOp, a: Self, b: Self) -> Self {
                 match op {
                     ReduceOp::Sum | ReduceOp::Avg => a.wrapping_add(b),
@@ -74,7 +87,9 @@ macro_rules! int_elem {
                     ReduceOp::Max => a.max(b),
                 }
             }
-            fn div(self, n: usize) -> Self { self / (n as $t) }
+            fn div(self, n: usize) -> Self {
+                self / (n as $t)
+            }
             const SIGNED: bool = $signed;
             const FLOAT: bool = false;
         }
@@ -87,9 +102,15 @@ int_elem!(i64, true);
 macro_rules! float_elem {
     ($t:ty) => {
         impl TestElem for $t {
-            fn from_i64(v: i64) -> Self { v as $t }
-            fn from_f64(v: f64) -> Self { v as $t }
-            fn bits(self) -> u64 { self.to_bits() as u64 }
+            fn from_i64(v: i64) -> Self {
+                v as $t
+            }
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn bits(self) -> u64 {
+                self.to_bits() as u64
+            }
             fn combine(op: ReduceOp, a: Self, b: Self) -> Self {
                 match op {
                     ReduceOp::Sum | ReduceOp::Avg => a + b,
@@ -98,7 +119,9 @@ macro_rules! float_elem {
                     ReduceOp::Max => a.max(b),
                 }
             }
-            fn div(self, n: usize) -> Self { self / n as $t }
+            fn div(self, n: usize) -> Self {
+                self / n as $t
+            }
             const SIGNED: bool = true;
             const FLOAT: bool = true;
         }
@@ -110,9 +133,15 @@ float_elem!(f64);
 macro_rules! half_elem {
     ($t:ty) => {
         impl TestElem for $t {
-            fn from_i64(v: i64) -> Self { <$t>::from_f32(v as f32) }
-            fn from_f64(v: f64) -> Self { <$t>::from_f64(v) }
-            fn bits(self) -> u64 { self.to_bits() as u64 }
+            fn from_i64(v: i64) -> Self {
+                <$t>::from_f32(v as f32)
+            }
+            fn from_f64(v: f64) -> Self {
+                <$t>::from_f64(v)
+            }
+            fn bits(self) -> u64 {
+                self.to_bits() as u64
+            }
             fn combine(op: ReduceOp, a: Self, b: Self) -> Self {
                 let (x, y) = (a.to_f32(), b.to_f32());
                 <$t>::from_f32(match op {
@@ -122,7 +151,9 @@ macro_rules! half_elem {
                     ReduceOp::Max => x.max(y),
                 })
             }
-            fn div(self, n: usize) -> Self { <$t>::from_f32(self.to_f32() / n as f32) }
+            fn div(self, n: usize) -> Self {
+                <$t>::from_f32(self.to_f32() / n as f32)
+            }
             const SIGNED: bool = true;
             const FLOAT: bool = true;
         }
@@ -171,5 +202,6 @@ pub fn first_diff<T: TestElem>(a: &[T], b: &[T]) -> Option<usize> {
 
 /// A cheap fingerprint of a buffer's bits, to compare ranks.
 pub fn fingerprint<T: TestElem>(v: &[T]) -> u64 {
-    v.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| mix(h ^ x.bits()))
+    v.iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, x| mix(h ^ x.bits()))
 }
