@@ -231,13 +231,23 @@ fn run_rounds(
                         clean[s.out.peer()] = left == 0 || left == payload.len() + HEADER_LEN;
                     }
                     Err(e) => {
-                        clean[s.out.peer()] = false;
-                        return Err(peer_lost(
-                            t,
-                            call,
-                            s.out.peer(),
-                            &format!("send failed: {e}"),
-                        ));
+                        let peer = s.out.peer();
+                        clean[peer] = false;
+                        // The peer may have closed after telling us why.
+                        let receiving = recvs
+                            .iter()
+                            .any(|r| r.inc.peer() == peer && r.inc.started());
+                        if !receiving {
+                            if let Some(text) = t.pending_abort(peer) {
+                                return Err(Error::Aborted {
+                                    rank: t.rank(),
+                                    origin: peer,
+                                    op: call.label(),
+                                    detail: text,
+                                });
+                            }
+                        }
+                        return Err(peer_lost(t, call, peer, &format!("send failed: {e}")));
                     }
                 }
             }
@@ -254,6 +264,9 @@ fn run_rounds(
                 std::hint::spin_loop();
                 continue;
             }
+            // Anything a bystander sent earlier has no readiness edge left
+            // to wake us, so look before sleeping.
+            check_bystanders(t, call, &recvs)?;
             if !t.wait(deadline)? {
                 return Err(timeout(t, call, opts.timeout, &sends, &recvs, &mem));
             }
@@ -274,6 +287,65 @@ fn run_rounds(
                     incoming_first,
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// While this rank waits, a peer it is not reading from may have sent an
+/// abort, or a frame of this very collective with different arguments (say,
+/// it believes another rank is the broadcast root, so neither side would ever
+/// receive what the other expects). Peeking at their next header turns such
+/// silent deadlocks into immediate errors.
+///
+/// Every idle peer is checked, not only those that just became readable: with
+/// edge-triggered readiness, the event for a frame may have been consumed
+/// while an earlier collective was waiting (a broadcast root can send its next
+/// collective's frame before this rank has finished the previous one).
+fn check_bystanders(t: &mut Transport, call: &Call, recvs: &[RecvState]) -> Result<()> {
+    for peer in (0..t.size()).filter(|&p| p != t.rank()) {
+        if recvs
+            .iter()
+            .any(|r| r.inc.peer() == peer && r.inc.started())
+        {
+            continue;
+        }
+        match t.peek_header(peer) {
+            // Frames of later collectives wait until this rank gets there.
+            Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq > call.seq => {}
+            Some(Ok(h)) if h.comm_id == t.comm_id() && h.kind == Kind::Abort => {
+                let detail = t.take_abort(peer, &h);
+                return Err(Error::Aborted {
+                    rank: t.rank(),
+                    origin: peer,
+                    op: call.label(),
+                    detail,
+                });
+            }
+            Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq == call.seq && h.desc != call.desc => {
+                let mut mine = h;
+                mine.desc = call.desc;
+                return Err(recv_error(t, call, peer, RecvError::Mismatch(mine, h)));
+            }
+            Some(Ok(h)) if h.comm_id != t.comm_id() => {
+                return Err(Error::Protocol {
+                    rank: t.rank(),
+                    peer,
+                    detail: format!(
+                        "frame for communicator {:#x}, this one is {:#x}",
+                        h.comm_id,
+                        t.comm_id()
+                    ),
+                })
+            }
+            Some(Err(detail)) => {
+                return Err(Error::Protocol {
+                    rank: t.rank(),
+                    peer,
+                    detail,
+                })
+            }
+            _ => {}
         }
     }
     Ok(())

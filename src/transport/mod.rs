@@ -224,7 +224,8 @@ impl Transport {
     /// Non-blocking receive.
     pub fn recv(&mut self, peer: usize, buf: &mut [u8]) -> io::Result<usize> {
         let mut s = &self.peer(peer)?.rx;
-        let n = s.read(buf)?;
+        let r = s.read(buf);
+        let n = r?;
         self.bytes_received += n as u64;
         Ok(n)
     }
@@ -240,6 +241,50 @@ impl Transport {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
             Err(e) => Err(io_err("epoll wait", e)),
+        }
+    }
+
+    /// Look at the next frame header from `peer` without consuming it; `None`
+    /// when a whole header has not arrived. Only meaningful at a frame boundary.
+    pub fn peek_header(&self, peer: usize) -> Option<std::result::Result<Header, String>> {
+        let p = self.peer(peer).ok()?;
+        let mut raw = [0u8; HEADER_LEN];
+        match p.rx.peek(&mut raw) {
+            Ok(HEADER_LEN) => Some(Header::decode(&raw)),
+            _ => None,
+        }
+    }
+
+    /// Consume an abort frame whose header was peeked, returning its text.
+    pub fn take_abort(&mut self, peer: usize, h: &Header) -> String {
+        let mut raw = [0u8; HEADER_LEN];
+        match self.recv(peer, &mut raw) {
+            Ok(HEADER_LEN) => read_abort_text(self, peer, h.len),
+            _ => String::from("(abort text lost)"),
+        }
+    }
+
+    /// After a send to `peer` failed: if the peer left an abort frame on its
+    /// connection to us before closing, return its text. Only meaningful when
+    /// no frame from `peer` is partly read.
+    pub fn pending_abort(&mut self, peer: usize) -> Option<String> {
+        let mut raw = [0u8; HEADER_LEN];
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while got < HEADER_LEN && Instant::now() < deadline {
+            match self.recv(peer, &mut raw[got..]) {
+                Ok(0) => return None,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        match Header::decode(&raw) {
+            Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => {
+                Some(read_abort_text(self, peer, h.len))
+            }
+            _ => None,
         }
     }
 
@@ -432,6 +477,10 @@ impl Incoming {
     /// Payload bytes still expected.
     pub fn remaining(&self) -> usize {
         (self.expect.len - self.got) as usize
+    }
+    /// Whether any byte of this message has been read.
+    pub fn started(&self) -> bool {
+        self.got_header > 0
     }
     /// Whether the header is in and the whole payload delivered.
     pub fn is_done(&self) -> bool {
