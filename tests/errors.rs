@@ -111,8 +111,8 @@ fn local_invalid_argument_fails_every_rank() {
         "{:?}",
         res[3]
     );
-    for r in 0..3 {
-        let t = res[r].as_ref().unwrap_err().to_string();
+    for (r, res) in res.iter().enumerate().take(3) {
+        let t = res.as_ref().unwrap_err().to_string();
         assert!(t.contains("rank 3"), "rank {r}: {t}");
     }
 }
