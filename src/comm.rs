@@ -214,6 +214,9 @@ impl Communicator {
         let (n, count) = (self.size(), buf.len());
         let sched = if count * T::DTYPE.size() <= self.cfg.small_bytes {
             algo::doubling::allreduce(self.rank(), n, count)
+        } else if self.cfg.slice_bytes > 0 {
+            let slice = (self.cfg.slice_bytes / T::DTYPE.size()).max(1);
+            algo::ring::allreduce_sliced(self.rank(), n, count, slice)
         } else {
             algo::ring::allreduce(self.rank(), n, count)
         };

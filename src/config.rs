@@ -25,6 +25,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
     ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
+    ("KOLO_SLICE_BYTES", "4194304", "large allreduces run the ring over slices of this many bytes (0: one slice), so reduced data is forwarded while in cache"),
 ];
 
 /// Everything a [`crate::Communicator`] needs to start.
@@ -57,6 +58,8 @@ pub struct Config {
     pub spin: Duration,
     /// Allreduce up to this many bytes uses recursive doubling.
     pub small_bytes: usize,
+    /// Ring allreduce works through the buffer in slices of this many bytes (0: whole buffer).
+    pub slice_bytes: usize,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Config {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             spin: Duration::from_micros(50),
             small_bytes: 64 * 1024,
+            slice_bytes: 4 << 20,
         }
     }
 
@@ -249,6 +253,9 @@ impl Config {
         }
         if let Some(v) = num("KOLO_SMALL_BYTES")? {
             cfg.small_bytes = v;
+        }
+        if let Some(v) = num("KOLO_SLICE_BYTES")? {
+            cfg.slice_bytes = v;
         }
         Ok(cfg)
     }
