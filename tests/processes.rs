@@ -753,13 +753,10 @@ fn survivors_fail_fast_when_rank_kills_itself() {
     }
 }
 
-// 6e. Every survivor should name rank 2, the rank that died. It does not always:
-// a survivor that exits after its own error (lost peer rank 2) resets the sockets of
-// peers still sending to it, and those report `lost peer rank <survivor>: send
-// failed: Broken pipe` instead of the abort naming rank 2 (about 1 run in 8).
+// 6e. Every survivor names rank 2, the rank that died: a survivor whose send to
+// another (already failed) survivor breaks reads the abort that survivor left on
+// its connection, which names rank 2.
 #[test]
-#[ignore = "library bug: a peer's abort is lost when it exits while we send to it \
-            (survivor reports `lost peer rank 1: Broken pipe`, not rank 2)"]
 fn survivors_name_the_killed_rank() {
     for _ in 0..8 {
         let (done, t_kill) = kill_rank_2_from_outside();
@@ -839,8 +836,6 @@ fn count_mismatch_ring_fails_on_every_rank() {
 // the mismatch, sends its abort and exits while rank 0 is still sending it a
 // segment, and rank 0 fails on the send before reading the abort (about 1 run in 2).
 #[test]
-#[ignore = "library bug: a peer's abort is lost when it exits while we send to it \
-            (rank 0 reports `lost peer rank 1: Broken pipe`, not the mismatch)"]
 fn count_mismatch_ring_reported_on_every_rank() {
     let count = 2 << 20;
     for _ in 0..5 {
