@@ -116,7 +116,7 @@ impl Communicator {
             let l = std::net::TcpListener::bind("127.0.0.1:0")
                 .map_err(|e| Error::Io(format!("bind: {e}")))?;
             (
-                Transport::establish(0, 1, random_id(), l, &[], deadline)?,
+                Transport::establish(0, 1, random_id(), l, &[], deadline, 0)?,
                 None,
             )
         } else {
@@ -157,7 +157,15 @@ impl Communicator {
                 deadline,
             )?;
             (
-                Transport::establish(rank, cfg.size, comm_id, listener, &addrs, deadline)?,
+                Transport::establish(
+                    rank,
+                    cfg.size,
+                    comm_id,
+                    listener,
+                    &addrs,
+                    deadline,
+                    cfg.socket_buffer,
+                )?,
                 store,
             )
         };

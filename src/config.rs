@@ -25,6 +25,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
     ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
+    ("KOLO_SOCKET_BUFFER", "4194304", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "4194304", "large allreduces run the ring over slices of this many bytes (0: one slice), so reduced data is forwarded while in cache"),
 ];
 
@@ -60,6 +61,9 @@ pub struct Config {
     pub small_bytes: usize,
     /// Ring allreduce works through the buffer in slices of this many bytes (0: whole buffer).
     pub slice_bytes: usize,
+    /// Socket buffer size for data connections (0: kernel autotuning, which
+    /// starts sends at 16 KiB, far below what a bulk transfer needs).
+    pub socket_buffer: usize,
 }
 
 impl Config {
@@ -80,6 +84,7 @@ impl Config {
             spin: Duration::from_micros(50),
             small_bytes: 64 * 1024,
             slice_bytes: 4 << 20,
+            socket_buffer: 4 << 20,
         }
     }
 
@@ -256,6 +261,9 @@ impl Config {
         }
         if let Some(v) = num("KOLO_SLICE_BYTES")? {
             cfg.slice_bytes = v;
+        }
+        if let Some(v) = num("KOLO_SOCKET_BUFFER")? {
+            cfg.socket_buffer = v;
         }
         Ok(cfg)
     }

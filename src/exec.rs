@@ -261,7 +261,10 @@ fn run_rounds(
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);
             if now.duration_since(since) < opts.spin {
-                std::hint::spin_loop();
+                // Poll again soon, but let another runnable process have the
+                // core first: with more ranks than cores, a pure busy loop
+                // would steal the time the peer needs to send us data.
+                std::thread::yield_now();
                 continue;
             }
             // Anything a bystander sent earlier has no readiness edge left

@@ -14,10 +14,6 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Socket buffer size requested for data connections: the kernel's default
-/// autotuning starts at 16 KiB for sends, far below what a bulk transfer needs.
-pub const SOCKET_BUFFER: usize = 4 << 20;
-
 /// One connected peer: a connection per direction. On loopback (and on any
 /// host) a socket that both sends and receives bulk data has its lock taken by
 /// the kernel's delivery of incoming segments while this rank sends, so the
@@ -48,13 +44,9 @@ fn io_err(what: &str, e: io::Error) -> Error {
     Error::Io(format!("{what}: {e}"))
 }
 
-fn tune(stream: &std::net::TcpStream) -> io::Result<()> {
+fn tune(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let s = SockRef::from(stream);
-    let size = std::env::var("KOLO_SOCKET_BUFFER")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(SOCKET_BUFFER);
     if size > 0 {
         s.set_send_buffer_size(size)?;
         s.set_recv_buffer_size(size)?;
@@ -74,7 +66,8 @@ impl Transport {
     /// peer (its sending connection) and accepts one connection from every
     /// peer (its receiving connection). Each connection starts with a hello
     /// naming the job and the caller's rank; connections with a wrong job id,
-    /// version or rank are dropped without disturbing the rest.
+    /// version or rank are dropped without disturbing the rest. `sockbuf` is
+    /// the SO_SNDBUF/SO_RCVBUF to request (0: leave the kernel's autotuning).
     pub fn establish(
         rank: usize,
         size: usize,
@@ -82,6 +75,7 @@ impl Transport {
         listener: std::net::TcpListener,
         addrs: &[SocketAddr],
         deadline: Instant,
+        sockbuf: usize,
     ) -> Result<Transport> {
         let hello = frame::encode_hello(comm_id, rank as u32, size as u32);
         let mut tx: Vec<Option<std::net::TcpStream>> = (0..size).map(|_| None).collect();
@@ -98,7 +92,7 @@ impl Transport {
                 op: "connect".into(),
                 detail: e.to_string(),
             })?;
-            tune(&stream).map_err(|e| io_err("socket options", e))?;
+            tune(&stream, sockbuf).map_err(|e| io_err("socket options", e))?;
             (&stream)
                 .write_all(&hello)
                 .map_err(|e| io_err(&format!("hello to rank {j} at {addr}"), e))?;
@@ -119,7 +113,7 @@ impl Transport {
             .map_err(|e| io_err("epoll register", e))?;
         while missing > 0 {
             match lst.accept() {
-                Ok((s, from)) => match accept_hello(s, comm_id, size, deadline) {
+                Ok((s, from)) => match accept_hello(s, comm_id, size, deadline, sockbuf) {
                     Ok((j, stream)) if j != rank && j < size && rx[j].is_none() => {
                         rx[j] = Some((stream, from));
                         missing -= 1;
@@ -353,6 +347,7 @@ fn accept_hello(
     comm_id: u64,
     size: usize,
     deadline: Instant,
+    sockbuf: usize,
 ) -> io::Result<(usize, std::net::TcpStream)> {
     let s: std::net::TcpStream = s.into();
     s.set_nonblocking(false)?;
@@ -372,7 +367,7 @@ fn accept_hello(
         ));
     }
     s.set_read_timeout(None)?;
-    tune(&s)?;
+    tune(&s, sockbuf)?;
     s.set_nonblocking(true)?;
     Ok((r as usize, s))
 }
