@@ -138,6 +138,9 @@ impl Communicator {
             };
             let master = format!("{}:{}", cfg.master_addr, cfg.master_port);
             let mut client = StoreClient::connect(&master, rank, deadline)?;
+            if cfg.serve_store && rank != 0 {
+                client.set_served_by("rank 0");
+            }
             let id_key = "kolo/comm_id";
             if rank == 0 {
                 client.set(id_key, &random_id().to_le_bytes())?;
@@ -148,14 +151,27 @@ impl Communicator {
                     rank,
                     detail: format!("malformed {id_key} in the store"),
                 })?);
-            let addrs = rendezvous::exchange_addresses(
-                &mut client,
-                "kolo",
-                rank,
-                cfg.size,
-                mine,
-                deadline,
-            )?;
+            let addrs = match &store {
+                // On timeout this tells the waiting ranks which ranks are missing
+                // and keeps the store up briefly so they can read it.
+                Some(server) => rendezvous::exchange_addresses_serving(
+                    &mut client,
+                    server,
+                    "kolo",
+                    rank,
+                    cfg.size,
+                    mine,
+                    deadline,
+                )?,
+                None => rendezvous::exchange_addresses(
+                    &mut client,
+                    "kolo",
+                    rank,
+                    cfg.size,
+                    mine,
+                    deadline,
+                )?,
+            };
             (
                 Transport::establish(
                     rank,

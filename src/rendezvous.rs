@@ -21,10 +21,15 @@
 //! | SET 1   | key, value                                | empty                      |
 //! | GET 2   | key, timeout_ms u64                       | value (raw, whole body)    |
 //! | ADD 3   | key, delta i64                            | new value i64              |
-//! | WAIT 4  | timeout_ms u64, count u32, count × key    | count × value              |
+//! | WAIT 4  | timeout_ms u64, count u32, count × key, [abort key] | count × value    |
 //!
 //! Reply statuses: 0 OK, 1 NOT FOUND (GET: empty body; WAIT: count u32 and the
-//! missing keys), 2 ERROR (body is a UTF-8 message).
+//! missing keys), 2 ERROR (body is a UTF-8 message), 3 ABORTED (WAIT with an
+//! abort key only: that key exists, and the body is its value, raw).
+//!
+//! A WAIT naming an abort key returns as soon as that key exists, whether or
+//! not the awaited keys do: rendezvous uses it so that the rank serving the
+//! store can tell every waiting rank why start-up failed before it exits.
 //!
 //! ```
 //! use kolo::rendezvous::{StoreClient, StoreServer};
@@ -61,6 +66,7 @@ const CMD_WAIT: u8 = 4;
 const ST_OK: u8 = 0;
 const ST_NOT_FOUND: u8 = 1;
 const ST_ERROR: u8 = 2;
+const ST_ABORTED: u8 = 3;
 
 /// Longest key the store accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -81,13 +87,16 @@ const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 64 * 1024;
 /// Extra time a client waits for a reply beyond the timeout it gave the server.
 const REPLY_GRACE: Duration = Duration::from_secs(2);
+/// After a rendezvous times out on the rank serving the store, the longest it
+/// keeps the store up for the other ranks to read the verdict and disconnect.
+const VERDICT_LINGER: Duration = Duration::from_secs(2);
 
 fn max_body(cmd: u8) -> Option<usize> {
     let key = 4 + MAX_KEY_BYTES;
     match cmd {
         CMD_SET => Some(key + 4 + MAX_VALUE_BYTES),
         CMD_GET | CMD_ADD => Some(key + 8),
-        CMD_WAIT => Some(8 + 4 + MAX_WAIT_KEYS * key),
+        CMD_WAIT => Some(8 + 4 + MAX_WAIT_KEYS * key + key),
         _ => None,
     }
 }
@@ -173,7 +182,8 @@ enum Request {
     Set(String, Vec<u8>),
     Get(String, Duration),
     Add(String, i64),
-    Wait(Vec<String>, Duration),
+    /// Keys, timeout, and an optional abort key that ends the wait early.
+    Wait(Vec<String>, Duration, Option<String>),
 }
 
 fn decode_request(cmd: u8, mut b: BytesMut) -> std::result::Result<Request, String> {
@@ -207,7 +217,12 @@ fn decode_request(cmd: u8, mut b: BytesMut) -> std::result::Result<Request, Stri
             for _ in 0..n {
                 keys.push(get_key(&mut b)?);
             }
-            Request::Wait(keys, t)
+            let abort = if b.has_remaining() {
+                Some(get_key(&mut b)?)
+            } else {
+                None
+            };
+            Request::Wait(keys, t, abort)
         }
         other => return Err(format!("unknown command {other}")),
     };
@@ -227,6 +242,8 @@ struct Shared {
     shutdown: AtomicBool,
     /// Clones of every open client socket, so `Drop` can unblock their readers.
     conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Signalled whenever a connection is removed from `conns`.
+    conns_changed: Condvar,
     handlers: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
 }
@@ -305,14 +322,25 @@ impl Shared {
                     }
                 }
             }
-            Request::Wait(keys, t) => {
+            Request::Wait(keys, t, abort) => {
                 let got = self.wait_for(t, |d| {
+                    // The abort key wins: once it is set the job is failing,
+                    // even if the awaited keys appear as well.
+                    if let Some(v) = abort.as_ref().and_then(|a| d.get(a)) {
+                        return Ok(Err(v.clone()));
+                    }
                     keys.iter()
                         .map(|k| d.get(k).cloned().ok_or(()))
                         .collect::<std::result::Result<Vec<_>, ()>>()
+                        .map(Ok)
                 });
                 match got {
-                    Some(values) => {
+                    Some(Err(v)) => {
+                        let mut b = header(ST_ABORTED, v.len());
+                        b.put_slice(&v);
+                        b
+                    }
+                    Some(Ok(values)) => {
                         let len = values.iter().map(|v| 4 + v.len()).sum();
                         let mut b = header(ST_OK, len);
                         for v in &values {
@@ -440,6 +468,7 @@ impl StoreServer {
             changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            conns_changed: Condvar::new(),
             handlers: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
         });
@@ -458,6 +487,34 @@ impl StoreServer {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Set `key` directly, waking every GET/WAIT that waits on it.
+    fn put(&self, key: &str, value: &[u8]) {
+        lock(&self.shared.data).insert(key.to_string(), value.to_vec());
+        self.shared.changed.notify_all();
+    }
+
+    /// Block until every client connection except those from `except` (a
+    /// client's local address) has closed, or until `until`.
+    fn wait_for_clients_to_leave(&self, except: Option<SocketAddr>, until: Instant) {
+        let mut conns = lock(&self.shared.conns);
+        loop {
+            let others = conns
+                .values()
+                .filter(|s| except.is_none() || s.peer_addr().ok() != except)
+                .count();
+            let now = Instant::now();
+            if others == 0 || now >= until {
+                return;
+            }
+            conns = self
+                .shared
+                .conns_changed
+                .wait_timeout(conns, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
@@ -513,6 +570,7 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
                     if let Some(s) = lock(&sh.conns).remove(&id) {
                         let _ = s.shutdown(Shutdown::Both);
                     }
+                    sh.conns_changed.notify_all();
                 });
             match spawned {
                 Ok(h) => {
@@ -563,10 +621,20 @@ pub struct StoreClient {
     addr: String,
     op_timeout: Duration,
     broken: Option<String>,
+    /// Who serves the store ("rank 0"), for errors when it goes away.
+    served_by: Option<String>,
 }
 
-/// Result of one WAIT: the values, or the keys still missing.
-type WaitOutcome = std::result::Result<Vec<Vec<u8>>, Vec<String>>;
+/// Result of a WAIT.
+#[derive(Debug)]
+enum WaitOutcome {
+    /// Every key's value, in order.
+    Values(Vec<Vec<u8>>),
+    /// The keys still missing at the deadline.
+    Missing(Vec<String>),
+    /// The abort key's value: it was set before every key was.
+    Aborted(Vec<u8>),
+}
 
 impl StoreClient {
     /// Connect, retrying until `deadline` (the store may start after us).
@@ -606,6 +674,7 @@ impl StoreClient {
                         addr: addr.to_string(),
                         op_timeout,
                         broken: None,
+                        served_by: None,
                     });
                 }
                 Err(e) => {
@@ -634,6 +703,12 @@ impl StoreClient {
         &self.addr
     }
 
+    /// Name who serves the store (e.g. "rank 0"), so that an error after the
+    /// store goes away can say whose failure it probably was.
+    pub fn set_served_by(&mut self, who: &str) {
+        self.served_by = Some(who.to_string());
+    }
+
     fn err(&self, detail: String) -> Error {
         Error::Rendezvous {
             rank: self.rank,
@@ -652,13 +727,31 @@ impl StoreClient {
         match self.request_io(frame, deadline) {
             Ok(x) => Ok(x),
             Err(e) => {
-                let msg = match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                        "no reply before the deadline".to_string()
-                    }
-                    _ => e.to_string(),
+                let gone = |why: &str| match &self.served_by {
+                    Some(who) => format!(
+                        "{what}: the store (served by {who} at {}) went away ({why}); \
+                         {who} probably failed or timed out",
+                        self.addr
+                    ),
+                    None => format!(
+                        "{what}: the store at {} went away ({why}); the process serving it \
+                         (the launcher or rank 0) probably failed or exited",
+                        self.addr
+                    ),
                 };
-                let detail = format!("{what}: store at {}: {msg}", self.addr);
+                let detail = match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                        format!(
+                            "{what}: store at {}: no reply before the deadline",
+                            self.addr
+                        )
+                    }
+                    io::ErrorKind::UnexpectedEof => gone("connection closed"),
+                    io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe => gone(&e.to_string()),
+                    _ => format!("{what}: store at {}: {e}", self.addr),
+                };
                 self.broken = Some(detail.clone());
                 let _ = self.stream.shutdown(Shutdown::Both);
                 Err(self.err(detail))
@@ -771,16 +864,26 @@ impl StoreClient {
         }
     }
 
-    /// One WAIT round trip for at most [`MAX_WAIT_KEYS`] keys.
-    fn wait_once(&mut self, keys: &[String], deadline: Instant) -> Result<WaitOutcome> {
+    /// One WAIT round trip for at most [`MAX_WAIT_KEYS`] keys, ended early
+    /// when `abort` exists.
+    fn wait_once(
+        &mut self,
+        keys: &[String],
+        abort: Option<&str>,
+        deadline: Instant,
+    ) -> Result<WaitOutcome> {
         let start = Instant::now();
         let wait = deadline.saturating_duration_since(start);
-        let len = 12 + keys.iter().map(|k| 4 + k.len()).sum::<usize>();
+        let len =
+            12 + keys.iter().map(|k| 4 + k.len()).sum::<usize>() + abort.map_or(0, |a| 4 + a.len());
         let mut f = header(CMD_WAIT, len);
         f.put_u64(wait.as_millis() as u64);
         f.put_u32(keys.len() as u32);
         for k in keys {
             put_blob(&mut f, k.as_bytes());
+        }
+        if let Some(a) = abort {
+            put_blob(&mut f, a.as_bytes());
         }
         let what = format!("WAIT for {} keys", keys.len());
         let (code, mut body) = self.request(&what, &f, start + wait + REPLY_GRACE)?;
@@ -798,8 +901,9 @@ impl StoreClient {
                         get_blob(&mut body, MAX_VALUE_BYTES, "value").map_err(|m| bad(self, m))?,
                     );
                 }
-                Ok(Ok(values))
+                Ok(WaitOutcome::Values(values))
             }
+            ST_ABORTED if abort.is_some() => Ok(WaitOutcome::Aborted(body.to_vec())),
             ST_NOT_FOUND => {
                 if body.remaining() < 4 {
                     return Err(bad(self, "truncated count".into()));
@@ -809,35 +913,43 @@ impl StoreClient {
                 for _ in 0..n {
                     missing.push(get_key(&mut body).map_err(|m| bad(self, m))?);
                 }
-                Ok(Err(missing))
+                Ok(WaitOutcome::Missing(missing))
             }
             c => Err(self.status_error(&what, c, &body)),
         }
     }
 
-    /// Wait for every key; the values, or the keys still missing at `deadline`.
-    fn wait_outcome(&mut self, keys: &[String], deadline: Instant) -> Result<WaitOutcome> {
-        for k in keys {
+    /// Wait for every key; the values, the keys still missing at `deadline`,
+    /// or the value of `abort` as soon as that key exists.
+    fn wait_outcome(
+        &mut self,
+        keys: &[String],
+        abort: Option<&str>,
+        deadline: Instant,
+    ) -> Result<WaitOutcome> {
+        for k in keys.iter().map(String::as_str).chain(abort) {
             self.check_key(k)?;
         }
         let mut values = Vec::with_capacity(keys.len());
         for (i, chunk) in keys.chunks(MAX_WAIT_KEYS).enumerate() {
-            match self.wait_once(chunk, deadline)? {
-                Ok(v) => values.extend(v),
-                Err(mut missing) => {
+            match self.wait_once(chunk, abort, deadline)? {
+                WaitOutcome::Values(v) => values.extend(v),
+                WaitOutcome::Aborted(v) => return Ok(WaitOutcome::Aborted(v)),
+                WaitOutcome::Missing(mut missing) => {
                     // Report everything still missing, not just this chunk's.
                     let rest = &keys[((i + 1) * MAX_WAIT_KEYS).min(keys.len())..];
                     for c in rest.chunks(MAX_WAIT_KEYS) {
-                        match self.wait_once(c, Instant::now())? {
-                            Ok(_) => {}
-                            Err(m) => missing.extend(m),
+                        match self.wait_once(c, abort, Instant::now())? {
+                            WaitOutcome::Values(_) => {}
+                            WaitOutcome::Aborted(v) => return Ok(WaitOutcome::Aborted(v)),
+                            WaitOutcome::Missing(m) => missing.extend(m),
                         }
                     }
-                    return Ok(Err(missing));
+                    return Ok(WaitOutcome::Missing(missing));
                 }
             }
         }
-        Ok(Ok(values))
+        Ok(WaitOutcome::Values(values))
     }
 
     /// Wait until every key in `keys` exists and return their values in order.
@@ -859,9 +971,10 @@ impl StoreClient {
     /// ```
     pub fn wait_all(&mut self, keys: &[String], deadline: Instant) -> Result<Vec<Vec<u8>>> {
         let start = Instant::now();
-        match self.wait_outcome(keys, deadline)? {
-            Ok(v) => Ok(v),
-            Err(missing) => {
+        match self.wait_outcome(keys, None, deadline)? {
+            WaitOutcome::Values(v) => Ok(v),
+            WaitOutcome::Aborted(_) => unreachable!("no abort key given"),
+            WaitOutcome::Missing(missing) => {
                 const SHOWN: usize = 20;
                 let mut list: Vec<String> = missing
                     .iter()
@@ -905,8 +1018,41 @@ fn rank_list(ranks: &[usize]) -> String {
 
 /// Publish this rank's listen address under `prefix` and fetch every rank's;
 /// on deadline the error lists the ranks that never arrived.
+///
+/// The wait also ends early, with the same verdict, when the rank serving the
+/// store gave up first (see [`exchange_addresses_serving`]).
 pub fn exchange_addresses(
     client: &mut StoreClient,
+    prefix: &str,
+    rank: usize,
+    size: usize,
+    mine: SocketAddr,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>> {
+    exchange(client, None, prefix, rank, size, mine, deadline)
+}
+
+/// [`exchange_addresses`] for the rank that serves the store itself.
+///
+/// When the wait times out, the verdict (which ranks never arrived) is stored
+/// under `{prefix}/failed`, which wakes every rank still waiting with that
+/// verdict, and the store is kept up until they have disconnected (at most
+/// 2 s) before the error is returned, so they do not merely see it vanish.
+pub fn exchange_addresses_serving(
+    client: &mut StoreClient,
+    server: &StoreServer,
+    prefix: &str,
+    rank: usize,
+    size: usize,
+    mine: SocketAddr,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>> {
+    exchange(client, Some(server), prefix, rank, size, mine, deadline)
+}
+
+fn exchange(
+    client: &mut StoreClient,
+    server: Option<&StoreServer>,
     prefix: &str,
     rank: usize,
     size: usize,
@@ -922,8 +1068,14 @@ pub fn exchange_addresses(
     let key = |r: usize| format!("{prefix}/addr/{r}");
     client.set(&key(rank), mine.to_string().as_bytes())?;
     let keys: Vec<String> = (0..size).map(key).collect();
-    match client.wait_outcome(&keys, deadline)? {
-        Ok(values) => values
+    let failed_key = format!("{prefix}/failed");
+    match client.wait_outcome(&keys, Some(&failed_key), deadline)? {
+        // Another rank's verdict, already phrased for the whole job.
+        WaitOutcome::Aborted(verdict) => Err(Error::Rendezvous {
+            rank,
+            detail: String::from_utf8_lossy(&verdict).into_owned(),
+        }),
+        WaitOutcome::Values(values) => values
             .iter()
             .enumerate()
             .map(|(r, v)| {
@@ -941,22 +1093,27 @@ pub fn exchange_addresses(
                     })
             })
             .collect(),
-        Err(missing) => {
+        WaitOutcome::Missing(missing) => {
             let mut ranks: Vec<usize> = missing
                 .iter()
                 .filter_map(|k| k.rsplit('/').next().and_then(|r| r.parse().ok()))
                 .collect();
             ranks.sort_unstable();
             let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
-            Err(Error::Rendezvous {
-                rank,
-                detail: format!(
-                    "{noun} {} of {size} never arrived within {:.1}s (store at {})",
-                    rank_list(&ranks),
-                    deadline.saturating_duration_since(start).as_secs_f64(),
-                    client.addr
-                ),
-            })
+            let detail = format!(
+                "{noun} {} of {size} never arrived within {:.1}s (store at {})",
+                rank_list(&ranks),
+                deadline.saturating_duration_since(start).as_secs_f64(),
+                client.addr
+            );
+            if let Some(server) = server {
+                // Tell the ranks still waiting why, and keep the store up
+                // until they have read it (bounded).
+                server.put(&failed_key, detail.as_bytes());
+                let me = client.stream.local_addr().ok();
+                server.wait_for_clients_to_leave(me, Instant::now() + VERDICT_LINGER);
+            }
+            Err(Error::Rendezvous { rank, detail })
         }
     }
 }
@@ -1113,6 +1270,136 @@ mod tests {
                 .collect();
             assert_eq!(got, want);
         }
+    }
+
+    #[test]
+    fn wait_returns_early_when_the_abort_key_appears() {
+        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let mut a = client(&server, 1);
+        let mut b = client(&server, 0);
+        let keys: Vec<String> = vec!["k/0".into(), "k/1".into()];
+        let t0 = Instant::now();
+        let t = std::thread::spawn(move || {
+            let got = a.wait_outcome(&keys, Some("job/failed"), secs(10.0));
+            (got, a)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        b.set("k/0", b"x").unwrap();
+        b.set("job/failed", b"rank 1 never came").unwrap();
+        let (got, mut a) = t.join().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        match got.unwrap() {
+            WaitOutcome::Aborted(v) => assert_eq!(v, b"rank 1 never came"),
+            other => panic!("{other:?}"),
+        }
+        // Already set: returns at once, even when every key is there too.
+        b.set("k/1", b"y").unwrap();
+        let keys: Vec<String> = vec!["k/0".into(), "k/1".into()];
+        match a
+            .wait_outcome(&keys, Some("job/failed"), secs(5.0))
+            .unwrap()
+        {
+            WaitOutcome::Aborted(v) => assert_eq!(v, b"rank 1 never came"),
+            other => panic!("{other:?}"),
+        }
+        // Without the abort key the same wait succeeds, and an absent abort
+        // key does not stop a wait from succeeding or timing out as before.
+        assert_eq!(
+            a.wait_all(&keys, secs(5.0)).unwrap(),
+            vec![b"x".to_vec(), b"y".to_vec()]
+        );
+        match a
+            .wait_outcome(&keys, Some("other/failed"), secs(5.0))
+            .unwrap()
+        {
+            WaitOutcome::Values(v) => assert_eq!(v.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let t0 = Instant::now();
+        let never = vec!["never".to_string()];
+        match a
+            .wait_outcome(&never, Some("other/failed"), secs(0.3))
+            .unwrap()
+        {
+            WaitOutcome::Missing(m) => assert_eq!(m, never),
+            other => panic!("{other:?}"),
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn serving_rank_tells_waiting_ranks_who_is_missing() {
+        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().to_string();
+        let size = 3;
+        // Rank 1 started later, so its own deadline is far off; rank 0, which
+        // serves the store, gives up first.
+        let a2 = addr.clone();
+        let t1 = std::thread::spawn(move || {
+            let mut c = StoreClient::connect(&a2, 1, secs(5.0)).unwrap();
+            c.set_served_by("rank 0");
+            let mine: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+            let t0 = Instant::now();
+            let r = exchange_addresses(&mut c, "job", 1, size, mine, secs(10.0));
+            (r, t0.elapsed())
+        });
+        let mut c0 = client(&server, 0);
+        let mine: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let t0 = Instant::now();
+        let e0 = exchange_addresses_serving(&mut c0, &server, "job", 0, size, mine, secs(0.5))
+            .unwrap_err();
+        // Rank 0 returned once rank 1 had read the verdict and gone, well
+        // before the linger bound.
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        let (r1, took1) = t1.join().unwrap();
+        let e1 = r1.unwrap_err();
+        assert!(took1 < Duration::from_secs(3), "{took1:?}");
+        let want = format!("rank 2 of 3 never arrived within 0.5s (store at {addr})");
+        assert_eq!(e0.to_string(), format!("rank 0: rendezvous: {want}"));
+        assert_eq!(e1.to_string(), format!("rank 1: rendezvous: {want}"));
+    }
+
+    #[test]
+    fn serving_rank_linger_is_bounded() {
+        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        // A client that stays connected without waiting.
+        let _idle = client(&server, 1);
+        let mut c0 = client(&server, 0);
+        let mine: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let t0 = Instant::now();
+        let e =
+            exchange_addresses_serving(&mut c0, &server, "job", 0, 2, mine, secs(0.2)).unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            took >= VERDICT_LINGER && took < VERDICT_LINGER + Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(e.to_string().contains("rank 1 of 2 never arrived"), "{e}");
+    }
+
+    #[test]
+    fn store_going_away_is_named() {
+        let server = StoreServer::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().to_string();
+        let mut c = client(&server, 1);
+        c.set_served_by("rank 0");
+        let t = std::thread::spawn(move || {
+            let r = c.wait_all(&["never".into()], secs(30.0));
+            (r, c)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(server);
+        let (r, mut c) = t.join().unwrap();
+        let s = r.unwrap_err().to_string();
+        assert!(
+            s.contains(&format!("the store (served by rank 0 at {addr}) went away"))
+                && s.contains("rank 0 probably failed or timed out")
+                && !s.contains("fill whole buffer"),
+            "{s}"
+        );
+        // Later calls repeat the cause.
+        let s = c.set("x", b"1").unwrap_err().to_string();
+        assert!(s.contains("went away"), "{s}");
     }
 
     #[test]

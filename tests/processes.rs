@@ -494,8 +494,6 @@ fn missing_rank_fails_rendezvous() {
 // takes the store with it, and rank 1 reports `rendezvous: WAIT for 3 keys: store
 // at 127.0.0.1:PORT: failed to fill whole buffer` instead.
 #[test]
-#[ignore = "library bug: a rank waiting at rendezvous reports `failed to fill whole \
-            buffer`, not the missing rank, when rank 0 times out first and closes the store"]
 fn missing_rank_named_by_every_rank() {
     let (done, port) = missing_rank_run(Duration::from_millis(500));
     for (r, d) in done.iter().enumerate() {
@@ -677,8 +675,6 @@ fn kolorun_rank_killed_mid_allreduce() {
 // code 1): one waiter thread per rank reports exits in whatever order the threads
 // are scheduled, and the first report handled is blamed.
 #[test]
-#[ignore = "launcher bug: kolorun blames whichever exit it handles first, not the first \
-            rank to die (rank 3 status 1 instead of rank 2 SIGKILL)"]
 fn kolorun_blames_the_killed_rank() {
     for _ in 0..8 {
         let (d, blamed) = kolorun_kill_run();

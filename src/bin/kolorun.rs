@@ -20,6 +20,10 @@ const MAX_LINE: u64 = 1 << 20;
 /// After every rank has exited, how long to wait for pipes that a leftover
 /// grandchild still holds open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// After the first rank fails, how long to keep collecting exits before
+/// stopping the others, so the root cause is blamed: when one rank dies, its
+/// peers usually fail within milliseconds, and their exits may be handled first.
+const SETTLE_AFTER_FAILURE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, PartialEq)]
 struct Opts {
@@ -70,7 +74,9 @@ Local ranks run directly; ranks on other hosts run through
 `ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new HOST 'cd CWD && exec env ... CMD'`.
 Each output line is prefixed with `[rank] `. When a rank exits non-zero or is killed,
 kolorun stops the others (SIGTERM, then SIGKILL after the grace period) and exits with
-that rank's status (128+signal when it was killed by a signal).
+that rank's status (128+signal when it was killed by a signal). When several ranks fail
+within a moment of each other, it blames the likely cause: a rank killed by a signal
+before one that exited non-zero, then the earliest to exit.
 
 ENVIRONMENT (set by kolorun for each rank: KOLO_RANK, KOLO_SIZE, KOLO_LOCAL_RANK,
 KOLO_LOCAL_SIZE, KOLO_MASTER_ADDR, KOLO_MASTER_PORT, KOLO_STORE=external,
@@ -356,7 +362,8 @@ enum Msg {
         line: Vec<u8>,
     },
     PipeClosed,
-    Exited(usize),
+    /// A rank's process exited, observed by its waiter thread at this instant.
+    Exited(usize, Instant),
     Signal(i32),
 }
 
@@ -403,7 +410,9 @@ fn spawn_waiter(rank: usize, pid: u32, tx: Sender<Msg>) {
                 break;
             }
         }
-        let _ = tx.send(Msg::Exited(rank));
+        // Taken here, not when the main thread handles the message, so exit
+        // order is not confused by how the waiter threads were scheduled.
+        let _ = tx.send(Msg::Exited(rank, Instant::now()));
     });
 }
 
@@ -477,6 +486,51 @@ impl Job {
             self.kill_at = Some(Instant::now() + self.grace);
         }
     }
+}
+
+/// A rank that failed while kolorun was not stopping the job.
+#[derive(Debug, Clone)]
+struct Failure {
+    rank: usize,
+    code: i32,
+    desc: String,
+    /// Killed by a signal (which kolorun did not send: it sends none before
+    /// the blame is settled).
+    signalled: bool,
+    exited_at: Instant,
+}
+
+/// The root cause among failures collected in the settling window: a rank
+/// killed by a signal beats ranks that exited non-zero (those are typically
+/// peers that lost it); among equals, the earliest exit, then the lowest rank.
+fn root_cause(failures: &[Failure]) -> Option<&Failure> {
+    failures
+        .iter()
+        .min_by_key(|f| (!f.signalled, f.exited_at, f.rank))
+}
+
+/// Failures seen since the first one, while the blame settles.
+struct Settling {
+    until: Instant,
+    failures: Vec<Failure>,
+    /// Ranks other than the first failing one still running when it failed.
+    others: usize,
+}
+
+/// Blame the root cause of `s`, stop the job, and return the exit code.
+fn settle(job: &mut Job, s: Settling) -> i32 {
+    let f = root_cause(&s.failures).expect("settling starts with a failure");
+    let host = &job.ranks[f.rank].host;
+    eprintln!(
+        "kolorun: rank {} (host {host}) exited with status {}; stopping the other {} {}",
+        f.rank,
+        f.desc,
+        s.others,
+        plural(s.others)
+    );
+    let code = f.code;
+    job.stop(libc::SIGTERM);
+    code
 }
 
 fn plural(n: usize) -> &'static str {
@@ -688,9 +742,16 @@ fn run(opts: Opts) -> i32 {
 
     let mut got_signal: Option<i32> = None;
     let mut all_exited_at: Option<Instant> = None;
+    let mut settling: Option<Settling> = None;
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     loop {
+        if settling
+            .as_ref()
+            .is_some_and(|s| job.running() == 0 || Instant::now() >= s.until)
+        {
+            exit_code = Some(settle(&mut job, settling.take().expect("checked")));
+        }
         let running = job.running();
         if running == 0 && all_exited_at.is_none() {
             all_exited_at = Some(Instant::now());
@@ -706,6 +767,8 @@ fn run(opts: Opts) -> i32 {
         }
         let deadline = if running == 0 {
             all_exited_at.map(|t| t + DRAIN_AFTER_EXIT)
+        } else if let Some(s) = &settling {
+            Some(job.kill_at.map_or(s.until, |k| k.min(s.until)))
         } else {
             job.kill_at
         };
@@ -718,6 +781,9 @@ fn run(opts: Opts) -> i32 {
         let msg = match msg {
             Ok(m) => m,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if settling.is_some() {
+                    continue; // settled at the top of the loop
+                }
                 if running == 0 {
                     break; // a leftover process holds a pipe open; do not wait for it
                 }
@@ -752,6 +818,10 @@ fn run(opts: Opts) -> i32 {
             }
             Msg::PipeClosed => open_pipes -= 1,
             Msg::Signal(sig) => {
+                if let Some(s) = settling.take() {
+                    // A failure came first: report it before forwarding the signal.
+                    exit_code = Some(settle(&mut job, s));
+                }
                 if got_signal.is_none() {
                     eprintln!(
                         "kolorun: got {}; forwarding it to the {} running {} (SIGKILL in {:.1}s; repeat to kill now)",
@@ -770,7 +840,7 @@ fn run(opts: Opts) -> i32 {
                     job.signal_all(libc::SIGKILL, true);
                 }
             }
-            Msg::Exited(rank) => {
+            Msg::Exited(rank, exited_at) => {
                 let r = &mut job.ranks[rank];
                 let Some(child) = r.child.as_mut() else {
                     continue;
@@ -778,22 +848,37 @@ fn run(opts: Opts) -> i32 {
                 // The waiter saw the exit without reaping it; this returns at once.
                 let status = child.wait();
                 r.running = false;
+                let signalled = matches!(&status, Ok(st) if st.signal().is_some());
                 let (code, desc) = match status {
                     Ok(st) => status_of(st),
                     Err(e) => (1, format!("unknown ({e})")),
                 };
                 if code != 0 && !job.stopping {
-                    let host = job.ranks[rank].host.clone();
-                    let others = job.running();
-                    eprintln!(
-                        "kolorun: rank {rank} (host {host}) exited with status {desc}; stopping the other {others} {}",
-                        plural(others)
-                    );
-                    exit_code = Some(code);
-                    job.stop(libc::SIGTERM);
+                    // Do not stop the others yet: collect what else fails in
+                    // the settling window and blame the root cause.
+                    let failure = Failure {
+                        rank,
+                        code,
+                        desc,
+                        signalled,
+                        exited_at,
+                    };
+                    match &mut settling {
+                        Some(s) => s.failures.push(failure),
+                        None => {
+                            settling = Some(Settling {
+                                until: Instant::now() + SETTLE_AFTER_FAILURE,
+                                failures: vec![failure],
+                                others: job.running(),
+                            })
+                        }
+                    }
                 }
             }
         }
+    }
+    if let Some(s) = settling.take() {
+        exit_code = Some(settle(&mut job, s));
     }
     let _ = std::io::stdout().flush();
     drop(store);
@@ -976,6 +1061,32 @@ mod tests {
         for h in ["node8", "10.0.0.7", "node70"] {
             assert!(!is_local_host(h, "node7"), "{h}");
         }
+    }
+
+    #[test]
+    fn blame_goes_to_the_root_cause() {
+        let t0 = Instant::now();
+        let f = |rank, signalled, ms| Failure {
+            rank,
+            code: if signalled { 137 } else { 1 },
+            desc: String::new(),
+            signalled,
+            exited_at: t0 + Duration::from_millis(ms),
+        };
+        let blamed = |fs: &[Failure]| root_cause(fs).map(|f| f.rank);
+        // A peer that lost the killed rank exits first and is handled first.
+        assert_eq!(
+            blamed(&[f(3, false, 1), f(2, true, 5), f(0, false, 2)]),
+            Some(2)
+        );
+        // Among equals, the earliest exit wins, whatever the handling order.
+        assert_eq!(
+            blamed(&[f(3, false, 9), f(1, false, 4), f(0, false, 7)]),
+            Some(1)
+        );
+        assert_eq!(blamed(&[f(3, true, 9), f(1, true, 4)]), Some(1));
+        assert_eq!(blamed(&[f(1, false, 3)]), Some(1));
+        assert_eq!(blamed(&[]), None);
     }
 
     #[test]
