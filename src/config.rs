@@ -25,8 +25,8 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
     ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
-    ("KOLO_SOCKET_BUFFER", "4194304", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
-    ("KOLO_SLICE_BYTES", "4194304", "large allreduces run the ring over slices of this many bytes (0: one slice), so reduced data is forwarded while in cache"),
+    ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
+    ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes (0: one slice), so reduced data is forwarded while in cache"),
 ];
 
 /// Everything a [`crate::Communicator`] needs to start.
@@ -83,8 +83,8 @@ impl Config {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             spin: Duration::from_micros(50),
             small_bytes: 64 * 1024,
-            slice_bytes: 4 << 20,
-            socket_buffer: 4 << 20,
+            slice_bytes: 512 << 10,
+            socket_buffer: 1 << 20,
         }
     }
 
