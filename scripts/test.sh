@@ -54,7 +54,7 @@ else
 fi
 
 # nextest does not run doctests.
-step "cargo test --doc --release"
-cargo test --doc --workspace --release
+step "cargo test --doc -p kolo --release"
+cargo test --doc -p kolo --release
 
 step "all tests passed"
