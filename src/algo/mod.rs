@@ -10,8 +10,11 @@
 
 pub mod alltoall;
 pub mod broadcast;
+pub mod cost;
 pub mod doubling;
+pub mod halving;
 pub mod ring;
+pub mod tree;
 
 use std::ops::Range;
 
