@@ -164,10 +164,24 @@ impl Schedule {
     pub fn ops(&self) -> impl Iterator<Item = &Op> {
         self.rounds.iter().flat_map(|r| r.ops.iter())
     }
-    /// Checks the invariant the executor relies on: within a round, no region
-    /// written (receive or copy target) overlaps any other region of that round.
+    /// Checks the invariants the executor relies on: within a round, no region
+    /// written (receive or copy target) overlaps any other region of that
+    /// round, and at most one message goes to and comes from each peer (two
+    /// frames on one connection in the same round would interleave).
     pub fn check_disjoint(&self) -> Result<(), String> {
         for (i, round) in self.rounds.iter().enumerate() {
+            let mut to = std::collections::HashSet::new();
+            let mut from = std::collections::HashSet::new();
+            for op in &round.ops {
+                let fresh = match *op {
+                    Op::Send { peer, .. } => to.insert(peer),
+                    Op::Recv { peer, .. } => from.insert(peer),
+                    _ => true,
+                };
+                if !fresh {
+                    return Err(format!("round {i}: two messages on one link: {op:?}"));
+                }
+            }
             let mut regions: Vec<(Region, bool)> = Vec::new();
             for op in &round.ops {
                 match *op {
