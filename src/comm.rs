@@ -2,6 +2,7 @@
 //! connections. Each method validates its arguments, picks a schedule from
 //! [`crate::algo`], and runs it with [`crate::exec`].
 
+use crate::algo::cost::Algo;
 use crate::algo::{self, Schedule};
 use crate::config::Config;
 use crate::element::{as_bytes, as_bytes_mut, DType, Element};
@@ -235,14 +236,47 @@ impl Communicator {
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let (n, count) = (self.size(), buf.len());
-        let sched = if count * T::DTYPE.size() <= self.cfg.small_bytes {
-            algo::doubling::allreduce(self.rank(), n, count)
-        } else if self.cfg.slice_bytes > 0 {
-            let slice = (self.cfg.slice_bytes / T::DTYPE.size()).max(1);
-            algo::ring::allreduce_sliced(self.rank(), n, count, slice)
-        } else {
-            algo::ring::allreduce(self.rank(), n, count)
+        let algo = self.cfg.algo.unwrap_or_else(|| {
+            if std::mem::size_of_val(buf) <= self.cfg.small_bytes {
+                Algo::Rd
+            } else {
+                Algo::Ring
+            }
+        });
+        self.allreduce_with(buf, op, algo)
+    }
+
+    /// [`Communicator::allreduce`] with a given algorithm. Every rank must pick
+    /// the same one (the frames carry the element count, not the algorithm, so
+    /// a disagreement shows up as a mismatch or a timeout).
+    ///
+    /// ```no_run
+    /// use kolo::algo::cost::Algo;
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let mut g = vec![1.0f32; 1 << 20];
+    /// comm.allreduce_with(&mut g, kolo::ReduceOp::Sum, Algo::Tree)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce_with<T: Element>(
+        &self,
+        buf: &mut [T],
+        op: ReduceOp,
+        algo: Algo,
+    ) -> Result<()> {
+        let (r, n, count) = (self.rank(), self.size(), buf.len());
+        let elem = T::DTYPE.size();
+        let sched = match algo {
+            // The ring walks the buffer in cache-sized slices (see ring::allreduce_sliced).
+            Algo::Ring if self.cfg.slice_bytes > 0 => {
+                algo::ring::allreduce_sliced(r, n, count, (self.cfg.slice_bytes / elem).max(1))
+            }
+            _ => algo::cost::allreduce_schedule(
+                algo,
+                r,
+                n,
+                count,
+                (self.cfg.segment_bytes / elem).max(1),
+            ),
         };
         let call = self.call::<T>("allreduce", coll::ALLREDUCE, op, 0, count);
         self.run(call, &sched, &[], as_bytes_mut(buf), Ok(()))?;

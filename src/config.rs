@@ -25,6 +25,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
     ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
+    ("KOLO_ALGO", "auto", "allreduce algorithm: auto, ring, tree, rhd, rd or binomial (auto: rd up to KOLO_SMALL_BYTES, else the sliced ring)"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes (0: one slice), so reduced data is forwarded while in cache"),
 ];
@@ -61,6 +62,8 @@ pub struct Config {
     pub small_bytes: usize,
     /// Ring allreduce works through the buffer in slices of this many bytes (0: whole buffer).
     pub slice_bytes: usize,
+    /// Allreduce algorithm to force (`None`: choose by message size).
+    pub algo: Option<crate::algo::cost::Algo>,
     /// Socket buffer size for data connections (0: kernel autotuning, which
     /// starts sends at 16 KiB, far below what a bulk transfer needs).
     pub socket_buffer: usize,
@@ -85,6 +88,7 @@ impl Config {
             small_bytes: 64 * 1024,
             slice_bytes: 512 << 10,
             socket_buffer: 1 << 20,
+            algo: None,
         }
     }
 
@@ -265,6 +269,14 @@ impl Config {
         if let Some(v) = num("KOLO_SOCKET_BUFFER")? {
             cfg.socket_buffer = v;
         }
+        cfg.algo = match get("KOLO_ALGO").as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => None,
+            Some(a) => Some(crate::algo::cost::Algo::parse(a).ok_or_else(|| {
+                Error::Config(format!(
+                    "KOLO_ALGO={a:?}: expected auto, ring, tree, rhd, rd or binomial"
+                ))
+            })?),
+        };
         Ok(cfg)
     }
 }

@@ -12,6 +12,7 @@
 //! iters at 9).
 
 use half::{bf16, f16};
+use kolo::algo::cost::Algo;
 use kolo::{Communicator, DType, Element, ReduceOp};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -30,6 +31,8 @@ usage: kolo-bench [options]   (run under a launcher, e.g. kolorun -np 4 kolo-ben
       --coll C           allreduce, allgather, reducescatter, broadcast, alltoall
                          (default allreduce)
   -r, --root R           root rank of broadcast (default 0)
+  -a, --algo A           allreduce algorithm: auto, ring, tree, rhd, rd, binomial
+                         (default auto: KOLO_ALGO, else chosen by size)
   -h, --help             print this help
 Sizes are per-rank buffer sizes as in nccl-tests: the allreduce/broadcast buffer, the
 gathered buffer of allgather, the input of reducescatter, the send buffer of alltoall.
@@ -129,6 +132,8 @@ struct Opts {
     op: ReduceOp,
     coll: Coll,
     root: usize,
+    /// Allreduce algorithm; `None`: the communicator's choice.
+    algo: Option<Algo>,
 }
 
 impl Default for Opts {
@@ -143,6 +148,7 @@ impl Default for Opts {
             dtype: DType::F32,
             op: ReduceOp::Sum,
             coll: Coll::AllReduce,
+            algo: None,
             root: 0,
         }
     }
@@ -209,13 +215,14 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "op" => "o",
                 "coll" => "coll",
                 "root" => "r",
+                "algo" => "a",
                 _ => return Err(format!("unknown option {a:?}")),
             };
             (short, val)
         } else if let Some(short) = a.strip_prefix('-') {
             let mut ch = short.chars();
             match ch.next() {
-                Some(c @ ('b' | 'e' | 'f' | 'n' | 'w' | 'c' | 'd' | 'o' | 'r')) => {
+                Some(c @ ('b' | 'e' | 'f' | 'n' | 'w' | 'c' | 'd' | 'o' | 'r' | 'a')) => {
                     let rest = ch.as_str();
                     let flag = &short[..c.len_utf8()];
                     (flag, if rest.is_empty() { None } else { Some(rest) })
@@ -273,6 +280,14 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 })?
             }
             "r" => o.root = parse_num(&shown, &val)?,
+            "a" => o.algo = match val.trim() {
+                "auto" => None,
+                a => Some(Algo::parse(a).ok_or_else(|| {
+                    format!(
+                        "{shown}: unknown algorithm {val:?} (auto, ring, tree, rhd, rd, binomial)"
+                    )
+                })?),
+            },
             _ => unreachable!("flag table above"),
         }
     }
@@ -374,7 +389,7 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
     };
     format!(
         "# nThread 1 nranks={n} minBytes {} maxBytes {} step: {}(factor) warmup iters: {} \
-         iters: {iters} validation: {} coll: {} type: {} redop: {op} root: {root} kolo {}\n\
+         iters: {iters} validation: {} coll: {} type: {} redop: {op} root: {root} algo: {} kolo {}\n\
          # init: Communicator::from_env {init_ms:.1} ms (max over ranks)\n{}",
         o.min_bytes,
         o.max_bytes,
@@ -383,6 +398,7 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
         u8::from(o.check),
         o.coll.name(),
         o.dtype.name(),
+        o.algo.map_or("auto", Algo::name),
         kolo::VERSION,
         column_header()
     )
@@ -739,7 +755,10 @@ fn count_wrong<T: Val>(
 
 fn call<T: Element>(comm: &Communicator, o: &Opts, b: &mut Bufs<T>) -> kolo::Result<()> {
     match o.coll {
-        Coll::AllReduce => comm.allreduce(&mut b.recv, o.op),
+        Coll::AllReduce => match o.algo {
+            Some(a) => comm.allreduce_with(&mut b.recv, o.op, a),
+            None => comm.allreduce(&mut b.recv, o.op),
+        },
         Coll::Broadcast => comm.broadcast(&mut b.recv, o.root),
         Coll::AllGather => comm.allgather(&b.send, &mut b.recv),
         Coll::ReduceScatter => comm.reduce_scatter(&b.send, &mut b.recv, o.op),
