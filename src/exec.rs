@@ -215,10 +215,7 @@ fn run_rounds(
         let mut idle_since: Option<Instant> = None;
         loop {
             let mut moved = false;
-            for r in recvs.iter_mut().filter(|r| !r.done) {
-                moved |= progress_recv(t, r, &mem, ws, seg_bytes, call)
-                    .map_err(|e| recv_error(t, call, r.inc.peer(), e))?;
-            }
+            // Sends first: a peer may be waiting for exactly this message.
             for s in sends.iter_mut().filter(|s| !s.done) {
                 let payload = mem.slice(&s.from);
                 let before = s.out.remaining(payload);
@@ -250,6 +247,10 @@ fn run_rounds(
                         return Err(peer_lost(t, call, peer, &format!("send failed: {e}")));
                     }
                 }
+            }
+            for r in recvs.iter_mut().filter(|r| !r.done) {
+                moved |= progress_recv(t, r, &mem, ws, seg_bytes, call)
+                    .map_err(|e| recv_error(t, call, r.inc.peer(), e))?;
             }
             if sends.iter().all(|s| s.done) && recvs.iter().all(|r| r.done) {
                 break;
