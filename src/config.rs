@@ -20,7 +20,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_MASTER_PORT", "29500", "port of the rendezvous store (else MASTER_PORT)"),
     ("KOLO_STORE", "rank0", "who serves the store: rank0, or external (a launcher such as kolorun)"),
     ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
-    ("KOLO_TIMEOUT", "60", "seconds any collective may wait before failing"),
+    ("KOLO_TIMEOUT", "60", "seconds a collective may go without moving a byte before it fails"),
     ("KOLO_START_TIMEOUT", "60", "seconds to wait for every rank to arrive at rendezvous"),
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
@@ -50,7 +50,7 @@ pub struct Config {
     pub serve_store: bool,
     /// Interface or address to advertise (`KOLO_IFACE`); `None` picks automatically.
     pub iface: Option<String>,
-    /// Deadline for one collective.
+    /// How long a collective may go without any byte moving before it fails.
     pub timeout: Duration,
     /// Deadline for rendezvous and connection setup.
     pub start_timeout: Duration,

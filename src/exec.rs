@@ -158,7 +158,10 @@ fn run_rounds(
         scratch: (ws.scratch.as_mut_ptr().cast(), scratch_bytes),
         elem,
     };
-    let deadline = Instant::now() + opts.timeout;
+    // An inactivity deadline: a huge buffer on a slow link may legitimately
+    // take longer than the timeout, but never that long without a byte moving.
+    let mut deadline = Instant::now() + opts.timeout;
+    let mut moved_since_deadline = false;
     let comm_id = t.comm_id();
     let header = |len: usize| Header {
         kind: Kind::Data,
@@ -257,9 +260,14 @@ fn run_rounds(
             }
             if moved {
                 idle_since = None;
+                moved_since_deadline = true;
                 continue;
             }
             let now = Instant::now();
+            if moved_since_deadline {
+                deadline = now + opts.timeout;
+                moved_since_deadline = false;
+            }
             let since = *idle_since.get_or_insert(now);
             if now.duration_since(since) < opts.spin {
                 // Poll again soon, but let another runnable process have the
@@ -514,6 +522,6 @@ fn timeout(
         rank: t.rank(),
         op: call.label(),
         waited,
-        detail: format!("still {}", parts.join("; ")),
+        detail: format!("nothing moved for that long; still {}", parts.join("; ")),
     }
 }

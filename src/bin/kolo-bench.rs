@@ -280,14 +280,16 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 })?
             }
             "r" => o.root = parse_num(&shown, &val)?,
-            "a" => o.algo = match val.trim() {
-                "auto" => None,
-                a => Some(Algo::parse(a).ok_or_else(|| {
-                    format!(
+            "a" => {
+                o.algo = match val.trim() {
+                    "auto" => None,
+                    a => Some(Algo::parse(a).ok_or_else(|| {
+                        format!(
                         "{shown}: unknown algorithm {val:?} (auto, ring, tree, rhd, rd, binomial)"
                     )
-                })?),
-            },
+                    })?),
+                }
+            }
             _ => unreachable!("flag table above"),
         }
     }
