@@ -38,9 +38,13 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
 /// ```
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// This process's rank, in `0..size`.
     pub rank: usize,
+    /// Number of ranks.
     pub size: usize,
+    /// Rank among the processes on this host.
     pub local_rank: usize,
+    /// Number of processes on this host.
     pub local_size: usize,
     /// Host of the rendezvous store.
     pub master_addr: String,

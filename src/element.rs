@@ -11,12 +11,19 @@ use half::{bf16, f16};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// `u8`
     U8,
+    /// `i32`
     I32,
+    /// `i64`
     I64,
+    /// IEEE half precision (`half::f16`)
     F16,
+    /// bfloat16 (`half::bf16`)
     BF16,
+    /// `f32`
     F32,
+    /// `f64`
     F64,
 }
 

@@ -21,39 +21,64 @@ pub enum Error {
     Config(String),
     /// Ranks called the same collective with different arguments (count, dtype, op, root, kind).
     Mismatch {
+        /// The rank reporting the error.
         rank: usize,
+        /// The other rank involved.
         peer: usize,
+        /// The operation, e.g. "allreduce #7".
         op: String,
+        /// What happened, in words.
         detail: String,
     },
     /// A peer closed its connection, reset it, or aborted the collective.
     PeerLost {
+        /// The rank reporting the error.
         rank: usize,
+        /// The other rank involved.
         peer: usize,
+        /// Address of the peer.
         host: String,
+        /// The operation, e.g. "allreduce #7".
         op: String,
+        /// What happened, in words.
         detail: String,
     },
     /// A wait ran past its deadline.
     Timeout {
+        /// The rank reporting the error.
         rank: usize,
+        /// The operation, e.g. "allreduce #7".
         op: String,
+        /// How long it waited.
         waited: Duration,
+        /// What happened, in words.
         detail: String,
     },
     /// Rendezvous failed (store unreachable, ranks missing).
-    Rendezvous { rank: usize, detail: String },
+    Rendezvous {
+        /// The rank reporting the error.
+        rank: usize,
+        /// What happened, in words.
+        detail: String,
+    },
     /// A peer sent bytes that are not a valid kolo frame for this job.
     Protocol {
+        /// The rank reporting the error.
         rank: usize,
+        /// The other rank involved.
         peer: usize,
+        /// What happened, in words.
         detail: String,
     },
     /// Another rank failed this collective and told us why.
     Aborted {
+        /// The rank reporting the error.
         rank: usize,
+        /// The rank that gave up first.
         origin: usize,
+        /// The operation, e.g. "allreduce #7".
         op: String,
+        /// What happened, in words.
         detail: String,
     },
     /// An OS-level I/O error outside a collective (bind, connect, spawn).

@@ -22,7 +22,9 @@ pub struct Call {
     pub desc: Desc,
     /// Sequence number of this call on the communicator.
     pub seq: u64,
+    /// Element type.
     pub dtype: DType,
+    /// Reduction, for collectives that reduce.
     pub op: ReduceOp,
     /// Human name, e.g. "allreduce".
     pub name: &'static str,
@@ -38,8 +40,11 @@ impl Call {
 /// Tunables for one run.
 #[derive(Debug, Clone, Copy)]
 pub struct Opts {
+    /// Receives are reduced in pieces of this many bytes.
     pub segment_bytes: usize,
+    /// Busy-poll this long before sleeping in epoll.
     pub spin: Duration,
+    /// Fail after this long without any byte moving.
     pub timeout: Duration,
 }
 

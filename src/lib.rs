@@ -13,6 +13,8 @@
 //! # Ok::<(), kolo::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod algo;
 pub mod comm;
 pub mod config;

@@ -32,8 +32,11 @@ pub enum Buf {
 /// A range of elements in one buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Region {
+    /// The buffer.
     pub buf: Buf,
+    /// First element.
     pub start: usize,
+    /// Number of elements.
     pub len: usize,
 }
 
@@ -71,27 +74,46 @@ pub enum Apply {
     /// Combine them with what is there: `incoming_first` picks the operand
     /// order, so both partners of an exchange compute `op(lower, higher)` and
     /// get the same bits.
-    Reduce { incoming_first: bool },
+    Reduce {
+        /// Compute `incoming (op) local` instead of `local (op) incoming`.
+        incoming_first: bool,
+    },
 }
 
 /// One operation of a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// Send these elements to `peer` as one message.
-    Send { peer: usize, from: Region },
+    Send {
+        /// Destination rank.
+        peer: usize,
+        /// Elements to send.
+        from: Region,
+    },
     /// Receive one message of `into.len` elements from `peer`.
     Recv {
+        /// Source rank.
         peer: usize,
+        /// Where the elements go.
         into: Region,
+        /// Store or reduce them.
         apply: Apply,
     },
     /// Local copy, done before the round's transfers start.
-    Copy { from: Region, to: Region },
+    Copy {
+        /// Source elements.
+        from: Region,
+        /// Destination, same length.
+        to: Region,
+    },
     /// Local reduction `into = into (op) from`, done after the round's transfers
     /// complete (so a buffer being sent is never modified while on the wire).
     Combine {
+        /// The other operand (typically scratch holding a peer's data).
         from: Region,
+        /// Accumulator, overwritten with the result.
         into: Region,
+        /// Compute `from (op) into` instead of `into (op) from`.
         incoming_first: bool,
     },
 }
@@ -99,6 +121,7 @@ pub enum Op {
 /// Operations that run concurrently.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Round {
+    /// The operations, all in flight together.
     pub ops: Vec<Op>,
 }
 
@@ -111,6 +134,7 @@ pub struct Round {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Schedule {
+    /// Rounds in order; round k+1 starts when round k is complete.
     pub rounds: Vec<Round>,
 }
 

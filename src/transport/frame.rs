@@ -32,10 +32,15 @@ pub enum Kind {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Desc {
+    /// Collective code.
     pub coll: u8,
+    /// Dtype code ([`crate::DType::code`]).
     pub dtype: u8,
+    /// Reduce-op code ([`crate::ReduceOp::code`]), 0 when it does not reduce.
     pub op: u8,
+    /// Root rank (broadcast), else 0.
     pub root: u32,
+    /// Element count as the caller passed it.
     pub count: u64,
 }
 
@@ -58,10 +63,15 @@ impl Desc {
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Data or abort.
     pub kind: Kind,
+    /// The collective's arguments.
     pub desc: Desc,
+    /// Identifies the communicator (and so the job).
     pub comm_id: u64,
+    /// Sequence number of the collective on its communicator.
     pub seq: u64,
+    /// Payload bytes that follow.
     pub len: u64,
 }
 
