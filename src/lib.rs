@@ -24,6 +24,7 @@ pub mod exec;
 pub mod net;
 pub mod reduce;
 pub mod rendezvous;
+pub mod simulate;
 pub mod transport;
 
 pub use comm::Communicator;
