@@ -237,11 +237,7 @@ impl Communicator {
     /// ```
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let algo = self.cfg.algo.unwrap_or_else(|| {
-            if std::mem::size_of_val(buf) <= self.cfg.small_bytes {
-                Algo::Rd
-            } else {
-                Algo::Ring
-            }
+            algo::cost::default_algo(std::mem::size_of_val(buf), self.cfg.small_bytes)
         });
         self.allreduce_with(buf, op, algo)
     }
@@ -267,9 +263,12 @@ impl Communicator {
         let elem = T::DTYPE.size();
         let sched = match algo {
             // The ring walks the buffer in cache-sized slices (see ring::allreduce_sliced).
-            Algo::Ring if self.cfg.slice_bytes > 0 => {
-                algo::ring::allreduce_sliced(r, n, count, (self.cfg.slice_bytes / elem).max(1))
-            }
+            Algo::Ring if self.cfg.slice_bytes > 0 => algo::ring::allreduce_sliced(
+                r,
+                n,
+                count,
+                algo::ring::slice_len(self.cfg.slice_bytes, n, elem),
+            ),
             _ => algo::cost::allreduce_schedule(
                 algo,
                 r,

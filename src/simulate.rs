@@ -193,12 +193,27 @@ impl Network {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimOp {
     /// Send one message of `bytes` payload bytes to `peer`.
-    Send { peer: u32, bytes: u64 },
+    Send {
+        /// Destination rank.
+        peer: u32,
+        /// Payload bytes.
+        bytes: u64,
+    },
     /// Receive one message of `bytes` payload bytes from `peer`, reducing it
     /// into the buffer if `reduce`.
-    Recv { peer: u32, bytes: u64, reduce: bool },
+    Recv {
+        /// Source rank.
+        peer: u32,
+        /// Payload bytes.
+        bytes: u64,
+        /// Whether the payload is reduced on arrival.
+        reduce: bool,
+    },
     /// Reduce `bytes` bytes locally after the round's transfers.
-    Combine { bytes: u64 },
+    Combine {
+        /// Bytes reduced.
+        bytes: u64,
+    },
 }
 
 /// Append the [`SimOp`]s of `round` (elements of `elem` bytes) to `out`;
@@ -265,7 +280,9 @@ pub trait Source {
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Explicit<'a> {
+    /// One schedule per rank.
     pub scheds: &'a [Schedule],
+    /// Element size in bytes.
     pub elem: usize,
 }
 
@@ -293,17 +310,23 @@ impl Source for Explicit<'_> {
 /// use kolo::simulate::Plan;
 /// assert_eq!(Plan::from_algo(Algo::Tree, 64), Plan::Tree { seg: 64 });
 /// // What the Communicator runs with its default thresholds:
-/// assert_eq!(Plan::kolo(64 << 10, 512 << 10, 100, 4), Plan::Rd);
-/// assert_eq!(Plan::kolo(64 << 10, 512 << 10, 1 << 20, 4), Plan::RingSliced { slice: 131072 });
+/// assert_eq!(Plan::kolo(64 << 10, 512 << 10, 2, 100, 4), Plan::Rd);
+/// assert_eq!(Plan::kolo(64 << 10, 512 << 10, 2, 1 << 20, 4), Plan::RingSliced { slice: 131072 });
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     /// [`ring::allreduce`].
     Ring,
     /// [`ring::allreduce_sliced`] with `slice` elements per slice.
-    RingSliced { slice: usize },
+    RingSliced {
+        /// Elements per slice.
+        slice: usize,
+    },
     /// [`tree::double_binary`] with `seg` elements per segment.
-    Tree { seg: usize },
+    Tree {
+        /// Elements per pipeline segment.
+        seg: usize,
+    },
     /// [`halving::rabenseifner`].
     Rhd,
     /// [`doubling::allreduce`].
@@ -334,17 +357,21 @@ impl Plan {
     ///
     /// ```
     /// use kolo::simulate::Plan;
-    /// assert_eq!(Plan::kolo(1000, 0, 1000, 4), Plan::Ring);
+    /// assert_eq!(Plan::kolo(1000, 0, 4, 1000, 4), Plan::Ring);
     /// ```
-    pub fn kolo(small_bytes: usize, slice_bytes: usize, count: usize, elem: usize) -> Plan {
-        if count * elem <= small_bytes {
-            Plan::Rd
-        } else if slice_bytes > 0 {
-            Plan::RingSliced {
-                slice: (slice_bytes / elem.max(1)).max(1),
-            }
-        } else {
-            Plan::Ring
+    pub fn kolo(
+        small_bytes: usize,
+        slice_bytes: usize,
+        size: usize,
+        count: usize,
+        elem: usize,
+    ) -> Plan {
+        match crate::algo::cost::default_algo(count * elem, small_bytes) {
+            Algo::Rd => Plan::Rd,
+            _ if slice_bytes > 0 => Plan::RingSliced {
+                slice: ring::slice_len(slice_bytes, size, elem),
+            },
+            _ => Plan::Ring,
         }
     }
 
@@ -378,9 +405,13 @@ impl Plan {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllreduceJob {
+    /// The algorithm and its parameters.
     pub plan: Plan,
+    /// Number of ranks.
     pub size: usize,
+    /// Elements per rank.
     pub count: usize,
+    /// Element size in bytes.
     pub elem: usize,
 }
 
@@ -391,7 +422,12 @@ pub enum JobCursor {
     /// Rounds computed from `(rank, k)` on demand.
     Ring,
     /// `ops[starts[k]..starts[k + 1]]` is round `k`.
-    Stored { ops: Vec<SimOp>, starts: Vec<u32> },
+    Stored {
+        /// Every operation of the schedule, round after round.
+        ops: Vec<SimOp>,
+        /// Index in `ops` where each round starts (plus the end).
+        starts: Vec<u32>,
+    },
 }
 
 impl Source for AllreduceJob {

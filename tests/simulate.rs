@@ -103,7 +103,7 @@ fn predicted_bytes_equal_what_the_transport_sends() {
         let count = 100_003;
         assert!(count * 4 > small);
         let scheds: Vec<Schedule> = (0..n)
-            .map(|r| ring::allreduce_sliced(r, n, count, slice / 4))
+            .map(|r| ring::allreduce_sliced(r, n, count, ring::slice_len(slice, n, 4)))
             .collect();
         let sim = simulate(&net, &scheds, 4).unwrap();
         assert_eq!(sim.bytes, bytes_per_rank(&scheds, 4));
@@ -113,8 +113,13 @@ fn predicted_bytes_equal_what_the_transport_sends() {
         }
         assert_eq!(real.len(), n);
         // And the lazy generator of the plan Communicator picks agrees too.
-        let plan = Plan::kolo(small, slice, count, 4);
-        assert_eq!(plan, Plan::RingSliced { slice: slice / 4 });
+        let plan = Plan::kolo(small, slice, n, count, 4);
+        assert_eq!(
+            plan,
+            Plan::RingSliced {
+                slice: ring::slice_len(slice, n, 4)
+            }
+        );
         let lazy = simulate_allreduce(&net, plan, n, count, 4).unwrap();
         assert_eq!(lazy.bytes, sim.bytes);
 
@@ -127,7 +132,7 @@ fn predicted_bytes_equal_what_the_transport_sends() {
             assert_eq!(got, want.1, "rd n={n} rank={r}");
         }
         assert_eq!(real.len(), n);
-        assert_eq!(Plan::kolo(small, slice, count, 4), Plan::Rd);
+        assert_eq!(Plan::kolo(small, slice, n, count, 4), Plan::Rd);
     }
 }
 

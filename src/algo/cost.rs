@@ -179,6 +179,24 @@ pub fn allreduce_schedule(
     }
 }
 
+/// The allreduce algorithm used when none is forced: recursive doubling up to
+/// `small_bytes` (latency-bound: log2 N steps), the ring above (bandwidth-
+/// optimal and, sliced, cache-friendly; measured faster than the alternatives
+/// for large buffers on loopback, see README § Performance).
+///
+/// ```
+/// use kolo::algo::cost::{default_algo, Algo};
+/// assert_eq!(default_algo(8, 65536), Algo::Rd);
+/// assert_eq!(default_algo(1 << 20, 65536), Algo::Ring);
+/// ```
+pub fn default_algo(bytes: usize, small_bytes: usize) -> Algo {
+    if bytes <= small_bytes {
+        Algo::Rd
+    } else {
+        Algo::Ring
+    }
+}
+
 /// Ranks whose schedules [`predict`] evaluates: all of them up to 64 ranks,
 /// else a sample: the first, middle and last four, and every (N/16)-th rank
 /// (covering both tree roots, folded pairs and plain ranks).

@@ -94,6 +94,20 @@ pub fn allreduce_sliced(rank: usize, size: usize, count: usize, slice: usize) ->
     Schedule { rounds }
 }
 
+/// Elements per slice for [`allreduce_sliced`] on `size` ranks: each rank's
+/// chunk of a slice is `slice_bytes / 2` (so 2 ranks use `slice_bytes`), and
+/// the slice grows with the ring. A fixed slice would make every slice pay the
+/// ring's 2(N-1) latency steps on chunks that shrink as N grows.
+///
+/// ```
+/// use kolo::algo::ring::slice_len;
+/// assert_eq!(slice_len(512 << 10, 2, 4), 131072);
+/// assert_eq!(slice_len(512 << 10, 64, 4), 131072 * 32);
+/// ```
+pub fn slice_len(slice_bytes: usize, size: usize, elem: usize) -> usize {
+    (slice_bytes / elem.max(1)).max(1) * (size / 2).max(1)
+}
+
 /// Ring reduce-scatter in place on `size * per_rank` elements of the output
 /// buffer; afterwards block `rank` holds the reduction of every rank's block.
 ///

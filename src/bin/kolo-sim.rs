@@ -286,7 +286,7 @@ fn main() -> ExitCode {
         let mut rows: Vec<(String, f64)> = Vec::new();
         for name in &o.plans {
             let plan = if name == "kolo" {
-                Plan::kolo(o.small, o.slice, count, elem)
+                Plan::kolo(o.small, o.slice, n, count, elem)
             } else {
                 let algo = Algo::parse(name).expect("names were checked when parsing");
                 Plan::from_algo(algo, (o.seg / elem).max(1))
