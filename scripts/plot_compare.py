@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+sys.dont_write_bytecode = True  # no scripts/__pycache__ in the work tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_table import busbw, human, load  # noqa: E402
 
