@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Side-by-side allreduce comparison on this machine, in one run: kolo-bench,
-# Gloo (torch.distributed 'gloo') and Open MPI over TCP, float32 sum on
-# loopback, same sizes and iteration counts. Uses ../shared/baselines (sets it
-# up with its own setup.sh when its venv is missing).
+# Side-by-side allreduce comparison on this machine, in one run: kolo-bench (auto and each
+# fixed algorithm), Gloo (torch.distributed 'gloo') and Open MPI over TCP, float32 sum on
+# loopback, same sizes and iteration counts. Uses ../shared/baselines (sets it up with its own
+# setup.sh when its venv or mpicc is missing).
 #
-#   scripts/compare.sh [REPEATS=1] [NPROCS="2"] [MINBYTES=8] [MAXBYTES=256M]
+#   scripts/compare.sh [REPEATS=1] [NPROCS="2 4"] [MINBYTES=8] [MAXBYTES=256M] [ALGOS="auto ring tree rhd rd"]
 #
-# Each rep runs kolo, gloo and MPI back to back (interleaved, so machine drift
-# hits all three alike); the table shows medians over reps.
+# Each rep runs, per N, kolo-bench once per algorithm in ALGOS (label kolo for auto,
+# kolo_<algo> for the others), then gloo, then MPI, back to back (interleaved, so machine drift
+# hits all alike), each after the baselines' wait_quiet. Then per N it prints one Markdown table
+# (medians over reps: kolo auto, the best fixed kolo algorithm per size, gloo, MPI, and the
+# busbw ratios kolo/gloo and kolo/mpi) and writes out/compare_<stamp>/table_np<N>.md and
+# out/compare_<stamp>/busbw_np<N>.png (matplotlib, installed into .venv here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${1:-1}
-NPROCS=${2:-"2"}
+NPROCS=${2:-"2 4"}
 MINB=${3:-8}
 MAXB=${4:-256M}
+ALGOS=${5:-"auto ring tree rhd rd"}
 BASE=$(cd .. && pwd)/shared/baselines
 [ -d "$BASE" ] || { echo "compare.sh: $BASE not found" >&2; exit 1; }
 if [ ! -x "$BASE/.venv/bin/python" ] || ! command -v mpicc >/dev/null; then
@@ -22,6 +27,12 @@ fi
 mkdir -p "$BASE/bin"
 mpicc -O2 -Wall -o "$BASE/bin/mpi_allreduce_bench" "$BASE/mpi_allreduce_bench.c"
 cargo build --release --bins
+# Fail early on a bad algorithm name, before any timed run.
+for a in $ALGOS; do
+    target/release/kolo-bench -a "$a" -h >/dev/null 2>&1 \
+        || { echo "compare.sh: unknown algorithm $a (auto ring tree rhd rd binomial)" >&2; exit 2; }
+done
+label() { if [ "$1" = auto ]; then echo kolo; else echo "kolo_$1"; fi; }
 bytes() { python3 -c "import sys; s=sys.argv[1]; m={'K':1<<10,'M':1<<20,'G':1<<30}; print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))" "$1"; }
 lo=$(bytes "$MINB"); hi=$(bytes "$MAXB")
 OUT=out/compare_$(date +%Y%m%d_%H%M%S)
@@ -30,10 +41,14 @@ mkdir -p "$OUT"
 . "$BASE/lib.sh"
 for r in $(seq 1 "$REPEATS"); do
     for n in $NPROCS; do
-        wait_quiet "$OUT/quiet.log"
-        echo "== N=$n rep $r: kolo" >&2
-        target/release/kolorun -np "$n" target/release/kolo-bench -b "$lo" -e "$hi" -f 2 -c 1 \
-            | sed -n 's/^\[0\] //p' > "$OUT/kolo_np${n}_r${r}.txt"
+        for a in $ALGOS; do
+            l=$(label "$a")
+            wait_quiet "$OUT/quiet.log"
+            echo "== N=$n rep $r: $l" >&2
+            # Rank 0 prints JSON lines ("[0] {...}" under kolorun); keep them without the prefix.
+            target/release/kolorun -np "$n" target/release/kolo-bench -b "$lo" -e "$hi" -f 2 -c 1 -a "$a" --json \
+                | sed -n 's/^\[0\] //p' > "$OUT/${l}_np${n}_r${r}.jsonl"
+        done
         wait_quiet "$OUT/quiet.log"
         echo "== N=$n rep $r: gloo" >&2
         (cd "$BASE" && .venv/bin/python gloo_allreduce_bench.py -n "$n" -b "$lo" -e "$hi") > "$OUT/gloo_np${n}_r${r}.txt"
@@ -43,11 +58,29 @@ for r in $(seq 1 "$REPEATS"); do
             --mca btl_tcp_if_include lo "$BASE/bin/mpi_allreduce_bench" -b "$lo" -e "$hi" > "$OUT/mpi_np${n}_r${r}.txt"
     done
 done
+
+# Plotting needs matplotlib: a venv in the repo root (gitignored), made on first use.
+PLOT=1
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
+    echo "== setting up .venv with matplotlib for the plots" >&2
+    { [ -x .venv/bin/python ] || python3 -m venv .venv; } && .venv/bin/pip install -q matplotlib >&2 \
+        || { echo "compare.sh: could not install matplotlib into .venv; no plots" >&2; PLOT=0; }
+fi
+rc=0
 for n in $NPROCS; do
+    cfg=()
+    for a in $ALGOS; do l=$(label "$a"); cfg+=("$l=$OUT/${l}_np${n}_r*.jsonl"); done
+    cfg+=("gloo=$OUT/gloo_np${n}_r*.txt" "mpi=$OUT/mpi_np${n}_r*.txt")
     echo
-    echo "### N=$n, float32 sum, loopback TCP (median of $REPEATS rep(s)): time(us) / busbw(GB/s) (p50 us)"
-    python3 "$BASE/compare_table.py" --p50 --sizes all \
-        kolo="$OUT/kolo_np${n}_r*.txt" gloo="$OUT/gloo_np${n}_r*.txt" mpi_tcp="$OUT/mpi_np${n}_r*.txt" \
+    python3 scripts/compare_table.py \
+        --title "N=$n, float32 sum, loopback TCP, $MINB..$MAXB, median of $REPEATS rep(s)" "${cfg[@]}" \
         | tee "$OUT/table_np${n}.md"
+    if [ "$PLOT" = 1 ]; then
+        .venv/bin/python scripts/plot_compare.py "$OUT/busbw_np${n}.png" "${cfg[@]}" >/dev/null || rc=1
+        [ -f "$OUT/busbw_np${n}.png" ] && echo "plot: $OUT/busbw_np${n}.png"
+    else
+        rc=1
+    fi
 done
 echo "raw results in $OUT" >&2
+exit "$rc"

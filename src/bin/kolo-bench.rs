@@ -10,10 +10,15 @@
 //! `iters`. `#wrong` is last, where the baseline tables have their `check` column, so
 //! `/work/shared/baselines/compare_table.py` parses the rows (10 fields, time at 5, p50 at 8,
 //! iters at 9).
+//!
+//! With `--json`, rank 0 prints only JSON instead: one object per size on its own line
+//! (`coll algo dtype op nranks bytes count time_us p50_us algbw_gbps busbw_gbps iters wrong`)
+//! and a last summary object (`"summary": true`, with the totals of the footer).
 
 use half::{bf16, f16};
 use kolo::algo::cost::Algo;
 use kolo::{Communicator, DType, Element, ReduceOp};
+use serde::Serialize;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -33,6 +38,7 @@ usage: kolo-bench [options]   (run under a launcher, e.g. kolorun -np 4 kolo-ben
   -r, --root R           root rank of broadcast (default 0)
   -a, --algo A           allreduce algorithm: auto, ring, tree, rhd, rd, binomial
                          (default auto: KOLO_ALGO, else chosen by size)
+      --json             print only JSON lines: one object per size, then a summary object
   -h, --help             print this help
 Sizes are per-rank buffer sizes as in nccl-tests: the allreduce/broadcast buffer, the
 gathered buffer of allgather, the input of reducescatter, the send buffer of alltoall.
@@ -134,6 +140,8 @@ struct Opts {
     root: usize,
     /// Allreduce algorithm; `None`: the communicator's choice.
     algo: Option<Algo>,
+    /// Print JSON lines instead of the table.
+    json: bool,
 }
 
 impl Default for Opts {
@@ -150,6 +158,7 @@ impl Default for Opts {
             coll: Coll::AllReduce,
             algo: None,
             root: 0,
+            json: false,
         }
     }
 }
@@ -197,6 +206,10 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
         i += 1;
         if a == "-h" || a == "--help" {
             return Ok(Parsed::Help);
+        }
+        if a == "--json" {
+            o.json = true;
+            continue;
         }
         // Split into (canonical flag, inline value) for -bVAL, --long=VAL, and -b VAL forms.
         let (flag, inline): (&str, Option<&str>) = if let Some(long) = a.strip_prefix("--") {
@@ -400,7 +413,7 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
         u8::from(o.check),
         o.coll.name(),
         o.dtype.name(),
-        o.algo.map_or("auto", Algo::name),
+        algo_name(o),
         kolo::VERSION,
         column_header()
     )
@@ -453,6 +466,96 @@ fn footer_lines(rows: &[Row], wall_s: f64) -> String {
         "# Out of bounds values : {wrong}\n# Avg bus bandwidth : {avg:.3}\n\
          # wall time for whole run: {wall_s:.1} s"
     )
+}
+
+/// One size as a JSON line (`--json`).
+#[derive(Debug, Serialize)]
+struct JsonRow<'a> {
+    coll: &'a str,
+    algo: &'a str,
+    dtype: &'a str,
+    /// `"none"` for collectives without an operator, as in the table.
+    op: &'a str,
+    nranks: usize,
+    bytes: u64,
+    count: u64,
+    time_us: f64,
+    p50_us: f64,
+    algbw_gbps: f64,
+    busbw_gbps: f64,
+    iters: usize,
+    /// `null` when not checked (`-c 0`).
+    wrong: Option<u64>,
+}
+
+/// The last JSON line (`--json`): what the table's header and footer say.
+#[derive(Debug, Serialize)]
+struct JsonSummary<'a> {
+    summary: bool,
+    coll: &'a str,
+    algo: &'a str,
+    dtype: &'a str,
+    op: &'a str,
+    nranks: usize,
+    rows: usize,
+    checked: bool,
+    /// Wrong elements over all sizes and ranks (0 when not checked).
+    wrong: u64,
+    avg_busbw_gbps: f64,
+    init_ms: f64,
+    wall_s: f64,
+    kolo_version: &'a str,
+}
+
+fn algo_name(o: &Opts) -> &'static str {
+    o.algo.map_or("auto", Algo::name)
+}
+
+fn json_row(o: &Opts, n: usize, r: &Row) -> String {
+    serde_json::to_string(&JsonRow {
+        coll: o.coll.name(),
+        algo: algo_name(o),
+        dtype: r.dtype.name(),
+        op: r.op.map_or("none", op_name),
+        nranks: n,
+        bytes: r.bytes,
+        count: r.count,
+        time_us: r.time_us,
+        p50_us: r.p50_us,
+        algbw_gbps: r.algbw(),
+        busbw_gbps: r.busbw(),
+        iters: r.iters,
+        wrong: r.wrong,
+    })
+    .expect("a struct of numbers and strings serializes")
+}
+
+fn json_summary(o: &Opts, n: usize, rows: &[Row], init_ms: f64, wall_s: f64) -> String {
+    let avg = if rows.is_empty() {
+        0.0
+    } else {
+        rows.iter().map(Row::busbw).sum::<f64>() / rows.len() as f64
+    };
+    serde_json::to_string(&JsonSummary {
+        summary: true,
+        coll: o.coll.name(),
+        algo: algo_name(o),
+        dtype: o.dtype.name(),
+        op: if o.coll.reduces() {
+            op_name(o.op)
+        } else {
+            "none"
+        },
+        nranks: n,
+        rows: rows.len(),
+        checked: o.check,
+        wrong: rows.iter().filter_map(|r| r.wrong).sum(),
+        avg_busbw_gbps: avg,
+        init_ms,
+        wall_s,
+        kolo_version: kolo::VERSION,
+    })
+    .expect("a struct of numbers and strings serializes")
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -821,19 +924,29 @@ fn bench<T: Val>(comm: &Communicator, o: &Opts, init_ms: f64, start: Instant) ->
     let mut init = [init_ms];
     comm.allreduce(&mut init, ReduceOp::Max)?;
     let root = comm.rank() == 0;
-    if root {
-        println!("{}", header_lines(o, comm.size(), init[0]));
+    let n = comm.size();
+    if root && !o.json {
+        println!("{}", header_lines(o, n, init[0]));
     }
     let mut rows = Vec::new();
-    for bytes in row_sizes(o, comm.size()) {
+    for bytes in row_sizes(o, n) {
         let row = run_size::<T>(comm, o, bytes)?;
         if root {
-            println!("{}", format_row(&row));
+            if o.json {
+                println!("{}", json_row(o, n, &row));
+            } else {
+                println!("{}", format_row(&row));
+            }
         }
         rows.push(row);
     }
     if root {
-        println!("{}", footer_lines(&rows, start.elapsed().as_secs_f64()));
+        let wall_s = start.elapsed().as_secs_f64();
+        if o.json {
+            println!("{}", json_summary(o, n, &rows, init[0], wall_s));
+        } else {
+            println!("{}", footer_lines(&rows, wall_s));
+        }
     }
     Ok(rows.iter().filter_map(|r| r.wrong).sum())
 }
@@ -1168,6 +1281,99 @@ mod tests {
             "{f}"
         );
         assert!(f.contains("# wall time for whole run: 1.2 s") || f.contains("1.3 s"));
+    }
+
+    #[test]
+    fn json_flag() {
+        assert!(!parsed("").json);
+        let o = parsed("--json -b 8 -e 1M -a ring");
+        assert!(o.json);
+        assert_eq!((o.min_bytes, o.max_bytes), (8, 1 << 20));
+        assert_eq!(o.algo, Algo::parse("ring"));
+        assert!(parsed("-b 8 --json").json);
+        for bad in ["--json=1", "--jsonx", "-json"] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+        }
+    }
+
+    /// A `--json` row is one line of one JSON object with exactly the documented keys, and
+    /// its numbers read back equal to the row's.
+    #[test]
+    fn json_row_parses_back() {
+        let o = parsed("--json -a rd");
+        let r = sample_row(33554432, 20322.63, 20783.62, Some(0));
+        let line = json_row(&o, 4, &r);
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let obj = v.as_object().unwrap();
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut want = [
+            "coll",
+            "algo",
+            "dtype",
+            "op",
+            "nranks",
+            "bytes",
+            "count",
+            "time_us",
+            "p50_us",
+            "algbw_gbps",
+            "busbw_gbps",
+            "iters",
+            "wrong",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        assert_eq!(v["coll"], "allreduce");
+        assert_eq!(v["algo"], "rd");
+        assert_eq!(v["dtype"], "float");
+        assert_eq!(v["op"], "sum");
+        assert_eq!(v["nranks"], 4);
+        assert_eq!(v["bytes"], 33554432u64);
+        assert_eq!(v["count"], 8388608u64);
+        assert_eq!(v["time_us"].as_f64(), Some(20322.63));
+        assert_eq!(v["p50_us"].as_f64(), Some(20783.62));
+        assert_eq!(v["algbw_gbps"].as_f64(), Some(r.algbw()));
+        assert_eq!(v["busbw_gbps"].as_f64(), Some(r.busbw()));
+        assert_eq!(v["iters"], 10);
+        assert_eq!(v["wrong"], 0);
+        // Unchecked rows: wrong is null; no operator: "none"; auto algorithm.
+        let o = parsed("--json --coll allgather -c 0");
+        let mut r = sample_row(64, 5.0, 4.0, None);
+        r.op = None;
+        let v: serde_json::Value = serde_json::from_str(&json_row(&o, 2, &r)).unwrap();
+        assert!(v["wrong"].is_null());
+        assert_eq!((&v["op"], &v["algo"]), (&"none".into(), &"auto".into()));
+        assert_eq!(v["coll"], "allgather");
+    }
+
+    #[test]
+    fn json_summary_parses_back() {
+        let o = parsed("--json");
+        let rows = [
+            sample_row(8, 10.0, 9.0, Some(0)),
+            sample_row(1 << 20, 1000.0, 900.0, Some(3)),
+        ];
+        let line = json_summary(&o, 4, &rows, 12.5, 1.25);
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["summary"], true);
+        assert_eq!(v["rows"], 2);
+        assert_eq!(v["wrong"], 3);
+        assert_eq!(v["checked"], true);
+        assert_eq!(v["nranks"], 4);
+        assert_eq!(v["algo"], "auto");
+        assert_eq!(
+            v["avg_busbw_gbps"].as_f64(),
+            Some((rows[0].busbw() + rows[1].busbw()) / 2.0)
+        );
+        assert_eq!(v["init_ms"].as_f64(), Some(12.5));
+        assert_eq!(v["wall_s"].as_f64(), Some(1.25));
+        assert_eq!(v["kolo_version"], kolo::VERSION);
+        // Rows never carry the summary key, so readers can tell the two apart.
+        let row: serde_json::Value = serde_json::from_str(&json_row(&o, 4, &rows[0])).unwrap();
+        assert!(row.get("summary").is_none());
     }
 
     /// Print a sample table (`cargo test --bin kolo-bench sample -- --nocapture`).
