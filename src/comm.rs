@@ -237,7 +237,13 @@ impl Communicator {
     /// ```
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let algo = self.cfg.algo.unwrap_or_else(|| {
-            algo::cost::default_algo(std::mem::size_of_val(buf), self.cfg.small_bytes)
+            let one_host = self.local_size() == self.size();
+            algo::cost::default_algo(
+                std::mem::size_of_val(buf),
+                self.cfg.small_bytes,
+                self.size(),
+                one_host,
+            )
         });
         self.allreduce_with(buf, op, algo)
     }

@@ -25,7 +25,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
     ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
-    ("KOLO_ALGO", "auto", "allreduce algorithm: auto, ring, tree, rhd, rd or binomial (auto: rd up to KOLO_SMALL_BYTES, else the sliced ring)"),
+    ("KOLO_ALGO", "auto", "allreduce algorithm: auto, ring, tree, rhd, rd or binomial (auto: rd up to KOLO_SMALL_BYTES; above, tree for up to 4 ranks on one host, else the sliced ring)"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
 ];

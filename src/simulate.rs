@@ -309,9 +309,11 @@ impl Source for Explicit<'_> {
 /// use kolo::algo::cost::Algo;
 /// use kolo::simulate::Plan;
 /// assert_eq!(Plan::from_algo(Algo::Tree, 64), Plan::Tree { seg: 64 });
-/// // What the Communicator runs with its default thresholds:
-/// assert_eq!(Plan::kolo(64 << 10, 512 << 10, 2, 100, 4), Plan::Rd);
-/// assert_eq!(Plan::kolo(64 << 10, 512 << 10, 2, 1 << 20, 4), Plan::RingSliced { slice: 131072 });
+/// // What the Communicator runs with its defaults, 16 ranks on 2 hosts:
+/// let mut cfg = kolo::Config::local(0, 16, 0);
+/// cfg.local_size = 8;
+/// assert_eq!(Plan::kolo(&cfg, 100, 4), Plan::Rd);
+/// assert_eq!(Plan::kolo(&cfg, 1 << 20, 4), Plan::RingSliced { slice: 131072 * 8 });
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
@@ -353,25 +355,23 @@ impl Plan {
     }
 
     /// The plan [`crate::Communicator::allreduce`] picks for `count`
-    /// elements of `elem` bytes, given its `small_bytes` and `slice_bytes`.
+    /// elements of `elem` bytes under `cfg` (its size, ranks per host,
+    /// `small_bytes`, `slice_bytes` and `segment_bytes`).
     ///
     /// ```
     /// use kolo::simulate::Plan;
-    /// assert_eq!(Plan::kolo(1000, 0, 4, 1000, 4), Plan::Ring);
+    /// let mut cfg = kolo::Config::local(0, 8, 0);
+    /// cfg.slice_bytes = 0;
+    /// assert_eq!(Plan::kolo(&cfg, 1 << 20, 4), Plan::Ring);
+    /// assert_eq!(Plan::kolo(&cfg, 100, 4), Plan::Rd);
     /// ```
-    pub fn kolo(
-        small_bytes: usize,
-        slice_bytes: usize,
-        size: usize,
-        count: usize,
-        elem: usize,
-    ) -> Plan {
-        match crate::algo::cost::default_algo(count * elem, small_bytes) {
-            Algo::Rd => Plan::Rd,
-            _ if slice_bytes > 0 => Plan::RingSliced {
-                slice: ring::slice_len(slice_bytes, size, elem),
+    pub fn kolo(cfg: &crate::Config, count: usize, elem: usize) -> Plan {
+        let one_host = cfg.local_size == cfg.size;
+        match crate::algo::cost::default_algo(count * elem, cfg.small_bytes, cfg.size, one_host) {
+            Algo::Ring if cfg.slice_bytes > 0 => Plan::RingSliced {
+                slice: ring::slice_len(cfg.slice_bytes, cfg.size, elem),
             },
-            _ => Plan::Ring,
+            algo => Plan::from_algo(algo, (cfg.segment_bytes / elem.max(1)).max(1)),
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+use kolo::algo::cost::Algo;
 use kolo::algo::{cost, doubling, ring, Schedule};
 use kolo::simulate::{bytes_per_rank, simulate, simulate_allreduce, Link, Network, Plan};
 use kolo::ReduceOp;
@@ -76,12 +77,13 @@ fn ring_sends_two_n_minus_one_over_n_of_the_buffer() {
 }
 
 /// Sent-bytes delta of one allreduce per rank, on real ranks over loopback.
-fn wire_bytes(n: usize, count: usize, small: usize, slice: usize) -> Vec<u64> {
+fn wire_bytes(n: usize, count: usize, small: usize, slice: usize, algo: Option<Algo>) -> Vec<u64> {
     common::run_ranks_with(
         n,
         |cfg| {
             cfg.small_bytes = small;
             cfg.slice_bytes = slice;
+            cfg.algo = algo;
         },
         |comm| {
             let mut v = vec![1.0f32; count];
@@ -107,32 +109,45 @@ fn predicted_bytes_equal_what_the_transport_sends() {
             .collect();
         let sim = simulate(&net, &scheds, 4).unwrap();
         assert_eq!(sim.bytes, bytes_per_rank(&scheds, 4));
-        let real = wire_bytes(n, count, small, slice);
+        let real = wire_bytes(n, count, small, slice, Some(Algo::Ring));
         for (r, (&got, want)) in real.iter().zip(&sim.bytes).enumerate() {
             assert_eq!(got, want.1, "ring n={n} rank={r}");
         }
         assert_eq!(real.len(), n);
-        // And the lazy generator of the plan Communicator picks agrees too.
-        let plan = Plan::kolo(small, slice, n, count, 4);
-        assert_eq!(
-            plan,
+        let lazy = simulate_allreduce(
+            &net,
             Plan::RingSliced {
-                slice: ring::slice_len(slice, n, 4)
-            }
-        );
-        let lazy = simulate_allreduce(&net, plan, n, count, 4).unwrap();
+                slice: ring::slice_len(slice, n, 4),
+            },
+            n,
+            count,
+            4,
+        )
+        .unwrap();
         assert_eq!(lazy.bytes, sim.bytes);
+        // And the plan the Communicator picks by itself (the tree, for up to
+        // 4 ranks on one host) sends what the simulator predicts for it.
+        let mut cfg = kolo::Config::local(0, n, 0);
+        cfg.small_bytes = small;
+        cfg.slice_bytes = slice;
+        let plan = Plan::kolo(&cfg, count, 4);
+        assert!(matches!(plan, Plan::Tree { .. }), "{plan:?}");
+        let auto = simulate_allreduce(&net, plan, n, count, 4).unwrap();
+        let real = wire_bytes(n, count, small, slice, None);
+        for (r, (&got, want)) in real.iter().zip(&auto.bytes).enumerate() {
+            assert_eq!(got, want.1, "auto (tree) n={n} rank={r}");
+        }
 
         // 100 f32 is within small_bytes: recursive doubling.
         let count = 100;
         let scheds: Vec<Schedule> = (0..n).map(|r| doubling::allreduce(r, n, count)).collect();
         let sim = simulate(&net, &scheds, 4).unwrap();
-        let real = wire_bytes(n, count, small, slice);
+        let real = wire_bytes(n, count, small, slice, None);
         for (r, (&got, want)) in real.iter().zip(&sim.bytes).enumerate() {
             assert_eq!(got, want.1, "rd n={n} rank={r}");
         }
         assert_eq!(real.len(), n);
-        assert_eq!(Plan::kolo(small, slice, n, count, 4), Plan::Rd);
+        assert_eq!(Plan::kolo(&cfg, count, 4), Plan::Rd);
     }
 }
 

@@ -179,19 +179,28 @@ pub fn allreduce_schedule(
     }
 }
 
-/// The allreduce algorithm used when none is forced: recursive doubling up to
-/// `small_bytes` (latency-bound: log2 N steps), the ring above (bandwidth-
-/// optimal and, sliced, cache-friendly; measured faster than the alternatives
-/// for large buffers on loopback, see README § Performance).
+/// The allreduce algorithm used when none is forced, from measurements
+/// (README § Performance): recursive doubling up to `small_bytes`
+/// (latency-bound: log2 N steps). Above that, with every rank on one host and
+/// at most 4 ranks, the double binary tree: its reduce and broadcast overlap
+/// segment by segment, while the ring waits between reduce-scatter and
+/// allgather, and on one host the CPU, not a link, is the bottleneck (measured
+/// 1.1-1.6x the ring's busbw at N = 2, 3, 4). Otherwise the ring, which is
+/// bandwidth-optimal per link (and what `kolo-sim` predicts is fastest across
+/// hosts).
 ///
 /// ```
 /// use kolo::algo::cost::{default_algo, Algo};
-/// assert_eq!(default_algo(8, 65536), Algo::Rd);
-/// assert_eq!(default_algo(1 << 20, 65536), Algo::Ring);
+/// assert_eq!(default_algo(8, 65536, 4, true), Algo::Rd);
+/// assert_eq!(default_algo(1 << 20, 65536, 4, true), Algo::Tree);
+/// assert_eq!(default_algo(1 << 20, 65536, 8, true), Algo::Ring);
+/// assert_eq!(default_algo(1 << 20, 65536, 4, false), Algo::Ring);
 /// ```
-pub fn default_algo(bytes: usize, small_bytes: usize) -> Algo {
+pub fn default_algo(bytes: usize, small_bytes: usize, size: usize, one_host: bool) -> Algo {
     if bytes <= small_bytes {
         Algo::Rd
+    } else if one_host && size <= 4 {
+        Algo::Tree
     } else {
         Algo::Ring
     }

@@ -286,7 +286,12 @@ fn main() -> ExitCode {
         let mut rows: Vec<(String, f64)> = Vec::new();
         for name in &o.plans {
             let plan = if name == "kolo" {
-                Plan::kolo(o.small, o.slice, n, count, elem)
+                let mut cfg = kolo::Config::local(0, n, 0);
+                cfg.local_size = o.per_host.min(n);
+                cfg.small_bytes = o.small;
+                cfg.slice_bytes = o.slice;
+                cfg.segment_bytes = o.seg;
+                Plan::kolo(&cfg, count, elem)
             } else {
                 let algo = Algo::parse(name).expect("names were checked when parsing");
                 Plan::from_algo(algo, (o.seg / elem).max(1))
