@@ -16,8 +16,6 @@ use super::{Apply, Buf, Op, Region, Round, Schedule};
 /// assert_eq!(s.rounds.len(), 3);
 /// ```
 pub fn allreduce(rank: usize, size: usize, count: usize) -> Schedule {
-    let p = 1usize << (usize::BITS - 1 - size.leading_zeros()); // largest power of two <= size
-    let rem = size - p;
     let all = Region::out(0..count);
     let scratch = Region {
         buf: Buf::Scratch,
@@ -25,33 +23,9 @@ pub fn allreduce(rank: usize, size: usize, count: usize) -> Schedule {
         len: count,
     };
     let mut rounds = Vec::new();
-    // Fold: even ranks below 2*rem hand their data to the next odd rank.
-    let newrank = if rank < 2 * rem {
-        if rank % 2 == 0 {
-            rounds.push(Round {
-                ops: vec![Op::Send {
-                    peer: rank + 1,
-                    from: all,
-                }],
-            });
-            None
-        } else {
-            rounds.push(Round {
-                ops: vec![Op::Recv {
-                    peer: rank - 1,
-                    into: all,
-                    apply: Apply::Reduce {
-                        incoming_first: true,
-                    },
-                }],
-            });
-            Some(rank / 2)
-        }
-    } else {
-        Some(rank - rem)
-    };
-    let real = |nr: usize| if nr < rem { 2 * nr + 1 } else { nr + rem };
-    if let Some(nr) = newrank {
+    let fold = Fold::new(rank, size, count, &mut rounds);
+    let (p, real) = (fold.p, |nr| fold.real(nr));
+    if let Some(nr) = fold.newrank {
         let mut mask = 1;
         while mask < p {
             let np = nr ^ mask;
@@ -74,8 +48,73 @@ pub fn allreduce(rank: usize, size: usize, count: usize) -> Schedule {
             mask <<= 1;
         }
     }
-    // Unfold: odd ranks below 2*rem return the result.
-    if rank < 2 * rem {
+    fold.unfold(rank, count, &mut rounds);
+    Schedule { rounds }
+}
+
+/// The pairing that lets power-of-two algorithms (recursive doubling,
+/// halving-doubling) run on any world size: with `p` the largest power of two
+/// `<= size` and `rem = size - p`, each even rank below `2 rem` hands its
+/// buffer to the next odd rank (which reduces it, lower rank first) and sits
+/// out; the other `p` ranks take virtual ranks `0..p`; at the end each odd
+/// rank below `2 rem` returns the result to its even partner.
+pub(crate) struct Fold {
+    /// The power of two the remaining ranks form.
+    pub p: usize,
+    rem: usize,
+    /// This rank's virtual rank, or `None` when it sat out.
+    pub newrank: Option<usize>,
+}
+
+impl Fold {
+    /// Pushes this rank's fold-in round (if any) onto `rounds`.
+    pub(crate) fn new(rank: usize, size: usize, count: usize, rounds: &mut Vec<Round>) -> Fold {
+        let p = 1usize << (usize::BITS - 1 - size.leading_zeros());
+        let rem = size - p;
+        let all = Region::out(0..count);
+        let newrank = if rank < 2 * rem {
+            if rank % 2 == 0 {
+                rounds.push(Round {
+                    ops: vec![Op::Send {
+                        peer: rank + 1,
+                        from: all,
+                    }],
+                });
+                None
+            } else {
+                rounds.push(Round {
+                    ops: vec![Op::Recv {
+                        peer: rank - 1,
+                        into: all,
+                        apply: Apply::Reduce {
+                            incoming_first: true,
+                        },
+                    }],
+                });
+                Some(rank / 2)
+            }
+        } else {
+            Some(rank - rem)
+        };
+        Fold { p, rem, newrank }
+    }
+
+    /// The real rank of virtual rank `nr`.
+    pub(crate) fn real(&self, nr: usize) -> usize {
+        if nr < self.rem {
+            2 * nr + 1
+        } else {
+            nr + self.rem
+        }
+    }
+
+    /// Pushes this rank's unfold round (if any): the result goes back to the
+    /// ranks that sat out.
+    pub(crate) fn unfold(&self, rank: usize, count: usize, rounds: &mut Vec<Round>) {
+        if rank >= 2 * self.rem {
+            return;
+        }
+        let all = Region::out(0..count);
         let op = if rank % 2 == 0 {
             Op::Recv {
                 peer: rank + 1,
@@ -90,7 +129,6 @@ pub fn allreduce(rank: usize, size: usize, count: usize) -> Schedule {
         };
         rounds.push(Round { ops: vec![op] });
     }
-    Schedule { rounds }
 }
 
 /// Dissemination barrier: in round k every rank signals rank+2^k and waits for

@@ -14,6 +14,7 @@
 //! the ranks in order, `op(lower group, higher group)` at every level, as in
 //! [`super::doubling::allreduce`].
 
+use super::doubling::Fold;
 use super::{chunks, Apply, Op, Region, Round, Schedule};
 
 /// Rabenseifner allreduce in place on `count` output elements.
@@ -39,37 +40,10 @@ use super::{chunks, Apply, Op, Region, Round, Schedule};
 /// assert_eq!(kolo::algo::halving::rabenseifner(0, 6, 60).rounds.len(), 2);
 /// ```
 pub fn rabenseifner(rank: usize, size: usize, count: usize) -> Schedule {
-    let p = 1usize << (usize::BITS - 1 - size.leading_zeros()); // largest power of two <= size
-    let rem = size - p;
-    let all = Region::out(0..count);
     let mut rounds = Vec::new();
-    // Fold: even ranks below 2*rem hand their data to the next odd rank.
-    let newrank = if rank < 2 * rem {
-        if rank % 2 == 0 {
-            rounds.push(Round {
-                ops: vec![Op::Send {
-                    peer: rank + 1,
-                    from: all,
-                }],
-            });
-            None
-        } else {
-            rounds.push(Round {
-                ops: vec![Op::Recv {
-                    peer: rank - 1,
-                    into: all,
-                    apply: Apply::Reduce {
-                        incoming_first: true,
-                    },
-                }],
-            });
-            Some(rank / 2)
-        }
-    } else {
-        Some(rank - rem)
-    };
-    let real = |nr: usize| if nr < rem { 2 * nr + 1 } else { nr + rem };
-    if let Some(nr) = newrank {
+    let fold = Fold::new(rank, size, count, &mut rounds);
+    let (p, real) = (fold.p, |nr| fold.real(nr));
+    if let Some(nr) = fold.newrank {
         let bl = chunks(count, p);
         // Blocks lo..hi as one region (they are contiguous).
         let span = |lo: usize, hi: usize| Region::out(bl[lo].start..bl[hi - 1].end);
@@ -134,22 +108,7 @@ pub fn rabenseifner(rank: usize, size: usize, count: usize) -> Schedule {
         }
         debug_assert_eq!((lo, hi), (0, p));
     }
-    // Unfold: odd ranks below 2*rem return the result.
-    if rank < 2 * rem {
-        let op = if rank % 2 == 0 {
-            Op::Recv {
-                peer: rank + 1,
-                into: all,
-                apply: Apply::Copy,
-            }
-        } else {
-            Op::Send {
-                peer: rank - 1,
-                from: all,
-            }
-        };
-        rounds.push(Round { ops: vec![op] });
-    }
+    fold.unfold(rank, count, &mut rounds);
     Schedule { rounds }
 }
 
