@@ -246,14 +246,20 @@ fn divide_portable(dtype: DType, buf: &mut [u8], n: usize) {
 
 /// A second copy of every kernel compiled for AVX2 + F16C, picked at runtime.
 /// Release builds target baseline x86-64 (SSE2), where the 16-bit kernels are
-/// compute-bound: AVX2 doubles the vector width, and with F16C enabled half's
-/// per-8-element conversion helpers inline into the block loop instead of being
-/// called through function pointers. IEEE add/mul/min/max/div give the same
-/// results at any vector width (Rust never contracts into FMA), so both copies
-/// agree bitwise; the tests check the portable copy as well.
+/// compute-bound: AVX2 doubles the vector width. `f16` reductions bypass the
+/// block path here and convert with the F16C intrinsics directly, 8 lanes at a
+/// time (half's slice conversions call an out-of-line helper per 8 elements).
+/// IEEE add/mul/min/max/div give the same results at any vector width (Rust
+/// never contracts into FMA), so both copies agree bitwise; the tests check the
+/// portable copy as well.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use core::arch::x86_64::{
+        __m128i, __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_cvtph_ps,
+        _mm256_cvtps_ph, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm_loadu_si128,
+        _mm_storeu_si128, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
+    };
 
     #[inline]
     pub(super) fn wide() -> bool {
@@ -271,7 +277,93 @@ mod x86 {
         inc: &[u8],
         first: bool,
     ) {
+        if dtype == DType::F16 {
+            // SAFETY: this function's own target features are the callee's.
+            return unsafe { f16_reduce(op, cast_mut(acc), cast(inc), first) };
+        }
         reduce_portable(dtype, op, acc, inc, first)
+    }
+
+    /// `f32::min` semantics on 8 lanes: a NaN operand loses to a number.
+    /// `minps(b, a)` yields `a` when either lane is NaN; then a NaN `a` is
+    /// replaced by `b`. Equal to `f32::min` except possibly for which of +0/-0
+    /// (or which NaN payload) wins, which Rust leaves unspecified anyway.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn vmin(a: __m256, b: __m256) -> __m256 {
+        let m = _mm256_min_ps(b, a);
+        _mm256_blendv_ps(m, b, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a))
+    }
+
+    /// `f32::max` semantics on 8 lanes (see [`vmin`]).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn vmax(a: __m256, b: __m256) -> __m256 {
+        let m = _mm256_max_ps(b, a);
+        _mm256_blendv_ps(m, b, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a))
+    }
+
+    /// `acc[i] = f16::from_f32(op(x, y))` with `(x, y)` the widened `(acc[i], inc[i])`,
+    /// swapped when `$first`: 8 lanes at a time through F16C (round to nearest-even,
+    /// NaNs quieted, exactly as half's scalar conversions), the tail through half.
+    macro_rules! f16_zip {
+        ($acc:expr, $inc:expr, $first:expr, $vop:expr, $sop:expr) => {{
+            let (acc, inc): (&mut [f16], &[f16]) = ($acc, $inc);
+            let n = acc.len().min(inc.len());
+            let (pa, pb) = (acc.as_mut_ptr().cast::<u16>(), inc.as_ptr().cast::<u16>());
+            let mut i = 0;
+            // 32 elements per trip (4 independent 8-lane chains), then 8 at a time.
+            while i + 8 <= n {
+                let m = if i + 32 <= n { 4 } else { 1 };
+                for j in (i..i + 8 * m).step_by(8) {
+                    // SAFETY: j + 8 <= i + 8 * m <= n, so all 8 lanes are in bounds
+                    // of both slices; unaligned 128-bit loads/stores.
+                    unsafe {
+                        let x = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(j).cast::<__m128i>()));
+                        let y = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(j).cast::<__m128i>()));
+                        let r = if $first { $vop(y, x) } else { $vop(x, y) };
+                        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r);
+                        _mm_storeu_si128(pa.add(j).cast::<__m128i>(), h);
+                    }
+                }
+                i += 8 * m;
+            }
+            for (a, b) in acc[i..n].iter_mut().zip(&inc[i..n]) {
+                let (x, y) = (a.to_f32(), b.to_f32());
+                let r = if $first { $sop(y, x) } else { $sop(x, y) };
+                *a = f16::from_f32(r);
+            }
+        }};
+    }
+
+    /// F16C kernel for `f16`, bit-identical to the block path (`half_reduce`).
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f16_reduce(op: ReduceOp, acc: &mut [f16], inc: &[f16], first: bool) {
+        assert_eq!(acc.len(), inc.len(), "reduce: slice lengths differ");
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => {
+                f16_zip!(
+                    acc,
+                    inc,
+                    first,
+                    |a, b| _mm256_add_ps(a, b),
+                    |a: f32, b: f32| a + b
+                )
+            }
+            ReduceOp::Prod => {
+                f16_zip!(
+                    acc,
+                    inc,
+                    first,
+                    |a, b| _mm256_mul_ps(a, b),
+                    |a: f32, b: f32| a * b
+                )
+            }
+            ReduceOp::Min => f16_zip!(acc, inc, first, |a, b| vmin(a, b), f32::min),
+            ReduceOp::Max => f16_zip!(acc, inc, first, |a, b| vmax(a, b), f32::max),
+        }
     }
 
     /// # Safety
@@ -907,6 +999,93 @@ mod tests {
         bf16::widen(&src, &mut dst);
         for (s, d) in src.iter().zip(&dst) {
             assert_eq!(d.to_bits(), s.to_f32().to_bits(), "{:#06x}", s.to_bits());
+        }
+    }
+
+    /// The F16C `f16` kernel against the scalar definition
+    /// `f16::from_f32(op(a.to_f32(), b.to_f32()))`: every f16 bit pattern against
+    /// 256 partners (±0, ±inf, quiet/signalling NaNs of both signs, subnormals,
+    /// extremes, rounding neighbours, random patterns), every op, both operand orders
+    /// and both slice roles, in calls of lengths cycling 1..=40 so the 8-lane body
+    /// and the scalar tail both see every value. As in `gen_pair`, NaN-NaN pairs
+    /// (which payload wins is unpinned) only have to give a NaN, and +0/-0 pairs in
+    /// min/max only a zero.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16_f16c_kernel_matches_scalar() {
+        if !x86::wide() {
+            eprintln!("skipped: CPU lacks AVX2/F16C");
+            return;
+        }
+        let mut partners: Vec<u16> = vec![
+            0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE00, 0x7C01, 0xFC01, 0x7D55, 0x7FFF, 0xFFFF,
+            0x0001, 0x8001, 0x0002, 0x03FF, 0x83FF, 0x0200, 0x0400, 0x8400, 0x7BFF, 0xFBFF, 0x7BFE,
+            0x3C00, 0xBC00, 0x3C01, 0x3BFF, 0x3800, 0x4000, 0xC000, 0x5BFF, 0x1400, 0x0C00, 0x6800,
+            0x7800, 0x2E66, 0xB555,
+        ];
+        let mut r = Rng(0x5851_F42D_4C95_7F2D);
+        while partners.len() < 256 {
+            partners.push(r.next() as u16);
+        }
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let scalar = |op: ReduceOp, a: f16, b: f16| -> f16 {
+            let (x, y) = (a.to_f32(), b.to_f32());
+            f16::from_f32(match op {
+                ReduceOp::Sum | ReduceOp::Avg => x + y,
+                ReduceOp::Prod => x * y,
+                ReduceOp::Min => x.min(y),
+                ReduceOp::Max => x.max(y),
+            })
+        };
+        for &p in &partners {
+            let p = f16::from_bits(p);
+            let other = vec![p; all.len()];
+            for op in ReduceOp::ALL {
+                for first in [false, true] {
+                    for all_is_acc in [false, true] {
+                        let (acc0, inc) = if all_is_acc {
+                            (&all, &other)
+                        } else {
+                            (&other, &all)
+                        };
+                        let mut acc = acc0.clone();
+                        let (mut i, mut len) = (0, 1);
+                        while i < acc.len() {
+                            let j = (i + len).min(acc.len());
+                            // SAFETY: AVX2 and F16C checked above.
+                            unsafe { x86::f16_reduce(op, &mut acc[i..j], &inc[i..j], first) };
+                            i = j;
+                            len = len % 40 + 1;
+                        }
+                        for k in 0..acc.len() {
+                            let (a, b) = if first {
+                                (inc[k], acc0[k])
+                            } else {
+                                (acc0[k], inc[k])
+                            };
+                            let (got, want) = (acc[k], scalar(op, a, b));
+                            let ok = if a.is_nan() && b.is_nan() {
+                                got.is_nan()
+                            } else if matches!(op, ReduceOp::Min | ReduceOp::Max)
+                                && a.to_f32() == 0.0
+                                && b.to_f32() == 0.0
+                            {
+                                got.to_f32() == 0.0
+                            } else {
+                                got.to_bits() == want.to_bits()
+                            };
+                            assert!(
+                                ok,
+                                "{op} first={first} {:#06x} (op) {:#06x}: got {:#06x} want {:#06x}",
+                                a.to_bits(),
+                                b.to_bits(),
+                                got.to_bits(),
+                                want.to_bits()
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
