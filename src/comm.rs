@@ -11,7 +11,7 @@ use crate::exec::{self, Call, Opts, Workspace};
 use crate::reduce::{self, ReduceOp};
 use crate::rendezvous::{self, StoreClient, StoreServer};
 use crate::transport::frame::Desc;
-use crate::transport::Transport;
+use crate::transport::{Activity, Transport};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -227,6 +227,35 @@ impl Communicator {
         (g.transport.bytes_sent, g.transport.bytes_received)
     }
 
+    /// The algorithm [`Communicator::allreduce`] uses for `bytes` bytes.
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// println!("{}", comm.allreduce_algo(1 << 20).name());
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce_algo(&self, bytes: usize) -> Algo {
+        self.cfg.algo.unwrap_or_else(|| {
+            let one_host = self.local_size() == self.size();
+            algo::cost::default_algo(bytes, self.cfg.small_bytes, self.size(), one_host)
+        })
+    }
+
+    /// A waker that cuts [`Communicator::wait_incoming`] short from another thread.
+    pub(crate) fn waker(&self) -> Result<std::sync::Arc<mio::Waker>> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.transport.waker()
+    }
+
+    /// Sleep until a peer sends (or closes), the waker fires, or `deadline`.
+    pub(crate) fn wait_incoming(&self, deadline: Instant) -> Result<Activity> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = &g.failed {
+            return Err(e.clone());
+        }
+        g.transport.wait_incoming(deadline)
+    }
+
     /// Elementwise reduction across ranks, in place; every rank gets the same bits.
     ///
     /// ```no_run
@@ -236,16 +265,7 @@ impl Communicator {
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn allreduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        let algo = self.cfg.algo.unwrap_or_else(|| {
-            let one_host = self.local_size() == self.size();
-            algo::cost::default_algo(
-                std::mem::size_of_val(buf),
-                self.cfg.small_bytes,
-                self.size(),
-                one_host,
-            )
-        });
-        self.allreduce_with(buf, op, algo)
+        self.allreduce_with(buf, op, self.allreduce_algo(std::mem::size_of_val(buf)))
     }
 
     /// [`Communicator::allreduce`] with a given algorithm. Every rank must pick

@@ -28,6 +28,12 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_ALGO", "auto", "allreduce algorithm: auto, ring, tree, rhd, rd or binomial (auto: rd up to KOLO_SMALL_BYTES; above, tree for up to 4 ranks on one host, else the sliced ring)"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
+    ("KOLO_FUSION_THRESHOLD", "67108864", "engine: ready allreduces of one dtype are packed into fusion buffers of at most this many bytes (0: no fusion)"),
+    ("KOLO_CYCLE_TIME_MS", "1", "engine: after the first new tensor, wait at most this long for more before negotiating (peers starting first cut it short)"),
+    ("KOLO_CACHE_CAPACITY", "1024", "engine: negotiated tensors remembered so that repeated steps agree by one small allreduce (0: no cache)"),
+    ("KOLO_STALL_WARNING_S", "60", "engine: log which ranks are missing which tensors once a tensor has waited this long"),
+    ("KOLO_STALL_SHUTDOWN_S", "600", "engine: fail tensors that have waited this long for missing ranks (0: never)"),
+    ("KOLO_TIMELINE", "-", "engine: write a Chrome-trace/Perfetto timeline to <path>.<rank>.json"),
 ];
 
 /// Everything a [`crate::Communicator`] needs to start.
@@ -71,6 +77,18 @@ pub struct Config {
     /// Socket buffer size for data connections (0: kernel autotuning, which
     /// starts sends at 16 KiB, far below what a bulk transfer needs).
     pub socket_buffer: usize,
+    /// Engine: largest fusion buffer in bytes (0: every tensor alone).
+    pub fusion_threshold: usize,
+    /// Engine: how long to gather more tensors after the first one arrives.
+    pub cycle_time: Duration,
+    /// Engine: how many negotiated tensors the response cache remembers.
+    pub cache_capacity: usize,
+    /// Engine: a tensor waiting this long for missing ranks is reported.
+    pub stall_warning: Duration,
+    /// Engine: a tensor waiting this long for missing ranks fails (`None`: never).
+    pub stall_shutdown: Option<Duration>,
+    /// Engine: timeline path prefix (`<path>.<rank>.json`).
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -93,6 +111,12 @@ impl Config {
             slice_bytes: 512 << 10,
             socket_buffer: 1 << 20,
             algo: None,
+            fusion_threshold: 64 << 20,
+            cycle_time: Duration::from_millis(1),
+            cache_capacity: 1024,
+            stall_warning: Duration::from_secs(60),
+            stall_shutdown: Some(Duration::from_secs(600)),
+            timeline: None,
         }
     }
 
@@ -273,6 +297,35 @@ impl Config {
         if let Some(v) = num("KOLO_SOCKET_BUFFER")? {
             cfg.socket_buffer = v;
         }
+        // Engine settings: fractions allowed, 0 meaningful where documented.
+        let nonneg = |k: &str| -> Result<Option<f64>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(x) if x >= 0.0 && x.is_finite() => Ok(Some(x)),
+                    _ => Err(Error::Config(format!("{k}={v:?} is not a non-negative number"))),
+                },
+            }
+        };
+        if let Some(v) = num("KOLO_FUSION_THRESHOLD")? {
+            cfg.fusion_threshold = v;
+        }
+        if let Some(v) = nonneg("KOLO_CYCLE_TIME_MS")? {
+            cfg.cycle_time = Duration::from_secs_f64(v / 1000.0);
+        }
+        if let Some(v) = num("KOLO_CACHE_CAPACITY")? {
+            cfg.cache_capacity = v;
+        }
+        if let Some(v) = nonneg("KOLO_STALL_WARNING_S")? {
+            cfg.stall_warning = Duration::from_secs_f64(v);
+        }
+        if let Some(v) = nonneg("KOLO_STALL_SHUTDOWN_S")? {
+            cfg.stall_shutdown = (v > 0.0).then(|| Duration::from_secs_f64(v));
+        }
+        cfg.timeline = get("KOLO_TIMELINE")
+            .filter(|s| !s.trim().is_empty())
+            .map(std::path::PathBuf::from);
         cfg.algo = match get("KOLO_ALGO").as_deref().map(str::trim) {
             None | Some("") | Some("auto") => None,
             Some(a) => Some(crate::algo::cost::Algo::parse(a).ok_or_else(|| {

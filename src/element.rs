@@ -142,3 +142,68 @@ pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
     // through the byte view cannot create an invalid value.
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), std::mem::size_of_val(s)) }
 }
+
+/// View bytes as elements of `T`; `None` when the bytes are misaligned for `T`
+/// or not a whole number of elements.
+///
+/// ```
+/// let mut v = vec![0u64; 2];
+/// let b = kolo::element::as_bytes_mut(&mut v);
+/// assert_eq!(kolo::element::cast_mut::<f32>(b).map(|s| s.len()), Some(4));
+/// ```
+pub fn cast_mut<T: Element>(b: &mut [u8]) -> Option<&mut [T]> {
+    // SAFETY: Element is sealed to POD types for which every bit pattern is valid.
+    let (pre, mid, post) = unsafe { b.align_to_mut::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// View bytes as elements of `T` (see [`cast_mut`]).
+///
+/// ```
+/// let v = vec![0u64; 1];
+/// assert_eq!(kolo::element::cast::<i32>(kolo::element::as_bytes(&v)), Some(&[0, 0][..]));
+/// ```
+pub fn cast<T: Element>(b: &[u8]) -> Option<&[T]> {
+    // SAFETY: as in `cast_mut`.
+    let (pre, mid, post) = unsafe { b.align_to::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// Run an expression with a type alias bound to the Rust type of a runtime
+/// [`DType`], so byte buffers can reach the typed API:
+/// `with_dtype!(dtype, T => comm.allreduce(cast_mut::<T>(bytes)?, op))`.
+macro_rules! with_dtype {
+    ($d:expr, $t:ident => $body:expr) => {
+        match $d {
+            $crate::DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            $crate::DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            $crate::DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            $crate::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            $crate::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_dtype;

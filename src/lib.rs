@@ -19,6 +19,7 @@ pub mod algo;
 pub mod comm;
 pub mod config;
 pub mod element;
+pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod net;

@@ -231,6 +231,52 @@ pub fn divide_bytes(dtype: DType, buf: &mut [u8], n: usize) {
     divide_portable(dtype, buf, n)
 }
 
+/// Fill `buf` with the identity of `op` (what a rank with nothing to add
+/// contributes): 0 for sums, 1 for products, the largest value for minimum
+/// (+inf for floats) and the smallest for maximum.
+///
+/// ```
+/// use kolo::{element::as_bytes_mut, reduce::fill_identity, DType, ReduceOp};
+/// let mut v = [0i32; 2];
+/// fill_identity(DType::I32, ReduceOp::Min, as_bytes_mut(&mut v));
+/// assert_eq!(v, [i32::MAX; 2]);
+/// ```
+pub fn fill_identity(dtype: DType, op: ReduceOp, buf: &mut [u8]) {
+    fn fill<T: Element>(b: &mut [u8], v: T) {
+        cast_mut::<T>(b).fill(v);
+    }
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => buf.fill(0),
+        ReduceOp::Prod => match dtype {
+            DType::U8 => fill(buf, 1u8),
+            DType::I32 => fill(buf, 1i32),
+            DType::I64 => fill(buf, 1i64),
+            DType::F16 => fill(buf, f16::ONE),
+            DType::BF16 => fill(buf, bf16::ONE),
+            DType::F32 => fill(buf, 1f32),
+            DType::F64 => fill(buf, 1f64),
+        },
+        ReduceOp::Min => match dtype {
+            DType::U8 => fill(buf, u8::MAX),
+            DType::I32 => fill(buf, i32::MAX),
+            DType::I64 => fill(buf, i64::MAX),
+            DType::F16 => fill(buf, f16::INFINITY),
+            DType::BF16 => fill(buf, bf16::INFINITY),
+            DType::F32 => fill(buf, f32::INFINITY),
+            DType::F64 => fill(buf, f64::INFINITY),
+        },
+        ReduceOp::Max => match dtype {
+            DType::U8 => fill(buf, 0u8),
+            DType::I32 => fill(buf, i32::MIN),
+            DType::I64 => fill(buf, i64::MIN),
+            DType::F16 => fill(buf, f16::NEG_INFINITY),
+            DType::BF16 => fill(buf, bf16::NEG_INFINITY),
+            DType::F32 => fill(buf, f32::NEG_INFINITY),
+            DType::F64 => fill(buf, f64::NEG_INFINITY),
+        },
+    }
+}
+
 #[inline(always)]
 fn divide_portable(dtype: DType, buf: &mut [u8], n: usize) {
     match dtype {

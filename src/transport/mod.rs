@@ -34,10 +34,26 @@ pub struct Transport {
     peers: Vec<Option<Peer>>,
     poll: Poll,
     events: Events,
+    /// Wakes [`Transport::wait_incoming`] from another thread (created on first use).
+    waker: Option<std::sync::Arc<mio::Waker>>,
     /// Payload and header bytes written to sockets since creation.
     pub bytes_sent: u64,
     /// Payload and header bytes read from sockets since creation.
     pub bytes_received: u64,
+}
+
+/// Token of the cross-thread waker in the data connections' epoll set.
+const WAKER: Token = Token(usize::MAX - 1);
+
+/// What ended a [`Transport::wait_incoming`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// This peer sent bytes (or closed its connection).
+    Peer(usize),
+    /// The waker fired.
+    Woken,
+    /// The deadline passed.
+    Deadline,
 }
 
 fn io_err(what: &str, e: io::Error) -> Error {
@@ -173,6 +189,7 @@ impl Transport {
             peers,
             poll,
             events: Events::with_capacity(256),
+            waker: None,
             bytes_sent: 0,
             bytes_received: 0,
         })
@@ -235,6 +252,47 @@ impl Transport {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
             Err(e) => Err(io_err("epoll wait", e)),
+        }
+    }
+
+    /// A handle other threads use to cut a [`Transport::wait_incoming`] short.
+    pub fn waker(&mut self) -> Result<std::sync::Arc<mio::Waker>> {
+        if self.waker.is_none() {
+            let w = mio::Waker::new(self.poll.registry(), WAKER)
+                .map_err(|e| io_err("epoll waker", e))?;
+            self.waker = Some(std::sync::Arc::new(w));
+        }
+        Ok(self.waker.clone().expect("set above"))
+    }
+
+    /// Sleep until a peer has sent something (or closed its connection), the
+    /// [`Transport::waker`] fires, or `deadline` passes. Nothing is consumed:
+    /// readiness edges may have been used up earlier, so every connection is
+    /// peeked before sleeping.
+    pub fn wait_incoming(&mut self, deadline: Instant) -> Result<Activity> {
+        loop {
+            for (j, p) in self.peers.iter().enumerate() {
+                if let Some(p) = p {
+                    match p.rx.peek(&mut [0u8; 1]) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // Data, end of stream or an error: the next collective finds out which.
+                        _ => return Ok(Activity::Peer(j)),
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Activity::Deadline);
+            }
+            match self.poll.poll(&mut self.events, Some(deadline - now)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("epoll wait", e)),
+            }
+            if self.events.iter().any(|e| e.token() == WAKER) {
+                return Ok(Activity::Woken);
+            }
         }
     }
 

@@ -1,0 +1,125 @@
+//! Which ready allreduces share a fusion buffer. Pure planning: the worker
+//! copies tensors in, runs one collective per batch and copies them out.
+
+use super::negotiate::{Coll, Ready};
+use crate::ReduceOp;
+
+/// Tensors reduced by one collective.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Indices into the ready list, in order.
+    pub members: Vec<usize>,
+    /// Total payload bytes.
+    pub bytes: usize,
+}
+
+/// The reduction that travels on the wire: an average is a sum divided
+/// afterwards (by the number of contributors), so sums and averages fuse.
+pub fn wire_op(op: ReduceOp) -> ReduceOp {
+    match op {
+        ReduceOp::Avg => ReduceOp::Sum,
+        o => o,
+    }
+}
+
+/// Pack the ready allreduces into batches of one dtype and wire reduction, in
+/// order of first appearance, each at most `threshold` bytes (a tensor at
+/// least that big goes alone, reduced in place). Every rank computes the same
+/// plan from the same ready list.
+///
+/// ```ignore
+/// let batches = plan(&ready, 64 << 20);
+/// ```
+pub fn plan(ready: &[Ready], threshold: usize) -> Vec<Batch> {
+    let mut open: Vec<((u8, ReduceOp), Batch)> = Vec::new();
+    let mut done: Vec<Batch> = Vec::new();
+    for (i, r) in ready.iter().enumerate() {
+        let s = r.spec();
+        if s.coll != Coll::Allreduce {
+            continue;
+        }
+        let dtype = crate::DType::from_code(s.dtype).map_or(1, |d| d.size());
+        let bytes = s.count() as usize * dtype;
+        let key = (s.dtype, wire_op(ReduceOp::from_code(s.op).unwrap_or(ReduceOp::Sum)));
+        if bytes >= threshold {
+            done.push(Batch {
+                members: vec![i],
+                bytes,
+            });
+            continue;
+        }
+        match open.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, b)) if b.bytes + bytes <= threshold => {
+                b.members.push(i);
+                b.bytes += bytes;
+            }
+            Some((_, b)) => {
+                let full = std::mem::replace(
+                    b,
+                    Batch {
+                        members: vec![i],
+                        bytes,
+                    },
+                );
+                done.push(full);
+            }
+            None => open.push((
+                key,
+                Batch {
+                    members: vec![i],
+                    bytes,
+                },
+            )),
+        }
+    }
+    done.extend(open.into_iter().map(|(_, b)| b));
+    // Run in order of each batch's first tensor, the order tensors became ready.
+    done.sort_by_key(|b| b.members[0]);
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::negotiate::Spec;
+    use crate::DType;
+
+    fn ready(name: &str, dtype: DType, op: ReduceOp, len: u64) -> Ready {
+        Ready {
+            specs: vec![Some(Spec {
+                name: name.into(),
+                coll: Coll::Allreduce,
+                dtype: dtype.code(),
+                op: op.code(),
+                root: 0,
+                shape: vec![len],
+                group: None,
+            })],
+            contributors: 1,
+        }
+    }
+
+    #[test]
+    fn packs_by_dtype_and_wire_op_up_to_the_threshold() {
+        let r = vec![
+            ready("a", DType::F32, ReduceOp::Sum, 10),  // 40 B
+            ready("b", DType::F64, ReduceOp::Sum, 10),  // 80 B
+            ready("c", DType::F32, ReduceOp::Avg, 10),  // fuses with a
+            ready("d", DType::F32, ReduceOp::Max, 10),  // other wire op
+            ready("e", DType::F32, ReduceOp::Sum, 100), // 400 B: alone
+            ready("f", DType::F32, ReduceOp::Sum, 10),  // a+c+f = 120 > 100: new batch
+        ];
+        let b = plan(&r, 100);
+        let m: Vec<Vec<usize>> = b.iter().map(|b| b.members.clone()).collect();
+        assert_eq!(m, vec![vec![0, 2], vec![1], vec![3], vec![4], vec![5]]);
+        assert_eq!(b[0].bytes, 80);
+    }
+
+    #[test]
+    fn zero_threshold_means_every_tensor_alone() {
+        let r: Vec<Ready> = (0..3)
+            .map(|i| ready(&i.to_string(), DType::F32, ReduceOp::Sum, 4))
+            .collect();
+        assert_eq!(plan(&r, 0).len(), 3);
+    }
+}

@@ -1,0 +1,649 @@
+//! Asynchronous named collectives, as Horovod runs them: training code hands
+//! tensors to an [`Engine`] under names, in whatever order its ranks produce
+//! them; a background thread agrees with the other ranks on which names every
+//! rank has submitted ([`negotiate`]), packs ready allreduces into fusion
+//! buffers ([`fusion`]), runs them on the [`Communicator`] and hands the
+//! results back through [`Handle`]s.
+//!
+//! The thread sleeps until a tensor is submitted or a peer starts a round; it
+//! has no polling clock. `KOLO_CYCLE_TIME_MS` only bounds how long it waits
+//! for more tensors after the first. Negotiated tensors are cached, so a
+//! repeated training step agrees by one small allreduce per round.
+//!
+//! ```no_run
+//! use kolo::engine::Engine;
+//! use kolo::{Communicator, ReduceOp};
+//! let engine = Engine::start(Communicator::from_env()?)?;
+//! let a = engine.allreduce_async("layer1.weight", vec![1.0f32; 1000], ReduceOp::Avg)?;
+//! let b = engine.allreduce_async("layer1.bias", vec![1.0f32; 10], ReduceOp::Avg)?;
+//! let (a, b) = (a.wait()?, b.wait()?);
+//! # Ok::<(), kolo::Error>(())
+//! ```
+
+pub mod fusion;
+pub mod negotiate;
+pub mod timeline;
+mod worker;
+
+use crate::element::{as_bytes, as_bytes_mut, DType, Element};
+use crate::error::{Error, Result};
+use crate::{Communicator, ReduceOp};
+use crossbeam_channel::{Receiver, Sender};
+use negotiate::{Coll, Spec};
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A buffer the engine can reduce or fill: a `Vec<T>` of an [`Element`] type,
+/// or caller-owned memory ([`Engine::allreduce_async_raw`]).
+pub trait Buffer: Send + 'static {
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// The elements as bytes.
+    fn bytes(&self) -> &[u8];
+    /// The elements as mutable bytes.
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// A zeroed buffer of the same kind holding `elems` elements.
+    fn alloc(&self, elems: usize) -> Box<dyn Buffer>;
+    /// For [`Handle::wait`] to hand back the concrete type.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+impl<T: Element + Default> Buffer for Vec<T> {
+    fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+    fn bytes(&self) -> &[u8] {
+        as_bytes(self)
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        as_bytes_mut(self)
+    }
+    fn alloc(&self, elems: usize) -> Box<dyn Buffer> {
+        Box::new(vec![T::default(); elems])
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+/// Memory owned by the caller (C ABI, framework tensors). The engine writes
+/// the result into it in place.
+struct Raw {
+    ptr: *mut u8,
+    len: usize,
+    dtype: DType,
+}
+
+// SAFETY: the caller of `allreduce_async_raw` promises the memory stays valid
+// and untouched until the handle completes; only the engine thread uses it.
+unsafe impl Send for Raw {}
+
+impl Buffer for Raw {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: see `allreduce_async_raw`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: see `allreduce_async_raw`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    fn alloc(&self, elems: usize) -> Box<dyn Buffer> {
+        Box::new(vec![0i64; (elems * self.dtype.size()).div_ceil(8)])
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        Box::new(())
+    }
+}
+
+/// One submitted tensor, on its way to the engine thread.
+pub(crate) struct Request {
+    spec: Spec,
+    buf: Box<dyn Buffer>,
+    reply: Sender<Result<Box<dyn Buffer>>>,
+    submitted: Instant,
+}
+
+pub(crate) enum Msg {
+    Submit(Vec<Request>),
+    Join(Sender<Result<usize>>, Instant),
+    Stop,
+}
+
+/// State shared by the engine handle, the handles and the thread.
+pub(crate) struct Shared {
+    /// Names submitted on this rank and not yet completed.
+    inflight: Mutex<HashSet<String>>,
+    /// Why the engine stopped, once it has.
+    dead: Mutex<Option<Error>>,
+    rank: usize,
+}
+
+impl Shared {
+    fn dead(&self) -> Option<Error> {
+        self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn release(&self, name: &str) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
+/// The result of one asynchronous operation.
+///
+/// ```no_run
+/// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+/// let mut h = engine.allreduce_async("g", vec![1.0f32; 8], kolo::ReduceOp::Sum)?;
+/// while !h.poll() { /* overlap other work */ }
+/// let summed: Vec<f32> = h.wait()?;
+/// # Ok::<(), kolo::Error>(())
+/// ```
+pub struct Handle<O> {
+    name: String,
+    rx: Receiver<Result<Box<dyn Buffer>>>,
+    done: Option<Result<Box<dyn Buffer>>>,
+    shared: Arc<Shared>,
+    convert: fn(Box<dyn Buffer>) -> O,
+}
+
+impl<O> Handle<O> {
+    /// The tensor's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True once the operation finished (successfully or not); never blocks.
+    pub fn poll(&mut self) -> bool {
+        if self.done.is_none() {
+            match self.rx.try_recv() {
+                Ok(r) => self.done = Some(r),
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.done = Some(Err(self.stopped()))
+                }
+            }
+        }
+        self.done.is_some()
+    }
+
+    /// Block until the operation finishes and return its result. The engine
+    /// bounds every wait: collectives by `KOLO_TIMEOUT`, negotiation by
+    /// `KOLO_STALL_SHUTDOWN_S`.
+    pub fn wait(mut self) -> Result<O> {
+        let r = match self.done.take() {
+            Some(r) => r,
+            None => self.rx.recv().unwrap_or_else(|_| Err(self.stopped())),
+        };
+        r.map(self.convert)
+    }
+
+    fn stopped(&self) -> Error {
+        let why = self
+            .shared
+            .dead()
+            .map_or("the engine was shut down".to_string(), |e| e.to_string());
+        Error::InvalidArgument(format!(
+            "rank {}: engine tensor {:?} did not complete: {why}",
+            self.shared.rank, self.name
+        ))
+    }
+}
+
+fn into_vec<T: Element>(b: Box<dyn Buffer>) -> Vec<T> {
+    *b.into_any()
+        .downcast::<Vec<T>>()
+        .expect("the engine returns the buffer type it was given")
+}
+
+/// A tensor to submit, with its options; most callers use the
+/// `*_async` shorthands on [`Engine`].
+///
+/// ```no_run
+/// use kolo::engine::{Engine, Op};
+/// # let engine = Engine::start(kolo::Communicator::from_env()?)?;
+/// let w = Op::allreduce("conv1.weight", vec![0.0f32; 64 * 27], kolo::ReduceOp::Avg)
+///     .shape(&[64, 3, 3, 3]);
+/// let h = engine.submit(w)?;
+/// # Ok::<(), kolo::Error>(())
+/// ```
+pub struct Op<T: Element> {
+    spec: Spec,
+    buf: Vec<T>,
+}
+
+impl<T: Element + Default> Op<T> {
+    fn new(name: &str, coll: Coll, buf: Vec<T>, op: Option<ReduceOp>, root: usize) -> Op<T> {
+        Op {
+            spec: Spec {
+                name: name.to_string(),
+                coll,
+                dtype: T::DTYPE.code(),
+                op: op.map_or(0, ReduceOp::code),
+                root: root as u32,
+                shape: vec![buf.len() as u64],
+                group: None,
+            },
+            buf,
+        }
+    }
+
+    /// Elementwise reduction of `buf` across ranks.
+    pub fn allreduce(name: &str, buf: Vec<T>, op: ReduceOp) -> Op<T> {
+        Op::new(name, Coll::Allreduce, buf, Some(op), 0)
+    }
+    /// Concatenation of every rank's `buf` in rank order (lengths may differ).
+    pub fn allgather(name: &str, buf: Vec<T>) -> Op<T> {
+        Op::new(name, Coll::Allgather, buf, None, 0)
+    }
+    /// `root`'s `buf` on every rank.
+    pub fn broadcast(name: &str, buf: Vec<T>, root: usize) -> Op<T> {
+        Op::new(name, Coll::Broadcast, buf, None, root)
+    }
+    /// Block `rank` of the reduction of `buf` (its length a multiple of the size).
+    pub fn reduce_scatter(name: &str, buf: Vec<T>, op: ReduceOp) -> Op<T> {
+        Op::new(name, Coll::ReduceScatter, buf, Some(op), 0)
+    }
+    /// Block j of `buf` to rank j (its length a multiple of the size).
+    pub fn alltoall(name: &str, buf: Vec<T>) -> Op<T> {
+        Op::new(name, Coll::Alltoall, buf, None, 0)
+    }
+
+    /// Declare the tensor's dimensions (checked against the length, and
+    /// across ranks; for allgather the first dimension may differ).
+    pub fn shape(mut self, dims: &[usize]) -> Op<T> {
+        self.spec.shape = dims.iter().map(|&d| d as u64).collect();
+        self
+    }
+}
+
+/// Tensors submitted together ([`Engine::group`]): they reach the engine at
+/// once and run only when every member is ready on every rank.
+///
+/// ```no_run
+/// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+/// let mut g = engine.group("step");
+/// let a = g.add(kolo::engine::Op::allreduce("a", vec![1.0f32; 4], kolo::ReduceOp::Sum));
+/// let b = g.add(kolo::engine::Op::allreduce("b", vec![2.0f32; 4], kolo::ReduceOp::Sum));
+/// g.submit()?;
+/// let (a, b) = (a.wait()?, b.wait()?);
+/// # Ok::<(), kolo::Error>(())
+/// ```
+pub struct Group<'e> {
+    engine: &'e Engine,
+    name: String,
+    reqs: Vec<Request>,
+    error: Option<Error>,
+}
+
+impl Group<'_> {
+    /// Add a tensor; its handle completes after [`Group::submit`].
+    pub fn add<T: Element + Default>(&mut self, op: Op<T>) -> Handle<Vec<T>> {
+        let (req, h) = self.engine.prepare(op.spec, Box::new(op.buf), into_vec::<T>);
+        match req {
+            Ok(r) => self.reqs.push(r),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        h
+    }
+
+    /// Hand every member to the engine at once.
+    pub fn submit(mut self) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            for r in &self.reqs {
+                self.engine.shared.release(&r.spec.name);
+            }
+            return Err(e);
+        }
+        let n = self.reqs.len() as u32;
+        for r in &mut self.reqs {
+            r.spec.group = Some((self.name.clone(), n));
+        }
+        let reqs = std::mem::take(&mut self.reqs);
+        self.engine.send(Msg::Submit(reqs))
+    }
+}
+
+/// The background engine of one rank. Dropping it stops the thread; pending
+/// operations then fail.
+pub struct Engine {
+    tx: Sender<Msg>,
+    waker: Arc<mio::Waker>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Communicator>>,
+    rank: usize,
+    size: usize,
+}
+
+impl Engine {
+    /// Start the engine thread on `comm`, with the engine settings of its
+    /// [`crate::Config`] (`KOLO_FUSION_THRESHOLD`, `KOLO_CYCLE_TIME_MS`, ...).
+    /// The engine owns the communicator until [`Engine::shutdown`]; ranks
+    /// must not run blocking collectives on it meanwhile.
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// let engine = kolo::engine::Engine::start(comm)?;
+    /// let h = engine.allreduce_async("x", vec![3i64; 2], kolo::ReduceOp::Sum)?;
+    /// assert_eq!(h.wait()?, [3, 3]);
+    /// engine.shutdown()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn start(comm: Communicator) -> Result<Engine> {
+        let waker = comm.waker()?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (rank, size) = (comm.rank(), comm.size());
+        let shared = Arc::new(Shared {
+            inflight: Mutex::new(HashSet::new()),
+            dead: Mutex::new(None),
+            rank,
+        });
+        let w = worker::Worker::new(comm, rx, shared.clone())?;
+        let thread = std::thread::Builder::new()
+            .name(format!("kolo-engine-{rank}"))
+            .spawn(move || w.run())
+            .map_err(|e| Error::Io(format!("spawn engine thread: {e}")))?;
+        Ok(Engine {
+            tx,
+            waker,
+            shared,
+            thread: Some(thread),
+            rank,
+            size,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, m: Msg) -> Result<()> {
+        if let Some(e) = self.shared.dead() {
+            return Err(e);
+        }
+        self.tx.send(m).map_err(|_| {
+            self.shared.dead().unwrap_or_else(|| {
+                Error::InvalidArgument(format!("rank {}: the engine has stopped", self.rank))
+            })
+        })?;
+        // Best effort: if the wake fails the thread still finds the message
+        // when its current wait ends.
+        let _ = self.waker.wake();
+        Ok(())
+    }
+
+    /// Check a request and reserve its name.
+    fn prepare<O>(
+        &self,
+        spec: Spec,
+        buf: Box<dyn Buffer>,
+        convert: fn(Box<dyn Buffer>) -> O,
+    ) -> (Result<Request>, Handle<O>) {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        let handle = Handle {
+            name: spec.name.clone(),
+            rx,
+            done: None,
+            shared: self.shared.clone(),
+            convert,
+        };
+        let elems = buf.bytes().len() / buf.dtype().size().max(1);
+        let check = if spec.count() != elems as u64 {
+            Err(format!(
+                "shape {:?} holds {} elements but the buffer has {elems}",
+                spec.shape,
+                spec.count()
+            ))
+        } else if spec.name.is_empty() || spec.name == negotiate::JOIN {
+            Err(format!("{:?} is not a valid tensor name", spec.name))
+        } else if !self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.name.clone())
+        {
+            Err("a tensor of this name is already in flight on this rank".to_string())
+        } else {
+            Ok(())
+        };
+        let req = match check {
+            Ok(()) => Ok(Request {
+                spec,
+                buf,
+                reply,
+                submitted: Instant::now(),
+            }),
+            Err(m) => Err(Error::InvalidArgument(format!(
+                "rank {}: engine tensor {:?}: {m}",
+                self.rank, handle.name
+            ))),
+        };
+        (req, handle)
+    }
+
+    /// Submit one tensor.
+    pub fn submit<T: Element + Default>(&self, op: Op<T>) -> Result<Handle<Vec<T>>> {
+        let name = op.spec.name.clone();
+        let (req, h) = self.prepare(op.spec, Box::new(op.buf), into_vec::<T>);
+        self.send(Msg::Submit(vec![req?])).inspect_err(|_| {
+            self.shared.release(&name);
+        })?;
+        Ok(h)
+    }
+
+    /// Start an allreduce of `buf` under `name`; the handle returns the result.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let h = engine.allreduce_async("grad", vec![1.0f32; 100], kolo::ReduceOp::Avg)?;
+    /// let avg = h.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce_async<T: Element + Default>(
+        &self,
+        name: &str,
+        buf: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Handle<Vec<T>>> {
+        self.submit(Op::allreduce(name, buf, op))
+    }
+
+    /// Start an allgather: every rank's `buf` concatenated in rank order;
+    /// lengths may differ between ranks.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let all = engine.allgather_async("ids", vec![engine.rank() as i64], )?.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allgather_async<T: Element + Default>(
+        &self,
+        name: &str,
+        buf: Vec<T>,
+    ) -> Result<Handle<Vec<T>>> {
+        self.submit(Op::allgather(name, buf))
+    }
+
+    /// Start a broadcast of `root`'s `buf`.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let w = engine.broadcast_async("init", vec![0.5f64; 10], 0)?.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn broadcast_async<T: Element + Default>(
+        &self,
+        name: &str,
+        buf: Vec<T>,
+        root: usize,
+    ) -> Result<Handle<Vec<T>>> {
+        self.submit(Op::broadcast(name, buf, root))
+    }
+
+    /// Start a reduce-scatter: the handle returns block `rank` of the
+    /// reduction (`buf.len()` must be a multiple of the size).
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let n = engine.size();
+    /// let mine = engine.reduce_scatter_async("rs", vec![1.0f32; 4 * n], kolo::ReduceOp::Sum)?.wait()?;
+    /// assert_eq!(mine.len(), 4);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn reduce_scatter_async<T: Element + Default>(
+        &self,
+        name: &str,
+        buf: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Handle<Vec<T>>> {
+        self.submit(Op::reduce_scatter(name, buf, op))
+    }
+
+    /// Start an alltoall: block j of `buf` goes to rank j; the handle returns
+    /// block i from rank i.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let got = engine.alltoall_async("a2a", vec![engine.rank() as i32; engine.size()])?.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn alltoall_async<T: Element + Default>(
+        &self,
+        name: &str,
+        buf: Vec<T>,
+    ) -> Result<Handle<Vec<T>>> {
+        self.submit(Op::alltoall(name, buf))
+    }
+
+    /// Start an in-place allreduce of caller-owned memory (for the C ABI and
+    /// framework tensors).
+    ///
+    /// # Safety
+    /// `ptr` must point to `count` elements of `dtype`, aligned for it, that
+    /// stay valid and are neither read nor written by anyone else until the
+    /// handle has completed (`wait` returned or `poll` returned true).
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let mut v = vec![1.0f32; 16];
+    /// let h = unsafe {
+    ///     engine.allreduce_async_raw("v", v.as_mut_ptr().cast(), v.len(), kolo::DType::F32, kolo::ReduceOp::Sum)?
+    /// };
+    /// h.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub unsafe fn allreduce_async_raw(
+        &self,
+        name: &str,
+        ptr: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<Handle<()>> {
+        let bad = |m: &str| {
+            Err(Error::InvalidArgument(format!(
+                "rank {}: engine tensor {name:?}: {m}",
+                self.rank
+            )))
+        };
+        if count > 0 && ptr.is_null() {
+            return bad("null buffer with a positive count");
+        }
+        if (ptr as usize) % dtype.size() != 0 {
+            return bad("buffer is not aligned for its dtype");
+        }
+        let Some(len) = count.checked_mul(dtype.size()) else {
+            return bad("count overflows");
+        };
+        let ptr = if count == 0 {
+            std::ptr::NonNull::<u64>::dangling().as_ptr().cast()
+        } else {
+            ptr
+        };
+        let spec = Spec {
+            name: name.to_string(),
+            coll: Coll::Allreduce,
+            dtype: dtype.code(),
+            op: op.code(),
+            root: 0,
+            shape: vec![count as u64],
+            group: None,
+        };
+        let (req, h) = self.prepare(spec, Box::new(Raw { ptr, len, dtype }), |_| ());
+        self.send(Msg::Submit(vec![req?])).inspect_err(|_| {
+            self.shared.release(name);
+        })?;
+        Ok(h)
+    }
+
+    /// Collect tensors to submit atomically under a group name (unique
+    /// among groups in flight).
+    pub fn group(&self, name: &str) -> Group<'_> {
+        Group {
+            engine: self,
+            name: name.to_string(),
+            reqs: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// This rank has no more data: it keeps taking part in the other ranks'
+    /// allreduces (adding the identity: zeros to sums) until every rank has
+    /// joined, and averages divide by the ranks that contributed. Returns the
+    /// last rank to join. No tensors may be submitted while joining.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// // ... after this rank's last batch:
+    /// let last = engine.join()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn join(&self) -> Result<usize> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Msg::Join(tx, Instant::now()))?;
+        rx.recv().unwrap_or_else(|_| {
+            Err(self.shared.dead().unwrap_or_else(|| {
+                Error::InvalidArgument(format!("rank {}: the engine has stopped", self.rank))
+            }))
+        })
+    }
+
+    /// Stop the engine thread and take the communicator back. Operations
+    /// still pending fail. Call it on every rank after the last handle has
+    /// completed (for example after [`Engine::join`]).
+    pub fn shutdown(mut self) -> Result<Communicator> {
+        self.stop()
+            .ok_or_else(|| Error::Io(format!("rank {}: engine thread panicked", self.rank)))
+    }
+
+    fn stop(&mut self) -> Option<Communicator> {
+        let t = self.thread.take()?;
+        let _ = self.tx.send(Msg::Stop);
+        let _ = self.waker.wake();
+        t.join().ok()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How long an idle engine sleeps when nothing at all is pending; any
+/// submission or peer activity wakes it sooner. Only bounds the sleep call.
+const IDLE_SLEEP: Duration = Duration::from_secs(3600);

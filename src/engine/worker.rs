@@ -1,0 +1,760 @@
+//! The engine thread: takes submissions, runs negotiation rounds with the
+//! other ranks, and executes what every rank agreed on.
+
+use super::fusion::{self, wire_op};
+use super::negotiate::{Coll, Contribution, Failure, Local, Ready, Spec, State, JOIN};
+use super::timeline::Timeline;
+use super::{Buffer, Msg, Request, Shared, IDLE_SLEEP};
+use crate::element::{as_bytes_mut, cast, cast_mut, with_dtype, DType};
+use crate::error::{Error, Result};
+use crate::reduce::{self, ReduceOp};
+use crate::transport::Activity;
+use crate::Communicator;
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where a pending tensor stands in negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// To be described in the next exchange.
+    New,
+    /// Described; waiting for the other ranks.
+    Announced,
+    /// Matches this cache slot; marked in each round's vector.
+    Held(usize),
+}
+
+struct Pending {
+    req: Request,
+    stage: Stage,
+    /// Last stall report (or submission) time.
+    warned: Instant,
+    cancel_sent: bool,
+}
+
+struct JoinWait {
+    reply: Sender<Result<usize>>,
+    since: Instant,
+    warned: Instant,
+    sent: bool,
+    cancel_sent: bool,
+}
+
+pub(crate) struct Worker {
+    comm: Communicator,
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
+    state: State,
+    pending: HashMap<String, Pending>,
+    join: Option<JoinWait>,
+    me: usize,
+    n: usize,
+    fusion_threshold: usize,
+    cycle_time: Duration,
+    stall_warning: Duration,
+    stall_shutdown: Option<Duration>,
+    timeline: Option<Timeline>,
+    /// Fusion buffer, in words so any dtype is aligned.
+    fusion: Vec<i64>,
+    /// Something local that the other ranks have not heard about yet.
+    dirty: bool,
+    /// When the first news since the last round arrived (for the cycle time).
+    news_since: Option<Instant>,
+    wants_census: bool,
+    cancel: Vec<String>,
+    stop: bool,
+}
+
+impl Worker {
+    pub(crate) fn new(comm: Communicator, rx: Receiver<Msg>, shared: Arc<Shared>) -> Result<Worker> {
+        let cfg = comm.config().clone();
+        let (me, n) = (comm.rank(), comm.size());
+        let timeline = match &cfg.timeline {
+            Some(p) => Some(Timeline::create(p, me)?),
+            None => None,
+        };
+        Ok(Worker {
+            comm,
+            rx,
+            shared,
+            state: State::new(n, cfg.cache_capacity),
+            pending: HashMap::new(),
+            join: None,
+            me,
+            n,
+            fusion_threshold: cfg.fusion_threshold,
+            cycle_time: cfg.cycle_time,
+            stall_warning: cfg.stall_warning,
+            stall_shutdown: cfg.stall_shutdown,
+            timeline,
+            fusion: Vec::new(),
+            dirty: false,
+            news_since: None,
+            wants_census: false,
+            cancel: Vec::new(),
+            stop: false,
+        })
+    }
+
+    /// The thread body: returns the communicator when stopped.
+    pub(crate) fn run(mut self) -> Communicator {
+        if let Err(e) = self.main_loop() {
+            *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+            self.fail_everything(&e);
+        } else {
+            let e = Error::InvalidArgument(format!(
+                "rank {}: the engine was shut down with this tensor pending",
+                self.me
+            ));
+            *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+            self.fail_everything(&e);
+        }
+        self.timeline.take();
+        self.comm
+    }
+
+    fn fail_everything(&mut self, e: &Error) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.take(m);
+        }
+        for (name, p) in std::mem::take(&mut self.pending) {
+            self.shared.release(&name);
+            let _ = p.req.reply.send(Err(e.clone()));
+        }
+        if let Some(j) = self.join.take() {
+            let _ = j.reply.send(Err(e.clone()));
+        }
+    }
+
+    fn main_loop(&mut self) -> Result<()> {
+        loop {
+            self.drain();
+            if self.stop {
+                return Ok(());
+            }
+            self.check_stalls(Instant::now());
+            if self.dirty || self.state.needs_round() {
+                self.gather()?;
+                if self.stop {
+                    return Ok(());
+                }
+                self.round()?;
+                continue;
+            }
+            if let Some(t) = &mut self.timeline {
+                t.flush();
+            }
+            let deadline = self
+                .next_stall_check()
+                .unwrap_or_else(|| Instant::now() + IDLE_SLEEP);
+            if let Activity::Peer(_) = self.comm.wait_incoming(deadline)? {
+                // A peer started a round.
+                self.round()?;
+            }
+        }
+    }
+
+    /// Wait up to the cycle time after the first news for more tensors, unless
+    /// a peer starts the round first.
+    fn gather(&mut self) -> Result<()> {
+        let Some(since) = self.news_since else {
+            return Ok(());
+        };
+        let until = since + self.cycle_time;
+        while Instant::now() < until && !self.stop {
+            match self.comm.wait_incoming(until)? {
+                Activity::Peer(_) | Activity::Deadline => break,
+                Activity::Woken => self.drain(),
+            }
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.take(m);
+        }
+    }
+
+    fn take(&mut self, m: Msg) {
+        let now = Instant::now();
+        match m {
+            Msg::Stop => self.stop = true,
+            Msg::Join(reply, since) => {
+                if self.join.is_some() {
+                    let _ = reply.send(Err(Error::InvalidArgument(format!(
+                        "rank {}: join called while this rank is already joining",
+                        self.me
+                    ))));
+                    return;
+                }
+                self.join = Some(JoinWait {
+                    reply,
+                    since,
+                    warned: since,
+                    sent: false,
+                    cancel_sent: false,
+                });
+                self.news(now);
+            }
+            Msg::Submit(reqs) => {
+                for req in reqs {
+                    let name = req.spec.name.clone();
+                    let refuse = if self.stop {
+                        Some("submitted while the engine shuts down")
+                    } else if self.join.is_some() {
+                        Some("submitted after join; a joined rank submits nothing until every rank has joined")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = refuse {
+                        self.shared.release(&name);
+                        let _ = req.reply.send(Err(Error::InvalidArgument(format!(
+                            "rank {}: engine tensor {name:?}: {why}",
+                            self.me
+                        ))));
+                        continue;
+                    }
+                    let stage = match self.state.cached(self.me, &req.spec) {
+                        Some(slot) => Stage::Held(slot),
+                        None => Stage::New,
+                    };
+                    self.pending.insert(
+                        name,
+                        Pending {
+                            warned: req.submitted,
+                            req,
+                            stage,
+                            cancel_sent: false,
+                        },
+                    );
+                    self.news(now);
+                }
+            }
+        }
+    }
+
+    fn news(&mut self, now: Instant) {
+        self.dirty = true;
+        self.news_since.get_or_insert(now);
+    }
+
+    /// The next time a stall report or shutdown may be due.
+    fn next_stall_check(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for p in self.pending.values() {
+            consider(p.warned + self.stall_warning);
+            if let Some(s) = self.stall_shutdown {
+                if !p.cancel_sent {
+                    consider(p.req.submitted + s);
+                }
+            }
+        }
+        if let Some(j) = &self.join {
+            consider(j.warned + self.stall_warning);
+            if let Some(s) = self.stall_shutdown {
+                if !j.cancel_sent {
+                    consider(j.since + s);
+                }
+            }
+        }
+        next
+    }
+
+    /// Ask for a census when something has waited past the warning time, and
+    /// give up on what has waited past the shutdown time.
+    fn check_stalls(&mut self, now: Instant) {
+        let (warn, shut) = (self.stall_warning, self.stall_shutdown);
+        let mut census = false;
+        for (name, p) in self.pending.iter_mut() {
+            if now >= p.warned + warn {
+                p.warned = now;
+                census = true;
+            }
+            if let Some(s) = shut {
+                if !p.cancel_sent && now >= p.req.submitted + s {
+                    p.cancel_sent = true;
+                    self.cancel.push(name.clone());
+                    census = true;
+                }
+            }
+        }
+        if let Some(j) = &mut self.join {
+            if now >= j.warned + warn {
+                j.warned = now;
+                census = true;
+            }
+            if let Some(s) = shut {
+                if !j.cancel_sent && now >= j.since + s {
+                    j.cancel_sent = true;
+                    self.cancel.push(JOIN.to_string());
+                    census = true;
+                }
+            }
+        }
+        if census {
+            self.wants_census = true;
+            self.dirty = true;
+        }
+    }
+
+    /// One negotiation round, then run what became ready.
+    fn round(&mut self) -> Result<()> {
+        let held: BTreeSet<usize> = self
+            .pending
+            .values()
+            .filter_map(|p| match p.stage {
+                Stage::Held(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let mut announce: Vec<&Spec> = self
+            .pending
+            .values()
+            .filter(|p| p.stage == Stage::New)
+            .map(|p| &p.req.spec)
+            .collect();
+        announce.sort_by(|a, b| a.name.cmp(&b.name));
+        let join_now = self.join.as_ref().is_some_and(|j| !j.sent);
+        let local = Local {
+            has_content: !announce.is_empty() || join_now || !self.cancel.is_empty(),
+            wants_census: self.wants_census,
+            held,
+        };
+        let mut v = self.state.vector(self.me, &local);
+        self.comm.allreduce(&mut v, ReduceOp::Sum)?;
+        let contribs = if State::exchange_needed(&v) {
+            let mut pending: Option<Vec<String>> = None;
+            if State::census_needed(&v) {
+                let mut names: Vec<String> = self.pending.keys().cloned().collect();
+                if self.join.is_some() {
+                    names.push(JOIN.to_string());
+                }
+                names.sort();
+                pending = Some(names);
+            }
+            let mine = Contribution {
+                announce: announce.into_iter().cloned().collect(),
+                join: join_now,
+                pending,
+                cancel: std::mem::take(&mut self.cancel),
+            };
+            for p in self.pending.values_mut() {
+                if p.stage == Stage::New {
+                    p.stage = Stage::Announced;
+                }
+            }
+            if let Some(j) = &mut self.join {
+                j.sent = true;
+            }
+            Some(self.exchange(&mine)?)
+        } else {
+            None
+        };
+        self.dirty = false;
+        self.news_since = None;
+        self.wants_census = false;
+        let out = self.state.apply(&v, contribs.as_deref());
+        let decided = Instant::now();
+
+        for name in &out.evicted {
+            if let Some(p) = self.pending.get_mut(name) {
+                if matches!(p.stage, Stage::Held(_)) {
+                    p.stage = Stage::New;
+                    self.dirty = true;
+                }
+            }
+        }
+        for (name, ranks, f) in &out.failed {
+            if !ranks.contains(&self.me) {
+                continue;
+            }
+            let Some(p) = self.pending.remove(name) else {
+                continue;
+            };
+            let e = self.failure_error(name, f, &p);
+            self.shared.release(name);
+            let _ = p.req.reply.send(Err(e));
+        }
+        if let Some(stalls) = &out.stalls {
+            for s in stalls {
+                eprintln!(
+                    "kolo engine: rank {}: stall: {} submitted by ranks {:?}, not by ranks {:?}",
+                    self.me,
+                    if s.name == JOIN {
+                        "join".to_string()
+                    } else {
+                        format!("tensor {:?}", s.name)
+                    },
+                    s.have,
+                    s.missing
+                );
+            }
+        }
+        if out.join_cancelled.contains(&self.me) {
+            if let Some(j) = self.join.take() {
+                let _ = j.reply.send(Err(Error::Timeout {
+                    rank: self.me,
+                    op: "engine join".into(),
+                    waited: j.since.elapsed(),
+                    detail: "not every rank joined within KOLO_STALL_SHUTDOWN_S".into(),
+                }));
+            }
+        }
+        self.execute(out.ready, decided)?;
+        if let Some(last) = out.join_done {
+            if let Some(j) = self.join.take() {
+                let _ = j.reply.send(Ok(last));
+            }
+        }
+        Ok(())
+    }
+
+    fn failure_error(&self, name: &str, f: &Failure, p: &Pending) -> Error {
+        match f {
+            Failure::Mismatch(a, b, text) => Error::Mismatch {
+                rank: self.me,
+                peer: if *a == self.me { *b } else { *a },
+                op: format!("engine tensor {name:?}"),
+                detail: text.clone(),
+            },
+            Failure::Stalled(s) => Error::Timeout {
+                rank: self.me,
+                op: format!("engine tensor {name:?}"),
+                waited: p.req.submitted.elapsed(),
+                detail: format!(
+                    "stalled: submitted by ranks {:?} but never by ranks {:?} \
+                     (KOLO_STALL_SHUTDOWN_S)",
+                    s.have, s.missing
+                ),
+            },
+            Failure::Invalid(m) | Failure::Joined(m) => {
+                Error::InvalidArgument(format!("rank {}: engine: {m}", self.me))
+            }
+        }
+    }
+
+    /// Everyone's contribution, in rank order.
+    fn exchange(&mut self, mine: &Contribution) -> Result<Vec<Contribution>> {
+        let bytes = serde_json::to_vec(mine)
+            .map_err(|e| Error::Io(format!("encode negotiation: {e}")))?;
+        let mut lens = vec![0i64; self.n];
+        self.comm.allgather(&[bytes.len() as i64], &mut lens)?;
+        let counts: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+        let mut all = vec![0u8; counts.iter().sum()];
+        self.comm.allgatherv(&bytes, &mut all, &counts)?;
+        let mut out = Vec::with_capacity(self.n);
+        let mut at = 0;
+        for (r, &c) in counts.iter().enumerate() {
+            let cb: Contribution =
+                serde_json::from_slice(&all[at..at + c]).map_err(|e| Error::Protocol {
+                    rank: self.me,
+                    peer: r,
+                    detail: format!("malformed engine negotiation message: {e}"),
+                })?;
+            out.push(cb);
+            at += c;
+        }
+        Ok(out)
+    }
+
+    /// Run the agreed tensors: allreduces in fusion batches, then the rest in
+    /// order. On a collective failure, every tensor of this round fails too.
+    fn execute(&mut self, ready: Vec<Ready>, decided: Instant) -> Result<()> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut items: Vec<Item> = Vec::with_capacity(ready.len());
+        for r in ready {
+            let name = r.spec().name.clone();
+            let local = self.pending.remove(&name);
+            if let (Some(tl), Some(p)) = (&mut self.timeline, &local) {
+                tl.span(&name, "NEGOTIATE", p.req.submitted, decided, None);
+            }
+            if local.is_none() && !(self.state_was_joined() && r.spec().coll == Coll::Allreduce) {
+                // Cannot happen when every rank runs the same state machine.
+                let e = Error::Protocol {
+                    rank: self.me,
+                    peer: self.me,
+                    detail: format!("engine agreed to run {name:?}, which this rank never submitted"),
+                };
+                fail_items(&self.shared, items, &e);
+                return Err(e);
+            }
+            items.push(Item { ready: r, local });
+        }
+        let batches = fusion::plan(
+            &items.iter().map(|i| i.ready.clone()).collect::<Vec<_>>(),
+            self.fusion_threshold,
+        );
+        let mut results: Vec<Option<Result<Box<dyn Buffer>>>> = (0..items.len()).map(|_| None).collect();
+        let mut fatal: Option<Error> = None;
+        for b in &batches {
+            if let Err(e) = self.run_batch(&mut items, b, decided) {
+                fatal = Some(e);
+                break;
+            }
+            for &i in &b.members {
+                results[i] = Some(Ok(Box::new(())));
+            }
+        }
+        if fatal.is_none() {
+            for i in 0..items.len() {
+                if items[i].ready.spec().coll == Coll::Allreduce {
+                    continue;
+                }
+                match self.run_other(&mut items[i], decided) {
+                    Ok(r) => results[i] = Some(r),
+                    Err(e) => {
+                        fatal = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        for (i, item) in items.into_iter().enumerate() {
+            let Some(p) = item.local else { continue };
+            let name = &p.req.spec.name;
+            self.shared.release(name);
+            let r = match (&fatal, results[i].take()) {
+                (_, Some(Ok(out))) if item.ready.spec().coll != Coll::Allreduce => Ok(out),
+                (_, Some(Ok(_))) => Ok(p.req.buf),
+                (_, Some(Err(e))) => Err(e),
+                (Some(e), None) => Err(e.clone()),
+                (None, None) => Err(Error::Protocol {
+                    rank: self.me,
+                    peer: self.me,
+                    detail: format!("engine tensor {name:?} was not run"),
+                }),
+            };
+            let _ = p.req.reply.send(r);
+        }
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this rank stood in for missing tensors in the round just run.
+    fn state_was_joined(&self) -> bool {
+        // The join flag is cleared when every rank's join completes, which
+        // happens after this round's tensors ran; a joined rank's `join`
+        // wait is still set here.
+        self.join.as_ref().is_some_and(|j| j.sent)
+    }
+
+    fn run_batch(&mut self, items: &mut [Item], b: &fusion::Batch, decided: Instant) -> Result<()> {
+        let first = items[b.members[0]].ready.spec().clone();
+        let dtype = dtype_of(&first)?;
+        let op = ReduceOp::from_code(first.op).unwrap_or(ReduceOp::Sum);
+        let wire = wire_op(op);
+        let started = Instant::now();
+        let algo = self.comm.allreduce_algo(b.bytes).name();
+        let alone = b.members.len() == 1;
+        if alone {
+            let it = &mut items[b.members[0]];
+            let mut identity;
+            let bytes: &mut [u8] = match &mut it.local {
+                Some(p) => p.req.buf.bytes_mut(),
+                None => {
+                    identity = vec![0i64; b.bytes.div_ceil(8)];
+                    let s = &mut as_bytes_mut(&mut identity)[..b.bytes];
+                    reduce::fill_identity(dtype, wire, s);
+                    s
+                }
+            };
+            run_allreduce(&self.comm, dtype, bytes, wire)?;
+            if op == ReduceOp::Avg {
+                reduce::divide_bytes(dtype, bytes, it.ready.contributors.max(1));
+            }
+        } else {
+            let words = b.bytes.div_ceil(8);
+            if self.fusion.len() < words {
+                self.fusion.resize(words, 0);
+            }
+            let fusion = &mut as_bytes_mut(&mut self.fusion)[..b.bytes];
+            let mut at = 0;
+            for &i in &b.members {
+                let it = &items[i];
+                let len = it.ready.spec().count() as usize * dtype.size();
+                let dst = &mut fusion[at..at + len];
+                match &it.local {
+                    Some(p) => dst.copy_from_slice(p.req.buf.bytes()),
+                    None => reduce::fill_identity(dtype, wire, dst),
+                }
+                at += len;
+            }
+            let copied = Instant::now();
+            run_allreduce(&self.comm, dtype, fusion, wire)?;
+            let reduced = Instant::now();
+            let mut at = 0;
+            for &i in &b.members {
+                let it = &mut items[i];
+                let len = it.ready.spec().count() as usize * dtype.size();
+                let src = &mut fusion[at..at + len];
+                if ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
+                    reduce::divide_bytes(dtype, src, it.ready.contributors.max(1));
+                }
+                if let Some(p) = &mut it.local {
+                    p.req.buf.bytes_mut().copy_from_slice(src);
+                }
+                at += len;
+            }
+            let done = Instant::now();
+            if let Some(tl) = &mut self.timeline {
+                for &i in &b.members {
+                    let name = &items[i].ready.spec().name;
+                    tl.span(name, "QUEUE", decided, started, None);
+                    tl.span(name, "COPY_IN", started, copied, None);
+                    tl.span(
+                        name,
+                        "ALLREDUCE",
+                        copied,
+                        reduced,
+                        Some(serde_json::json!({"algorithm": algo, "bytes": b.bytes, "fused": b.members.len()})),
+                    );
+                    tl.span(name, "COPY_OUT", reduced, done, None);
+                }
+            }
+            return Ok(());
+        }
+        let done = Instant::now();
+        if let Some(tl) = &mut self.timeline {
+            let name = &items[b.members[0]].ready.spec().name;
+            tl.span(name, "QUEUE", decided, started, None);
+            tl.span(
+                name,
+                "ALLREDUCE",
+                started,
+                done,
+                Some(serde_json::json!({"algorithm": algo, "bytes": b.bytes, "fused": 1})),
+            );
+        }
+        Ok(())
+    }
+
+    /// A broadcast, allgather, reduce-scatter or alltoall. Argument errors
+    /// that follow from the agreed spec fail the tensor on every rank alike.
+    fn run_other(&mut self, it: &mut Item, decided: Instant) -> Result<Result<Box<dyn Buffer>>> {
+        let spec = it.ready.spec().clone();
+        let dtype = dtype_of(&spec)?;
+        let n = self.n;
+        let count = spec.count() as usize;
+        let invalid = |m: String| Ok(Err(Error::InvalidArgument(format!("rank {}: engine tensor {:?}: {m}", self.me, spec.name))));
+        let Some(p) = it.local.as_mut() else {
+            return invalid("this rank has no data for it".into());
+        };
+        let started = Instant::now();
+        let out: Box<dyn Buffer> = match spec.coll {
+            Coll::Allreduce => unreachable!("allreduces run in batches"),
+            Coll::Broadcast => {
+                if spec.root as usize >= n {
+                    return invalid(format!("broadcast root {} is not below size {n}", spec.root));
+                }
+                let buf = p.req.buf.bytes_mut();
+                with_dtype!(dtype, T => self.comm.broadcast(cast_mut::<T>(buf).ok_or_else(misaligned)?, spec.root as usize))?;
+                std::mem::replace(&mut p.req.buf, Box::new(()))
+            }
+            Coll::Allgather => {
+                let counts: Vec<usize> = it
+                    .ready
+                    .specs
+                    .iter()
+                    .map(|s| s.as_ref().map_or(0, |s| s.count() as usize))
+                    .collect();
+                let mut out = p.req.buf.alloc(counts.iter().sum());
+                let send = p.req.buf.bytes();
+                with_dtype!(dtype, T => self.comm.allgatherv(
+                    cast::<T>(send).ok_or_else(misaligned)?,
+                    cast_mut::<T>(out.bytes_mut()).ok_or_else(misaligned)?,
+                    &counts,
+                ))?;
+                out
+            }
+            Coll::ReduceScatter | Coll::Alltoall => {
+                if count % n != 0 {
+                    return invalid(format!(
+                        "{} of {count} elements: not a multiple of the size {n}",
+                        spec.coll.name()
+                    ));
+                }
+                let reduce_scatter = spec.coll == Coll::ReduceScatter;
+                let mut out = p.req.buf.alloc(if reduce_scatter { count / n } else { count });
+                let send = p.req.buf.bytes();
+                let op = ReduceOp::from_code(spec.op).unwrap_or(ReduceOp::Sum);
+                if reduce_scatter {
+                    with_dtype!(dtype, T => self.comm.reduce_scatter(
+                        cast::<T>(send).ok_or_else(misaligned)?,
+                        cast_mut::<T>(out.bytes_mut()).ok_or_else(misaligned)?,
+                        op,
+                    ))?;
+                } else {
+                    with_dtype!(dtype, T => self.comm.alltoall(
+                        cast::<T>(send).ok_or_else(misaligned)?,
+                        cast_mut::<T>(out.bytes_mut()).ok_or_else(misaligned)?,
+                    ))?;
+                }
+                out
+            }
+        };
+        if let Some(tl) = &mut self.timeline {
+            tl.span(&spec.name, "QUEUE", decided, started, None);
+            tl.span(
+                &spec.name,
+                &spec.coll.name().to_uppercase(),
+                started,
+                Instant::now(),
+                Some(serde_json::json!({"bytes": count * dtype.size(), "fused": 1})),
+            );
+        }
+        Ok(Ok(out))
+    }
+}
+
+struct Item {
+    ready: Ready,
+    local: Option<Pending>,
+}
+
+fn fail_items(shared: &Shared, items: Vec<Item>, e: &Error) {
+    for it in items {
+        if let Some(p) = it.local {
+            shared.release(&p.req.spec.name);
+            let _ = p.req.reply.send(Err(e.clone()));
+        }
+    }
+}
+
+fn misaligned() -> Error {
+    Error::InvalidArgument("engine buffer is not aligned for its dtype".into())
+}
+
+fn dtype_of(s: &Spec) -> Result<DType> {
+    DType::from_code(s.dtype).ok_or_else(|| Error::InvalidArgument(format!("unknown dtype code {}", s.dtype)))
+}
+
+fn run_allreduce(comm: &Communicator, dtype: DType, bytes: &mut [u8], op: ReduceOp) -> Result<()> {
+    with_dtype!(dtype, T => comm.allreduce(cast_mut::<T>(bytes).ok_or_else(misaligned)?, op))
+}
+
+/// A unit buffer stands in for an output that went back to the caller.
+impl Buffer for () {
+    fn dtype(&self) -> DType {
+        DType::U8
+    }
+    fn bytes(&self) -> &[u8] {
+        &[]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut []
+    }
+    fn alloc(&self, elems: usize) -> Box<dyn Buffer> {
+        Box::new(vec![0u8; elems])
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
