@@ -304,7 +304,9 @@ impl Config {
                 Some(v) if v.trim().is_empty() => Ok(None),
                 Some(v) => match v.trim().parse::<f64>() {
                     Ok(x) if x >= 0.0 && x.is_finite() => Ok(Some(x)),
-                    _ => Err(Error::Config(format!("{k}={v:?} is not a non-negative number"))),
+                    _ => Err(Error::Config(format!(
+                        "{k}={v:?} is not a non-negative number"
+                    ))),
                 },
             }
         };

@@ -40,7 +40,10 @@ pub fn plan(ready: &[Ready], threshold: usize) -> Vec<Batch> {
         }
         let dtype = crate::DType::from_code(s.dtype).map_or(1, |d| d.size());
         let bytes = s.count() as usize * dtype;
-        let key = (s.dtype, wire_op(ReduceOp::from_code(s.op).unwrap_or(ReduceOp::Sum)));
+        let key = (
+            s.dtype,
+            wire_op(ReduceOp::from_code(s.op).unwrap_or(ReduceOp::Sum)),
+        );
         if bytes >= threshold {
             done.push(Batch {
                 members: vec![i],

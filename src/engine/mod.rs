@@ -285,7 +285,9 @@ pub struct Group<'e> {
 impl Group<'_> {
     /// Add a tensor; its handle completes after [`Group::submit`].
     pub fn add<T: Element + Default>(&mut self, op: Op<T>) -> Handle<Vec<T>> {
-        let (req, h) = self.engine.prepare(op.spec, Box::new(op.buf), into_vec::<T>);
+        let (req, h) = self
+            .engine
+            .prepare(op.spec, Box::new(op.buf), into_vec::<T>);
         match req {
             Ok(r) => self.reqs.push(r),
             Err(e) => {

@@ -323,15 +323,13 @@ impl State {
         let mut ready: Vec<Ready> = Vec::new();
         let mut ready_slots: Vec<Option<usize>> = Vec::new();
         for i in 0..c {
-            let Some(specs) = &self.cache[i] else { continue };
+            let Some(specs) = &self.cache[i] else {
+                continue;
+            };
             if summed[2 + i] != 0 {
                 continue;
             }
-            let contributors = if holds {
-                summed[2 + c + i] as usize
-            } else {
-                n
-            };
+            let contributors = if holds { summed[2 + c + i] as usize } else { n };
             if contributors == 0 {
                 continue;
             }
@@ -491,14 +489,14 @@ impl State {
         if let Some(census) = census {
             let mut stalls = Vec::new();
             for (name, have) in &census {
-                let allreduce = name == JOIN || self.is_allreduce(name);
-                let missing: Vec<usize> = (0..n)
-                    .filter(|r| {
-                        !have.contains(r)
-                            && !(name == JOIN && self.joined[*r])
-                            && !(allreduce && name != JOIN && joined_at_start[*r])
-                    })
-                    .collect();
+                // A joined rank counts as present for a join and stands in
+                // for allreduces.
+                let present = |r: usize| {
+                    have.contains(&r)
+                        || (name == JOIN && self.joined[r])
+                        || (name != JOIN && self.is_allreduce(name) && joined_at_start[r])
+                };
+                let missing: Vec<usize> = (0..n).filter(|&r| !present(r)).collect();
                 if !missing.is_empty() && !kept_names.contains(name) {
                     stalls.push(Stall {
                         name: name.clone(),
@@ -516,8 +514,11 @@ impl State {
                         }
                     } else if !out.failed.iter().any(|(f, _, _)| f == name) {
                         self.table.remove(name);
-                        out.failed
-                            .push((name.clone(), st.have.clone(), Failure::Stalled(st.clone())));
+                        out.failed.push((
+                            name.clone(),
+                            st.have.clone(),
+                            Failure::Stalled(st.clone()),
+                        ));
                     }
                 }
             }
@@ -631,7 +632,9 @@ mod tests {
             ..Default::default()
         };
         let o = round(&mut st, &[held(), held(), held()], &[]);
-        assert!(o.iter().all(|o| names(o) == ["x"] && o.ready[0].contributors == 3));
+        assert!(o
+            .iter()
+            .all(|o| names(o) == ["x"] && o.ready[0].contributors == 3));
         // Only two hold it: not ready.
         let o = round(&mut st, &[held(), held(), Local::default()], &[]);
         assert!(o.iter().all(|o| o.ready.is_empty()));
@@ -659,7 +662,10 @@ mod tests {
             assert_eq!(ranks, &[0, 1]);
             match f {
                 Failure::Mismatch(0, 1, m) => {
-                    assert!(m.contains("shape") && m.contains("[4]") && m.contains("[5]"), "{m}")
+                    assert!(
+                        m.contains("shape") && m.contains("[4]") && m.contains("[5]"),
+                        "{m}"
+                    )
                 }
                 f => panic!("{f:?}"),
             }
@@ -670,7 +676,9 @@ mod tests {
             &[Local::default(), Local::default(), l()],
             &[Contribution::default(), Contribution::default(), c(4)],
         );
-        assert!(o.iter().all(|o| o.failed.len() == 1 && o.failed[0].1 == [2]));
+        assert!(o
+            .iter()
+            .all(|o| o.failed.len() == 1 && o.failed[0].1 == [2]));
         assert_eq!(st[0].waiting().count(), 0);
     }
 
@@ -696,8 +704,14 @@ mod tests {
         assert!(o.iter().all(|o| o.ready.is_empty() && o.evicted == ["b"]));
         assert_eq!(st[1].cached(1, &spec("b", 4)), None);
         // Rank 0 re-announces its (old) shape: a mismatch on both.
-        let o = round(&mut st, &[l(), Local::default()], &[c(4), Contribution::default()]);
-        assert!(o.iter().all(|o| matches!(o.failed[0].2, Failure::Mismatch(..))));
+        let o = round(
+            &mut st,
+            &[l(), Local::default()],
+            &[c(4), Contribution::default()],
+        );
+        assert!(o
+            .iter()
+            .all(|o| matches!(o.failed[0].2, Failure::Mismatch(..))));
     }
 
     #[test]
@@ -716,14 +730,22 @@ mod tests {
             ..Default::default()
         };
         // Rank 2 joins while ranks 0 and 1 announce g.
-        let o = round(&mut st, &[l(), l(), l()], &[a.clone(), a.clone(), join.clone()]);
+        let o = round(
+            &mut st,
+            &[l(), l(), l()],
+            &[a.clone(), a.clone(), join.clone()],
+        );
         assert!(o.iter().all(|o| o.ready.is_empty()));
         assert!(st.iter().all(|s| s.is_joined(2) && s.needs_round()));
         // The next round needs no news: g runs with two contributors, rank 2
         // standing in.
         let quiet = || Local::default();
         let none = Contribution::default;
-        let o = round(&mut st, &[quiet(), quiet(), quiet()], &[none(), none(), none()]);
+        let o = round(
+            &mut st,
+            &[quiet(), quiet(), quiet()],
+            &[none(), none(), none()],
+        );
         for o in &o {
             assert_eq!(names(o), ["g"]);
             assert_eq!(o.ready[0].contributors, 2);
@@ -733,7 +755,11 @@ mod tests {
         // the last rank to join.
         round(&mut st, &[l(), l(), quiet()], &[join.clone(), join, none()]);
         assert!(st.iter().all(State::needs_round));
-        let o = round(&mut st, &[quiet(), quiet(), quiet()], &[none(), none(), none()]);
+        let o = round(
+            &mut st,
+            &[quiet(), quiet(), quiet()],
+            &[none(), none(), none()],
+        );
         assert!(o.iter().all(|o| o.join_done == Some(1)));
         assert!(st.iter().all(|s| !s.is_joined(0) && !s.needs_round()));
     }
@@ -795,10 +821,17 @@ mod tests {
             pending: Some(vec![]),
             ..Default::default()
         };
-        let o = round(&mut st, &[l(true), l(false), Local::default()], &[c.clone(), c.clone(), quiet.clone()]);
+        let o = round(
+            &mut st,
+            &[l(true), l(false), Local::default()],
+            &[c.clone(), c.clone(), quiet.clone()],
+        );
         for o in &o {
             let s = &o.stalls.as_ref().unwrap()[0];
-            assert_eq!((s.name.as_str(), &s.have[..], &s.missing[..]), ("s", &[0, 1][..], &[2][..]));
+            assert_eq!(
+                (s.name.as_str(), &s.have[..], &s.missing[..]),
+                ("s", &[0, 1][..], &[2][..])
+            );
         }
         let cancel = Contribution {
             pending: Some(vec!["s".into()]),
@@ -809,9 +842,15 @@ mod tests {
             pending: Some(vec!["s".into()]),
             ..Default::default()
         };
-        let o = round(&mut st, &[l(true), Local::default(), Local::default()], &[cancel, again, quiet]);
+        let o = round(
+            &mut st,
+            &[l(true), Local::default(), Local::default()],
+            &[cancel, again, quiet],
+        );
         for o in &o {
-            assert!(matches!(&o.failed[0], (n, r, Failure::Stalled(_)) if n == "s" && r == &[0, 1]));
+            assert!(
+                matches!(&o.failed[0], (n, r, Failure::Stalled(_)) if n == "s" && r == &[0, 1])
+            );
         }
         assert_eq!(st[2].waiting().count(), 0);
     }

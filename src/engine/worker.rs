@@ -68,7 +68,11 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub(crate) fn new(comm: Communicator, rx: Receiver<Msg>, shared: Arc<Shared>) -> Result<Worker> {
+    pub(crate) fn new(
+        comm: Communicator,
+        rx: Receiver<Msg>,
+        shared: Arc<Shared>,
+    ) -> Result<Worker> {
         let cfg = comm.config().clone();
         let (me, n) = (comm.rank(), comm.size());
         let timeline = match &cfg.timeline {
@@ -324,8 +328,19 @@ impl Worker {
             wants_census: self.wants_census,
             held,
         };
-        let mut v = self.state.vector(self.me, &local);
-        self.comm.allreduce(&mut v, ReduceOp::Sum)?;
+        let mine = self.state.vector(self.me, &local);
+        // Gathered over the ring and summed here, rather than allreduced:
+        // the ranks not starting this round sleep until bytes reach them,
+        // and in a ring every rank's first step is to receive from its left
+        // neighbour, so the wake-up travels round the ring. (Recursive
+        // doubling would leave a folded-out rank, which only sends at first,
+        // asleep.)
+        let len = mine.len();
+        let mut all = vec![0i32; len * self.n];
+        self.comm.allgather(&mine, &mut all)?;
+        let v: Vec<i32> = (0..len)
+            .map(|i| (0..self.n).map(|r| all[r * len + i]).sum())
+            .collect();
         let contribs = if State::exchange_needed(&v) {
             let mut pending: Option<Vec<String>> = None;
             if State::census_needed(&v) {
@@ -439,8 +454,8 @@ impl Worker {
 
     /// Everyone's contribution, in rank order.
     fn exchange(&mut self, mine: &Contribution) -> Result<Vec<Contribution>> {
-        let bytes = serde_json::to_vec(mine)
-            .map_err(|e| Error::Io(format!("encode negotiation: {e}")))?;
+        let bytes =
+            serde_json::to_vec(mine).map_err(|e| Error::Io(format!("encode negotiation: {e}")))?;
         let mut lens = vec![0i64; self.n];
         self.comm.allgather(&[bytes.len() as i64], &mut lens)?;
         let counts: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
@@ -479,7 +494,9 @@ impl Worker {
                 let e = Error::Protocol {
                     rank: self.me,
                     peer: self.me,
-                    detail: format!("engine agreed to run {name:?}, which this rank never submitted"),
+                    detail: format!(
+                        "engine agreed to run {name:?}, which this rank never submitted"
+                    ),
                 };
                 fail_items(&self.shared, items, &e);
                 return Err(e);
@@ -490,7 +507,8 @@ impl Worker {
             &items.iter().map(|i| i.ready.clone()).collect::<Vec<_>>(),
             self.fusion_threshold,
         );
-        let mut results: Vec<Option<Result<Box<dyn Buffer>>>> = (0..items.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Result<Box<dyn Buffer>>>> =
+            (0..items.len()).map(|_| None).collect();
         let mut fatal: Option<Error> = None;
         for b in &batches {
             if let Err(e) = self.run_batch(&mut items, b, decided) {
@@ -643,7 +661,12 @@ impl Worker {
         let dtype = dtype_of(&spec)?;
         let n = self.n;
         let count = spec.count() as usize;
-        let invalid = |m: String| Ok(Err(Error::InvalidArgument(format!("rank {}: engine tensor {:?}: {m}", self.me, spec.name))));
+        let invalid = |m: String| {
+            Ok(Err(Error::InvalidArgument(format!(
+                "rank {}: engine tensor {:?}: {m}",
+                self.me, spec.name
+            ))))
+        };
         let Some(p) = it.local.as_mut() else {
             return invalid("this rank has no data for it".into());
         };
@@ -652,7 +675,10 @@ impl Worker {
             Coll::Allreduce => unreachable!("allreduces run in batches"),
             Coll::Broadcast => {
                 if spec.root as usize >= n {
-                    return invalid(format!("broadcast root {} is not below size {n}", spec.root));
+                    return invalid(format!(
+                        "broadcast root {} is not below size {n}",
+                        spec.root
+                    ));
                 }
                 let buf = p.req.buf.bytes_mut();
                 with_dtype!(dtype, T => self.comm.broadcast(cast_mut::<T>(buf).ok_or_else(misaligned)?, spec.root as usize))?;
@@ -682,7 +708,10 @@ impl Worker {
                     ));
                 }
                 let reduce_scatter = spec.coll == Coll::ReduceScatter;
-                let mut out = p.req.buf.alloc(if reduce_scatter { count / n } else { count });
+                let mut out = p
+                    .req
+                    .buf
+                    .alloc(if reduce_scatter { count / n } else { count });
                 let send = p.req.buf.bytes();
                 let op = ReduceOp::from_code(spec.op).unwrap_or(ReduceOp::Sum);
                 if reduce_scatter {
@@ -733,7 +762,8 @@ fn misaligned() -> Error {
 }
 
 fn dtype_of(s: &Spec) -> Result<DType> {
-    DType::from_code(s.dtype).ok_or_else(|| Error::InvalidArgument(format!("unknown dtype code {}", s.dtype)))
+    DType::from_code(s.dtype)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown dtype code {}", s.dtype)))
 }
 
 fn run_allreduce(comm: &Communicator, dtype: DType, bytes: &mut [u8], op: ReduceOp) -> Result<()> {

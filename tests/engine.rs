@@ -1,0 +1,451 @@
+//! The engine against serial references: random named tensor sets submitted
+//! in a different order on every rank, mismatches, duplicates, join, stalls
+//! and the timeline. Ranks are threads over loopback TCP.
+
+mod common;
+
+use common::{fingerprint, first_diff, input, mix, reference, run_ranks, run_ranks_with, TestElem};
+use half::{bf16, f16};
+use kolo::engine::{Engine, Handle, Op};
+use kolo::{DType, Error, ReduceOp};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Allreduce(ReduceOp),
+    Broadcast(usize),
+    Allgather,
+    ReduceScatter(ReduceOp),
+    Alltoall,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    dtype: DType,
+    kind: Kind,
+    /// Elements (per rank block for reduce-scatter/alltoall, base for allgather).
+    count: usize,
+    seed: u64,
+}
+
+/// The same list on every rank: mostly small tensors, some up to 4 MiB.
+fn cases(seed: u64, n: usize, max: usize) -> Vec<Case> {
+    let t = 1 + (mix(seed) % max as u64) as usize;
+    (0..t)
+        .map(|i| {
+            let r = mix(seed ^ (i as u64) << 20);
+            let dtype = DType::ALL[(r % 7) as usize];
+            let op = ReduceOp::ALL[((r >> 8) % 5) as usize];
+            let bytes_cap = match (r >> 16) % 20 {
+                0 => 4 << 20,
+                1..=4 => 64 << 10,
+                _ => 1024,
+            };
+            let count = ((r >> 24) as usize % (bytes_cap / dtype.size() + 1)).max(if i % 17 == 0 {
+                0
+            } else {
+                1
+            });
+            let count = if i % 17 == 0 { 0 } else { count };
+            let kind = match (r >> 40) % 10 {
+                0 => Kind::Broadcast((r >> 44) as usize % n),
+                1 => Kind::Allgather,
+                2 => Kind::ReduceScatter(op),
+                3 => Kind::Alltoall,
+                _ => Kind::Allreduce(op),
+            };
+            let count = match kind {
+                Kind::ReduceScatter(_) | Kind::Alltoall | Kind::Allgather => count / n.max(1) / 4,
+                _ => count,
+            };
+            Case {
+                name: format!("t{i}.{}", dtype.name()),
+                dtype,
+                kind,
+                count,
+                seed: r,
+            }
+        })
+        .collect()
+}
+
+type Check = Box<dyn FnOnce() -> Result<u64, String>>;
+
+fn submit<T: TestElem + Default>(e: &Engine, c: &Case) -> Check {
+    let (rank, n) = (e.rank(), e.size());
+    let gen = |op: ReduceOp, r: usize, len: usize, off: usize| -> Vec<T> {
+        (0..len)
+            .map(|i| input::<T>(op, c.seed, r, off + i))
+            .collect()
+    };
+    let (h, want): (kolo::Result<Handle<Vec<T>>>, Vec<T>) = match c.kind {
+        Kind::Allreduce(op) => (
+            e.allreduce_async(&c.name, gen(op, rank, c.count, 0), op),
+            reference::<T>(op, c.seed, n, c.count),
+        ),
+        Kind::Broadcast(root) => (
+            e.broadcast_async(&c.name, gen(ReduceOp::Sum, rank, c.count, 0), root),
+            gen(ReduceOp::Sum, root, c.count, 0),
+        ),
+        Kind::Allgather => (
+            // Rank r contributes count + r rows of 3.
+            e.submit(
+                Op::allgather(&c.name, gen(ReduceOp::Sum, rank, (c.count + rank) * 3, 0))
+                    .shape(&[c.count + rank, 3]),
+            ),
+            (0..n)
+                .flat_map(|r| gen(ReduceOp::Sum, r, (c.count + r) * 3, 0))
+                .collect(),
+        ),
+        Kind::ReduceScatter(op) => (
+            e.reduce_scatter_async(&c.name, gen(op, rank, c.count * n, 0), op),
+            reference::<T>(op, c.seed, n, c.count * n)[rank * c.count..(rank + 1) * c.count]
+                .to_vec(),
+        ),
+        Kind::Alltoall => (
+            e.alltoall_async(&c.name, gen(ReduceOp::Sum, rank, c.count * n, 0)),
+            (0..n)
+                .flat_map(|r| gen(ReduceOp::Sum, r, c.count, rank * c.count))
+                .collect(),
+        ),
+    };
+    let name = c.name.clone();
+    // Reduce-scatter and alltoall results differ per rank by design.
+    let same_everywhere = !matches!(c.kind, Kind::ReduceScatter(_) | Kind::Alltoall);
+    Box::new(move || {
+        let got = h
+            .map_err(|e| format!("{name}: submit: {e}"))?
+            .wait()
+            .map_err(|e| format!("{name}: {e}"))?;
+        match first_diff(&got, &want) {
+            None if same_everywhere => Ok(fingerprint(&got)),
+            None => Ok(0),
+            Some(i) => Err(format!(
+                "rank {rank}: {name}: element {i} of {}: got {:?}, want {:?}",
+                want.len(),
+                got.get(i),
+                want.get(i)
+            )),
+        }
+    })
+}
+
+fn submit_any(e: &Engine, c: &Case) -> Check {
+    match c.dtype {
+        DType::U8 => submit::<u8>(e, c),
+        DType::I32 => submit::<i32>(e, c),
+        DType::I64 => submit::<i64>(e, c),
+        DType::F16 => submit::<f16>(e, c),
+        DType::BF16 => submit::<bf16>(e, c),
+        DType::F32 => submit::<f32>(e, c),
+        DType::F64 => submit::<f64>(e, c),
+    }
+}
+
+/// A rank-specific permutation.
+fn shuffled<T: Clone>(v: &[T], seed: u64) -> Vec<T> {
+    let mut v = v.to_vec();
+    for i in (1..v.len()).rev() {
+        let j = (mix(seed ^ i as u64) % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn run_random(n: usize, seed: u64, max: usize, steps: usize, fusion: usize) {
+    let list = cases(seed, n, max);
+    let res = run_ranks_with(
+        n,
+        |c| c.fusion_threshold = fusion,
+        |comm| {
+            let rank = comm.rank();
+            let engine = Engine::start(comm).expect("engine");
+            let mut prints = Vec::new();
+            for step in 0..steps {
+                let order = shuffled(&list, seed ^ (rank as u64 + 1) << 32 ^ step as u64);
+                let checks: Vec<(String, Check)> = order
+                    .iter()
+                    .map(|c| (c.name.clone(), submit_any(&engine, c)))
+                    .collect();
+                let mut got: Vec<(String, u64)> = checks
+                    .into_iter()
+                    .map(|(name, check)| {
+                        (name, check().unwrap_or_else(|e| panic!("step {step}: {e}")))
+                    })
+                    .collect();
+                got.sort();
+                prints.push(got);
+            }
+            engine.shutdown().expect("shutdown");
+            prints
+        },
+    );
+    for r in 1..n {
+        assert_eq!(res[r], res[0], "rank {r} differs from rank 0 bitwise");
+    }
+}
+
+#[test]
+fn random_sets_every_world_size() {
+    for n in 1..=6 {
+        // Two steps: the second runs from the response cache.
+        let t = std::time::Instant::now();
+        run_random(n, 0x5eed ^ n as u64, 300, 2, 64 << 20);
+        eprintln!("n={n}: {:?}", t.elapsed());
+    }
+}
+
+#[test]
+fn random_sets_small_fusion_buffer() {
+    // A threshold smaller than most tensors forces many batches and tensors alone.
+    run_random(4, 77, 120, 2, 4096);
+    run_random(3, 78, 60, 1, 0);
+}
+
+#[test]
+fn mismatches_fail_on_every_rank_and_the_engine_goes_on() {
+    let res = run_ranks(3, |comm| {
+        let rank = comm.rank();
+        let e = Engine::start(comm).unwrap();
+        let mut msgs = Vec::new();
+        // Shape: rank 1 differs.
+        let len = if rank == 1 { 5 } else { 4 };
+        msgs.push(
+            e.allreduce_async("w", vec![1.0f32; len], ReduceOp::Sum)
+                .unwrap()
+                .wait(),
+        );
+        // Dtype: rank 2 sends f64.
+        msgs.push(
+            if rank == 2 {
+                e.allreduce_async("d", vec![1.0f64; 4], ReduceOp::Sum)
+                    .unwrap()
+                    .wait()
+                    .map(|_| ())
+            } else {
+                e.allreduce_async("d", vec![1.0f32; 4], ReduceOp::Sum)
+                    .unwrap()
+                    .wait()
+                    .map(|_| ())
+            }
+            .map(|_| vec![]),
+        );
+        // Op: rank 0 asks for max.
+        let op = if rank == 0 {
+            ReduceOp::Max
+        } else {
+            ReduceOp::Sum
+        };
+        msgs.push(e.allreduce_async("o", vec![1.0f32; 4], op).unwrap().wait());
+        // Root: rank 2 names another root.
+        let root = if rank == 2 { 1 } else { 0 };
+        msgs.push(
+            e.broadcast_async("b", vec![1.0f32; 4], root)
+                .unwrap()
+                .wait(),
+        );
+        // Duplicate name while in flight: refused at once, the first still runs.
+        let h = e
+            .allreduce_async("dup", vec![rank as i32; 3], ReduceOp::Sum)
+            .unwrap();
+        let dup = e.allreduce_async("dup", vec![0i32; 3], ReduceOp::Sum).err();
+        let first = h.wait();
+        // And a correct op afterwards.
+        let ok = e
+            .allreduce_async("ok", vec![2i64; 3], ReduceOp::Sum)
+            .unwrap()
+            .wait();
+        (msgs, dup, first, ok)
+    });
+    for (rank, (msgs, dup, first, ok)) in res.into_iter().enumerate() {
+        let what = ["shape", "dtype", "op", "root"];
+        for (m, w) in msgs.iter().zip(what) {
+            let e = m.as_ref().expect_err("mismatch must fail");
+            let s = e.to_string();
+            assert!(matches!(e, Error::Mismatch { .. }), "rank {rank}: {s}");
+            assert!(
+                s.contains(w) && s.contains(&format!("rank {rank}")),
+                "rank {rank}: {s}"
+            );
+            assert!(s.contains("tensor"), "names the tensor: {s}");
+        }
+        let d = dup.expect("duplicate refused").to_string();
+        assert!(d.contains("\"dup\"") && d.contains("in flight"), "{d}");
+        assert_eq!(first.unwrap(), vec![3; 3]);
+        assert_eq!(ok.unwrap(), vec![6; 3]);
+    }
+}
+
+#[test]
+fn join_averages_over_ranks_with_data() {
+    let n = 4;
+    let res = run_ranks(n, |comm| {
+        let rank = comm.rank();
+        let e = Engine::start(comm).unwrap();
+        let steps = 2 + rank; // rank 3 has the most data
+        let mut out = Vec::new();
+        for s in 0..steps {
+            let v = (rank + 1) as f64;
+            let a = e.allreduce_async("avg", vec![v; 5], ReduceOp::Avg).unwrap();
+            let m = e
+                .allreduce_async("max", vec![-v - s as f64; 2], ReduceOp::Max)
+                .unwrap();
+            let p = e
+                .allreduce_async("prod", vec![2i32; 3], ReduceOp::Prod)
+                .unwrap();
+            out.push((
+                s,
+                a.wait().unwrap()[0],
+                m.wait().unwrap()[0],
+                p.wait().unwrap()[0],
+            ));
+        }
+        let last = e.join().unwrap();
+        // The engine is usable again afterwards, with every rank.
+        let after = e
+            .allreduce_async("after", vec![1u8; 2], ReduceOp::Sum)
+            .unwrap()
+            .wait()
+            .unwrap();
+        (out, last, after)
+    });
+    for (rank, (out, last, after)) in res.into_iter().enumerate() {
+        assert_eq!(last, 3, "rank {rank}");
+        assert_eq!(after, vec![n as u8; 2]);
+        for (s, avg, max, prod) in out {
+            let active: Vec<usize> = (0..n).filter(|r| 2 + r > s).collect();
+            let want = active.iter().map(|&r| (r + 1) as f64).sum::<f64>() / active.len() as f64;
+            assert_eq!(avg, want, "rank {rank} step {s}: divide by ranks with data");
+            assert_eq!(
+                max,
+                -(active[0] as f64 + 1.0) - s as f64,
+                "rank {rank} step {s}"
+            );
+            assert_eq!(prod, 1 << active.len(), "rank {rank} step {s}");
+        }
+    }
+}
+
+#[test]
+fn stall_shutdown_names_the_missing_rank() {
+    let res = run_ranks_with(
+        3,
+        |c| {
+            c.stall_warning = Duration::from_millis(200);
+            c.stall_shutdown = Some(Duration::from_secs(1));
+        },
+        |comm| {
+            let rank = comm.rank();
+            let e = Engine::start(comm).unwrap();
+            let lonely = (rank != 2).then(|| {
+                e.allreduce_async("lonely", vec![1.0f32; 8], ReduceOp::Sum)
+                    .unwrap()
+                    .wait()
+            });
+            if rank == 2 {
+                // Submit "after" once the others are past "lonely", so that
+                // it does not stall itself.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            let after = e
+                .allreduce_async("after", vec![1i32; 1], ReduceOp::Sum)
+                .unwrap()
+                .wait();
+            (lonely, after)
+        },
+    );
+    for (rank, (lonely, after)) in res.into_iter().enumerate() {
+        if let Some(r) = lonely {
+            let e = r.expect_err("stalled tensor fails").to_string();
+            assert!(
+                e.contains("\"lonely\"") && e.contains("[2]") && e.contains("stalled"),
+                "rank {rank}: {e}"
+            );
+        }
+        assert_eq!(after.unwrap(), vec![3], "rank {rank}");
+    }
+}
+
+#[test]
+fn groups_and_raw_buffers() {
+    let res = run_ranks(3, |comm| {
+        let rank = comm.rank();
+        let e = Engine::start(comm).unwrap();
+        let mut g = e.group("g");
+        let a = g.add(Op::allreduce("ga", vec![rank as f32; 4], ReduceOp::Sum));
+        let b = g.add(Op::broadcast("gb", vec![rank as i64; 2], 2));
+        g.submit().unwrap();
+        let mut raw = vec![1.5f64; 7];
+        let h = unsafe {
+            e.allreduce_async_raw(
+                "raw",
+                raw.as_mut_ptr().cast(),
+                raw.len(),
+                DType::F64,
+                ReduceOp::Avg,
+            )
+            .unwrap()
+        };
+        h.wait().unwrap();
+        (a.wait().unwrap(), b.wait().unwrap(), raw)
+    });
+    for (a, b, raw) in res {
+        assert_eq!(a, vec![3.0; 4]);
+        assert_eq!(b, vec![2; 2]);
+        assert_eq!(raw, vec![1.5; 7]);
+    }
+}
+
+#[test]
+fn timeline_is_valid_json_with_every_phase() {
+    let dir = std::env::temp_dir().join(format!("kolo-timeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = dir.join("tl");
+    run_ranks_with(
+        2,
+        |c| c.timeline = Some(prefix.clone()),
+        |comm| {
+            let e = Engine::start(comm).unwrap();
+            let hs: Vec<_> = (0..5)
+                .map(|i| {
+                    e.allreduce_async(&format!("t{i}"), vec![1.0f32; 100], ReduceOp::Sum)
+                        .unwrap()
+                })
+                .collect();
+            for h in hs {
+                h.wait().unwrap();
+            }
+            e.broadcast_async("bc", vec![1u8; 10], 0)
+                .unwrap()
+                .wait()
+                .unwrap();
+            e.shutdown().unwrap();
+        },
+    );
+    for r in 0..2 {
+        let path = dir.join(format!("tl.{r}.json"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let names: Vec<String> = v["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str().map(String::from))
+            .collect();
+        for phase in [
+            "NEGOTIATE",
+            "QUEUE",
+            "COPY_IN",
+            "ALLREDUCE",
+            "COPY_OUT",
+            "BROADCAST",
+        ] {
+            assert!(
+                names.iter().any(|n| n == phase),
+                "rank {r}: no {phase} in {path:?}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
