@@ -287,7 +287,7 @@ impl<T: Element> Buf<T> {
             ));
         }
         let addr = p as usize;
-        if addr % std::mem::align_of::<T>() != 0 {
+        if !p.cast::<T>().is_aligned() {
             return Err(invalid(
                 name,
                 format_args!(

@@ -161,6 +161,8 @@ fn kolorun(np: usize, prog: &[&std::ffi::OsStr]) -> Output {
         .args(prog)
         .env("KOLO_TIMEOUT", "60")
         .env("KOLO_LIB", artifact("libkolo.so"))
+        // No ffi/python/__pycache__ in the source tree.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .current_dir(repo());
     run(&mut cmd, Duration::from_secs(400))
 }
@@ -427,6 +429,7 @@ fn python_module_under_kolorun() {
         Command::new(&py)
             .arg(&test)
             .arg("--init-error")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("KOLO_LIB", artifact("libkolo.so"))
             .env("KOLO_RANK", "0")
             .env("KOLO_SIZE", "1")
@@ -439,4 +442,21 @@ fn python_module_under_kolorun() {
     let out = kolorun(3, &[py.as_os_str(), example.as_os_str()]);
     assert_ok(&out, "kolorun -np 3 python allreduce.py");
     every_rank_says(&out, 3, "of 3: mean [1. 1. 2. 3.], ranks [0 1 2]");
+}
+
+/// The README's C and Python examples are the tested example files.
+#[test]
+fn readme_examples_are_the_tested_files() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for (file, from) in [
+        ("ffi/examples/allreduce.c", "#include <kolo.h>"),
+        ("ffi/examples/allreduce.py", "import sys"),
+    ] {
+        let src = std::fs::read_to_string(repo().join(file)).unwrap();
+        let code = &src[src.find(from).unwrap()..];
+        assert!(
+            readme.contains(code),
+            "README.md does not show {file} from `{from}` on"
+        );
+    }
 }
