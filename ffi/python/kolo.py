@@ -146,6 +146,14 @@ def _kind(a, dtype):
     return dtype
 
 
+def _like(recv, send, count):
+    """`recv` must be a numpy array of send's dtype with `count` elements."""
+    if not isinstance(recv, np.ndarray) or recv.dtype != send.dtype:
+        raise TypeError(f"recv must be a numpy array of {send.dtype}")
+    if recv.size != count:
+        raise ValueError(f"recv has {recv.size} elements, need {count}")
+
+
 def _ptr(a, what, out=False):
     if not a.flags.c_contiguous:
         raise ValueError(f"{what} must be C-contiguous")
@@ -190,8 +198,8 @@ class Comm:
         d = _kind(send, dtype)
         if recv is None:
             recv = send
-        elif _kind(recv, d) != d or recv.size != send.size:
-            raise ValueError(f"recv has {recv.size} elements of {recv.dtype}, send {send.size} of {send.dtype}")
+        else:
+            _like(recv, send, send.size)
         _check(lib.kolo_allreduce(self._handle(), _ptr(send, "send"), _ptr(recv, "recv", True), send.size, d, op))
         return recv
 
@@ -207,8 +215,8 @@ class Comm:
         n = self.size
         if recv is None:
             recv = np.empty(n * send.size, send.dtype)
-        elif _kind(recv, d) != d or recv.size != n * send.size:
-            raise ValueError(f"recv has {recv.size} elements, need size * send = {n} * {send.size}")
+        else:
+            _like(recv, send, n * send.size)
         _check(lib.kolo_allgather(self._handle(), _ptr(send, "send"), _ptr(recv, "recv", True), send.size, d))
         return recv
 
@@ -220,8 +228,8 @@ class Comm:
             raise ValueError(f"send has {send.size} elements, not a multiple of size {n}")
         if recv is None:
             recv = np.empty(send.size // n, send.dtype)
-        elif _kind(recv, d) != d or recv.size * n != send.size:
-            raise ValueError(f"recv has {recv.size} elements, need send / size = {send.size} / {n}")
+        else:
+            _like(recv, send, send.size // n)
         _check(
             lib.kolo_reduce_scatter(self._handle(), _ptr(send, "send"), _ptr(recv, "recv", True), recv.size, d, op)
         )
@@ -235,8 +243,8 @@ class Comm:
             raise ValueError(f"send has {send.size} elements, not a multiple of size {n}")
         if recv is None:
             recv = np.empty_like(send)
-        elif _kind(recv, d) != d or recv.size != send.size:
-            raise ValueError(f"recv has {recv.size} elements, send {send.size}")
+        else:
+            _like(recv, send, send.size)
         _check(lib.kolo_alltoall(self._handle(), _ptr(send, "send"), _ptr(recv, "recv", True), send.size // n, d))
         return recv
 

@@ -181,6 +181,8 @@ def test_errors(comm):
         (lambda: comm.allreduce([1.0, 2.0]), TypeError),
         (lambda: comm.allreduce(v, np.zeros(7, np.float32)), ValueError),
         (lambda: comm.allgather(v, np.zeros(8, np.float32)), ValueError),
+        (lambda: comm.allreduce(v, np.zeros(8, np.int32)), TypeError),
+        (lambda: comm.alltoall(np.zeros(comm.size * 2 + 1, np.int64)), ValueError),
         (lambda: comm.allreduce(np.zeros((4, 4), np.float32)[:, 0]), ValueError),
     ]:
         try:
