@@ -27,6 +27,24 @@ if ! command -v mpirun >/dev/null 2>&1; then
     as_root apt-get install -y --no-install-recommends openmpi-bin iproute2
 fi
 
+# The C ABI tests (ffi/tests/c_api.rs) compile C and C++ against kolo.h, run the C test
+# under valgrind, check exports with nm, build with pkg-config, and run the Python module
+# in a venv (scripts/venv.sh). apt only runs when one of them is missing; the tests fail,
+# not skip, without them.
+ffi_pkgs=()
+command -v cc >/dev/null 2>&1 || ffi_pkgs+=(gcc libc6-dev)
+command -v g++ >/dev/null 2>&1 || ffi_pkgs+=(g++)
+command -v nm >/dev/null 2>&1 || ffi_pkgs+=(binutils)
+command -v pkg-config >/dev/null 2>&1 || ffi_pkgs+=(pkg-config)
+command -v valgrind >/dev/null 2>&1 || ffi_pkgs+=(valgrind)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || ffi_pkgs+=(python3-venv)
+if [ ${#ffi_pkgs[@]} -gt 0 ]; then
+    step "installing ${ffi_pkgs[*]} (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update
+    as_root apt-get install -y --no-install-recommends "${ffi_pkgs[@]}"
+fi
+
 # rustfmt and clippy come with rustup's default profile; add them when missing.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     if command -v rustup >/dev/null 2>&1; then

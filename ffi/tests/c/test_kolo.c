@@ -1,0 +1,485 @@
+/*
+ * Test of the C API, run under kolorun (ffi/tests/c_api.rs: -np 3, and under
+ * valgrind with --quick). Calls every function on every dtype and op and
+ * checks the results bitwise against references computed here, independently
+ * of kolo; checks that invalid calls return the right status and message; ends
+ * with a count mismatch across ranks. Exit status 0 and "test_kolo: passed"
+ * on success.
+ *
+ *   test_kolo [--quick]       under kolorun
+ *   test_kolo --init-error    alone, with KOLO_RANK=0 KOLO_SIZE=1 KOLO_TIMEOUT=bogus
+ */
+#include "kolo.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int rank = -1, size = -1, failures = 0;
+
+#define CHECK(cond, ...)                                                          \
+    do {                                                                          \
+        if (!(cond)) {                                                            \
+            fprintf(stderr, "rank %d: %s:%d: check failed: %s: ", rank, __FILE__, \
+                    __LINE__, #cond);                                             \
+            fprintf(stderr, __VA_ARGS__);                                         \
+            fputc('\n', stderr);                                                  \
+            if (++failures > 20) exit(1);                                         \
+        }                                                                         \
+    } while (0)
+
+#define OK(call)                                                                  \
+    do {                                                                          \
+        int rc_ = (call);                                                         \
+        if (rc_ != KOLO_OK) {                                                     \
+            fprintf(stderr, "rank %d: %s:%d: %s returned %d (%s): %s\n", rank,    \
+                    __FILE__, __LINE__, #call, rc_, kolo_status_string(rc_),      \
+                    kolo_last_error());                                           \
+            exit(1);                                                              \
+        }                                                                         \
+    } while (0)
+
+/* An invalid call: status `want`, and kolo_last_error() mentions `needle`. */
+#define BAD(call, want, needle)                                                   \
+    do {                                                                          \
+        int rc_ = (call);                                                         \
+        const char *e_ = kolo_last_error();                                       \
+        CHECK(rc_ == (want), "%s returned %d, want %d (%s)", #call, rc_, (want),  \
+              e_);                                                                \
+        CHECK(strstr(e_, (needle)) != NULL, "%s: message %s lacks \"%s\"", #call, \
+              e_, (needle));                                                      \
+    } while (0)
+
+/* ---- half and bfloat16, written here (round to nearest even) ---- */
+
+static uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static uint16_t f32_to_f16(float f) {
+    uint32_t x = f2u(f), sign = (x >> 16) & 0x8000, mant = x & 0x7fffff;
+    int32_t e = (int32_t)((x >> 23) & 0xff) - 127 + 15;
+    if (((x >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {
+        uint32_t shift, h, rem, half;
+        if (e < -10) return (uint16_t)sign;
+        mant |= 0x800000;
+        shift = (uint32_t)(14 - e);
+        h = mant >> shift;
+        rem = mant & ((1u << shift) - 1);
+        half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    } else {
+        uint32_t h = ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fff;
+        if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    if (e == 0) {
+        float f = (float)mant * (1.0f / 16777216.0f); /* exact: mant * 2^-24 */
+        return sign ? -f : f;
+    }
+    if (e == 31) return u2f(sign | 0x7f800000 | (mant << 13));
+    return u2f(sign | ((e - 15 + 127) << 23) | (mant << 13));
+}
+
+static uint16_t f32_to_bf16(float f) {
+    uint32_t x = f2u(f);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+static float bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+/* ---- typed access to a buffer of any dtype ---- */
+
+static const kolo_dtype DTYPES[] = {KOLO_UINT8,    KOLO_INT32,   KOLO_INT64,  KOLO_FLOAT16,
+                                    KOLO_BFLOAT16, KOLO_FLOAT32, KOLO_FLOAT64};
+static const char *DNAMES[] = {"?", "uint8", "int32", "int64", "float16", "bfloat16", "float32", "float64"};
+static const kolo_op OPS[] = {KOLO_SUM, KOLO_PROD, KOLO_MIN, KOLO_MAX, KOLO_AVG};
+static const char *ONAMES[] = {"?", "sum", "prod", "min", "max", "avg"};
+
+static size_t dsize(kolo_dtype d) {
+    switch (d) {
+    case KOLO_UINT8: return 1;
+    case KOLO_FLOAT16: case KOLO_BFLOAT16: return 2;
+    case KOLO_INT32: case KOLO_FLOAT32: return 4;
+    default: return 8;
+    }
+}
+static int is_int(kolo_dtype d) { return d == KOLO_UINT8 || d == KOLO_INT32 || d == KOLO_INT64; }
+
+/* Integers: stored from an int64 (truncated to the type). */
+static void put_i(kolo_dtype d, void *b, size_t i, int64_t v) {
+    switch (d) {
+    case KOLO_UINT8: ((uint8_t *)b)[i] = (uint8_t)v; break;
+    case KOLO_INT32: ((int32_t *)b)[i] = (int32_t)(uint32_t)(uint64_t)v; break;
+    default: ((int64_t *)b)[i] = v; break;
+    }
+}
+static int64_t get_i(kolo_dtype d, const void *b, size_t i) {
+    switch (d) {
+    case KOLO_UINT8: return ((const uint8_t *)b)[i];
+    case KOLO_INT32: return ((const int32_t *)b)[i];
+    default: return ((const int64_t *)b)[i];
+    }
+}
+/* Floats: stored from a double, rounded to the type. */
+static void put_f(kolo_dtype d, void *b, size_t i, double v) {
+    switch (d) {
+    case KOLO_FLOAT16: ((uint16_t *)b)[i] = f32_to_f16((float)v); break;
+    case KOLO_BFLOAT16: ((uint16_t *)b)[i] = f32_to_bf16((float)v); break;
+    case KOLO_FLOAT32: ((float *)b)[i] = (float)v; break;
+    default: ((double *)b)[i] = v; break;
+    }
+}
+static double get_f(kolo_dtype d, const void *b, size_t i) {
+    switch (d) {
+    case KOLO_FLOAT16: return f16_to_f32(((const uint16_t *)b)[i]);
+    case KOLO_BFLOAT16: return bf16_to_f32(((const uint16_t *)b)[i]);
+    case KOLO_FLOAT32: return ((const float *)b)[i];
+    default: return ((const double *)b)[i];
+    }
+}
+
+static uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* Input element `i` of rank `r` for (d, op), stored into b[j]. Integers use
+ * their full range (sums and products wrap); floats are small integers whose
+ * sums and products are exact in every float type at this size, so the result
+ * is the same whatever order the ranks combine in. */
+static void gen(kolo_dtype d, kolo_op op, int r, size_t i, uint64_t salt, void *b, size_t j) {
+    uint64_t h = mix(((uint64_t)r << 40) ^ (i * 0x10001) ^ (salt << 20) ^ ((uint64_t)d << 8) ^ (uint64_t)op);
+    if (is_int(d)) {
+        put_i(d, b, j, (int64_t)h);
+    } else if (op == KOLO_PROD) {
+        static const double f[] = {-2, -1, 1, 2}; /* products are powers of two */
+        put_f(d, b, j, f[h % 4]);
+    } else {
+        int64_t range = 120 / size; /* |sum| <= 120: exact even in bfloat16 */
+        put_f(d, b, j, (double)((int64_t)(h % (uint64_t)(2 * range + 1)) - range));
+    }
+}
+
+/* a (op) b in the arithmetic of d: integers wrap, floats are exact here. */
+static void combine(kolo_dtype d, kolo_op op, void *acc, const void *inc, size_t i) {
+    if (is_int(d)) {
+        int64_t a = get_i(d, acc, i), b = get_i(d, inc, i), r;
+        switch (op) {
+        case KOLO_PROD: r = (int64_t)((uint64_t)a * (uint64_t)b); break;
+        case KOLO_MIN: r = a < b ? a : b; break;
+        case KOLO_MAX: r = a > b ? a : b; break;
+        default: r = (int64_t)((uint64_t)a + (uint64_t)b); break;
+        }
+        put_i(d, acc, i, r);
+    } else {
+        double a = get_f(d, acc, i), b = get_f(d, inc, i), r;
+        switch (op) {
+        case KOLO_PROD: r = a * b; break;
+        case KOLO_MIN: r = a < b ? a : b; break;
+        case KOLO_MAX: r = a > b ? a : b; break;
+        default: r = a + b; break;
+        }
+        put_f(d, acc, i, r);
+    }
+}
+
+/* Finish an average: truncating division for integers; for float16/bfloat16
+ * the quotient is computed in float and rounded once, as kolo documents. */
+static void divide(kolo_dtype d, void *b, size_t i, int n) {
+    if (is_int(d)) {
+        if (d == KOLO_UINT8) put_i(d, b, i, (int64_t)((uint8_t)get_i(d, b, i) / n));
+        else put_i(d, b, i, get_i(d, b, i) / n);
+    } else if (d == KOLO_FLOAT64) {
+        put_f(d, b, i, get_f(d, b, i) / n);
+    } else {
+        put_f(d, b, i, (double)((float)get_f(d, b, i) / (float)n));
+    }
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) { perror("malloc"); exit(1); }
+    return p;
+}
+
+/* Bytes equal; on a difference, report the first element. */
+static void expect_eq(const char *what, kolo_dtype d, kolo_op op, size_t count, const void *got,
+                      const void *want) {
+    size_t es = dsize(d), k;
+    if (memcmp(got, want, count * es) == 0) return;
+    for (k = 0; k < count; k++)
+        if (memcmp((const char *)got + k * es, (const char *)want + k * es, es) != 0) break;
+    if (is_int(d))
+        CHECK(0, "%s %s %s count %zu: element %zu is %lld, want %lld", what, DNAMES[d], ONAMES[op],
+              count, k, (long long)get_i(d, got, k), (long long)get_i(d, want, k));
+    else
+        CHECK(0, "%s %s %s count %zu: element %zu is %g, want %g", what, DNAMES[d], ONAMES[op],
+              count, k, get_f(d, got, k), get_f(d, want, k));
+}
+
+/* Every rank holds the same bytes: gather them and compare with rank 0's. */
+static void expect_same_on_all_ranks(kolo_comm *comm, const char *what, const void *buf, size_t bytes) {
+    char *all = xmalloc(bytes * (size_t)size);
+    int r;
+    OK(kolo_allgather(comm, buf, all, bytes, KOLO_UINT8));
+    for (r = 1; r < size; r++)
+        CHECK(memcmp(all, all + (size_t)r * bytes, bytes) == 0, "%s: rank %d differs from rank 0", what, r);
+    free(all);
+}
+
+/* ref[k] for k < count: the reduction over ranks of gen(.., r, k, salt). */
+static void reference(kolo_dtype d, kolo_op op, size_t count, uint64_t salt, void *ref) {
+    size_t es = dsize(d), k;
+    char one[8], acc[8];
+    int r;
+    for (k = 0; k < count; k++) {
+        gen(d, op, 0, k, salt, acc, 0);
+        for (r = 1; r < size; r++) {
+            gen(d, op, r, k, salt, one, 0);
+            combine(d, op, acc, one, 0);
+        }
+        if (op == KOLO_AVG) divide(d, acc, 0, size);
+        memcpy((char *)ref + k * es, acc, es);
+    }
+}
+
+static void test_allreduce(kolo_comm *comm, kolo_dtype d, kolo_op op, size_t count) {
+    size_t es = dsize(d), k;
+    char *send = xmalloc(count * es), *recv = xmalloc(count * es), *ref = xmalloc(count * es);
+    char *orig = xmalloc(count * es);
+    uint64_t salt = 1;
+    for (k = 0; k < count; k++) gen(d, op, rank, k, salt, send, k);
+    memcpy(orig, send, count * es);
+    reference(d, op, count, salt, ref);
+    memset(recv, 0xab, count * es);
+    OK(kolo_allreduce(comm, send, recv, count, d, op)); /* out of place */
+    expect_eq("allreduce", d, op, count, recv, ref);
+    CHECK(memcmp(send, orig, count * es) == 0, "allreduce changed sendbuf");
+    OK(kolo_allreduce(comm, send, send, count, d, op)); /* in place */
+    expect_eq("allreduce in place", d, op, count, send, ref);
+    free(send); free(recv); free(ref); free(orig);
+}
+
+static void test_reduce_scatter(kolo_comm *comm, kolo_dtype d, kolo_op op, size_t count) {
+    size_t es = dsize(d), total = count * (size_t)size, k;
+    char *send = xmalloc(total * es), *recv = xmalloc(count * es), *ref = xmalloc(total * es);
+    uint64_t salt = 2;
+    for (k = 0; k < total; k++) gen(d, op, rank, k, salt, send, k);
+    reference(d, op, total, salt, ref);
+    memset(recv, 0xab, count * es);
+    OK(kolo_reduce_scatter(comm, send, recv, count, d, op));
+    expect_eq("reduce_scatter", d, op, count, recv, ref + (size_t)rank * count * es);
+    /* NCCL-style in place: recvbuf is this rank's block of sendbuf. */
+    OK(kolo_reduce_scatter(comm, send, send + (size_t)rank * count * es, count, d, op));
+    expect_eq("reduce_scatter in place", d, op, count, send + (size_t)rank * count * es,
+              ref + (size_t)rank * count * es);
+    free(send); free(recv); free(ref);
+}
+
+static void test_moves(kolo_comm *comm, kolo_dtype d, size_t count) {
+    size_t es = dsize(d), total = count * (size_t)size, k;
+    char *a = xmalloc(total * es), *b = xmalloc(total * es), *want = xmalloc(total * es);
+    int r, root;
+    /* broadcast from every root */
+    for (root = 0; root < size; root++) {
+        for (k = 0; k < count; k++) {
+            gen(d, KOLO_SUM, root, k, 3 + (uint64_t)root, want, k);
+            if (rank == root) gen(d, KOLO_SUM, root, k, 3 + (uint64_t)root, a, k);
+        }
+        if (rank != root) memset(a, 0xcd, count * es);
+        OK(kolo_broadcast(comm, a, count, d, root));
+        expect_eq("broadcast", d, KOLO_SUM, count, a, want);
+    }
+    /* allgather: block r of recv is rank r's send */
+    for (r = 0; r < size; r++)
+        for (k = 0; k < count; k++) gen(d, KOLO_SUM, r, k, 40, want, (size_t)r * count + k);
+    for (k = 0; k < count; k++) gen(d, KOLO_SUM, rank, k, 40, a, k);
+    memset(b, 0xcd, total * es);
+    OK(kolo_allgather(comm, a, b, count, d));
+    expect_eq("allgather", d, KOLO_SUM, total, b, want);
+    memset(b, 0xcd, total * es);
+    memcpy(b + (size_t)rank * count * es, a, count * es);
+    OK(kolo_allgather(comm, b + (size_t)rank * count * es, b, count, d)); /* in place */
+    expect_eq("allgather in place", d, KOLO_SUM, total, b, want);
+    /* alltoall: block j of rank r's send is gen(r, j * count + k); rank r
+     * receives block r of every rank j at block j */
+    for (r = 0; r < size; r++)
+        for (k = 0; k < count; k++)
+            gen(d, KOLO_SUM, r, (size_t)rank * count + k, 50, want, (size_t)r * count + k);
+    for (k = 0; k < total; k++) gen(d, KOLO_SUM, rank, k, 50, a, k);
+    memset(b, 0xcd, total * es);
+    OK(kolo_alltoall(comm, a, b, count, d));
+    expect_eq("alltoall", d, KOLO_SUM, total, b, want);
+    free(a); free(b); free(want);
+}
+
+/* Non-integer floats: every rank gets the same bits, close to the exact sum. */
+static void test_rounding(kolo_comm *comm, kolo_dtype d, size_t count) {
+    size_t es = dsize(d), k;
+    char *buf = xmalloc(count * es);
+    double tol = d == KOLO_FLOAT64 ? 1e-12 : d == KOLO_FLOAT32 ? 1e-5 : d == KOLO_FLOAT16 ? 4e-3 : 3e-2;
+    int r;
+    for (k = 0; k < count; k++)
+        put_f(d, buf, k, (double)(mix((uint64_t)rank * 1000003u + k) % 2000001) / 1e6 - 1.0);
+    OK(kolo_allreduce(comm, buf, buf, count, d, KOLO_SUM));
+    expect_same_on_all_ranks(comm, "allreduce of non-integer floats", buf, count * es);
+    for (k = 0; k < count; k++) {
+        double exact = 0, mag = 0, got = get_f(d, buf, k), diff;
+        char one[8];
+        for (r = 0; r < size; r++) {
+            put_f(d, one, 0, (double)(mix((uint64_t)r * 1000003u + k) % 2000001) / 1e6 - 1.0);
+            exact += get_f(d, one, 0);
+            mag += get_f(d, one, 0) > 0 ? get_f(d, one, 0) : -get_f(d, one, 0);
+        }
+        diff = got - exact;
+        if (diff < 0) diff = -diff;
+        if (!(diff <= tol * (mag + 1))) {
+            CHECK(0, "%s sum element %zu: %g, exact %g", DNAMES[d], k, got, exact);
+            break;
+        }
+    }
+    free(buf);
+}
+
+static void test_errors(kolo_comm *comm) {
+    float v[8] = {0};
+    char raw[16] = {0};
+    int x = 0;
+    const int inv = KOLO_ERR_INVALID_ARGUMENT;
+    BAD(kolo_init_from_env(NULL), inv, "comm is NULL");
+    BAD(kolo_comm_destroy(NULL), inv, "kolo_comm_destroy: comm is NULL");
+    BAD(kolo_comm_rank(NULL, &x), inv, "kolo_comm_rank: comm is NULL");
+    BAD(kolo_comm_size(comm, NULL), inv, "kolo_comm_size: size is NULL");
+    BAD(kolo_comm_local_rank(comm, NULL), inv, "local_rank is NULL");
+    BAD(kolo_allreduce(NULL, v, v, 8, KOLO_FLOAT32, KOLO_SUM), inv, "kolo_allreduce: comm is NULL");
+    BAD(kolo_allreduce(comm, v, v, 8, (kolo_dtype)0, KOLO_SUM), inv, "unknown kolo_dtype 0");
+    BAD(kolo_allreduce(comm, v, v, 8, (kolo_dtype)8, KOLO_SUM), inv, "unknown kolo_dtype 8");
+    BAD(kolo_allreduce(comm, v, v, 8, (kolo_dtype)-1, KOLO_SUM), inv, "unknown kolo_dtype -1");
+    BAD(kolo_allreduce(comm, v, v, 8, KOLO_FLOAT32, (kolo_op)0), inv, "unknown kolo_op 0");
+    BAD(kolo_allreduce(comm, v, v, 8, KOLO_FLOAT32, (kolo_op)6), inv, "unknown kolo_op 6");
+    BAD(kolo_allreduce(comm, NULL, NULL, 8, KOLO_FLOAT32, KOLO_SUM), inv, "recvbuf is NULL but its count is 8");
+    BAD(kolo_allreduce(comm, NULL, v, 8, KOLO_FLOAT32, KOLO_SUM), inv, "sendbuf is NULL");
+    BAD(kolo_allreduce(comm, v, NULL, 8, KOLO_FLOAT32, KOLO_SUM), inv, "recvbuf is NULL");
+    BAD(kolo_allreduce(comm, v, v, SIZE_MAX, KOLO_FLOAT32, KOLO_SUM), inv, "overflow");
+    BAD(kolo_allreduce(comm, raw + 1, raw + 1, 2, KOLO_FLOAT32, KOLO_SUM), inv, "not aligned");
+    BAD(kolo_broadcast(NULL, v, 8, KOLO_FLOAT32, 0), inv, "kolo_broadcast: comm is NULL");
+    BAD(kolo_broadcast(comm, NULL, 8, KOLO_FLOAT32, 0), inv, "buf is NULL");
+    BAD(kolo_broadcast(comm, v, 8, KOLO_FLOAT32, -1), inv, "root -1 is negative");
+    BAD(kolo_broadcast(comm, v, 8, (kolo_dtype)42, 0), inv, "unknown kolo_dtype 42");
+    BAD(kolo_allgather(NULL, v, v, 1, KOLO_FLOAT32), inv, "kolo_allgather: comm is NULL");
+    BAD(kolo_allgather(comm, v, NULL, 1, KOLO_FLOAT32), inv, "recvbuf is NULL");
+    BAD(kolo_allgather(comm, v, v, SIZE_MAX / 2, KOLO_FLOAT32), inv, "overflow");
+    BAD(kolo_reduce_scatter(NULL, v, v, 1, KOLO_FLOAT32, KOLO_SUM), inv, "comm is NULL");
+    BAD(kolo_reduce_scatter(comm, NULL, v, 1, KOLO_FLOAT32, KOLO_SUM), inv, "sendbuf is NULL");
+    BAD(kolo_reduce_scatter(comm, v, v, 1, KOLO_FLOAT32, (kolo_op)99), inv, "unknown kolo_op 99");
+    BAD(kolo_alltoall(NULL, v, v, 1, KOLO_FLOAT32), inv, "kolo_alltoall: comm is NULL");
+    BAD(kolo_alltoall(comm, v, v, SIZE_MAX / 2, KOLO_INT64), inv, "overflow");
+    BAD(kolo_alltoall(comm, v, v, 1, (kolo_dtype)0), inv, "unknown kolo_dtype");
+    BAD(kolo_barrier(NULL), inv, "kolo_barrier: comm is NULL");
+    BAD(kolo_version(NULL, &x, &x), inv, "major is NULL");
+    BAD(kolo_version(&x, &x, NULL), inv, "patch is NULL");
+    /* None of those reached the communicator: it still works. */
+    v[0] = 1.0f;
+    OK(kolo_allreduce(comm, v, v, 1, KOLO_FLOAT32, KOLO_SUM));
+    CHECK(v[0] == (float)size, "allreduce after invalid calls: %g", v[0]);
+    /* Empty buffers may be NULL. */
+    OK(kolo_allreduce(comm, NULL, NULL, 0, KOLO_INT32, KOLO_MAX));
+    OK(kolo_allgather(comm, NULL, NULL, 0, KOLO_INT32));
+    OK(kolo_barrier(comm));
+}
+
+/* Ranks disagree on the count: every rank fails (the ranks that see it report
+ * a mismatch, the others are told by an abort), and the communicator stays failed. */
+static void test_mismatch(kolo_comm *comm) {
+    float v[16] = {0};
+    size_t count = rank == 1 ? 9 : 8;
+    int rc = kolo_allreduce(comm, v, v, count, KOLO_FLOAT32, KOLO_SUM), rc2;
+    const char *e = kolo_last_error();
+    CHECK(rc == KOLO_ERR_MISMATCH || rc == KOLO_ERR_ABORTED, "mismatched allreduce returned %d: %s", rc, e);
+    CHECK(strstr(e, "mismatch") != NULL, "message %s lacks \"mismatch\"", e);
+    CHECK(strstr(e, "allreduce") != NULL, "message %s lacks \"allreduce\"", e);
+    rc2 = kolo_barrier(comm);
+    CHECK(rc2 == rc, "barrier after the failure returned %d, not %d", rc2, rc);
+}
+
+static void test_static(void) {
+    int ma = -1, mi = -1, pa = -1, codes[] = {KOLO_OK, KOLO_ERR_INVALID_ARGUMENT, KOLO_ERR_MISMATCH,
+        KOLO_ERR_PEER_LOST, KOLO_ERR_TIMEOUT, KOLO_ERR_INTERNAL, KOLO_ERR_ABORTED, KOLO_ERR_PROTOCOL,
+        KOLO_ERR_CONFIG, KOLO_ERR_RENDEZVOUS, KOLO_ERR_IO};
+    size_t i, j, n = sizeof codes / sizeof codes[0];
+    CHECK(strcmp(kolo_last_error(), "") == 0, "last error before any failure: %s", kolo_last_error());
+    OK(kolo_version(&ma, &mi, &pa));
+    CHECK(ma == KOLO_VERSION_MAJOR && mi == KOLO_VERSION_MINOR && pa == KOLO_VERSION_PATCH,
+          "library %d.%d.%d, header %d.%d.%d", ma, mi, pa, KOLO_VERSION_MAJOR, KOLO_VERSION_MINOR,
+          KOLO_VERSION_PATCH);
+    for (i = 0; i < n; i++) {
+        CHECK(codes[i] <= 0 && kolo_status_string(codes[i]) != NULL, "status %d", codes[i]);
+        CHECK(strcmp(kolo_status_string(codes[i]), "unknown status") != 0, "status %d", codes[i]);
+        for (j = 0; j < i; j++)
+            CHECK(codes[i] != codes[j] && strcmp(kolo_status_string(codes[i]), kolo_status_string(codes[j])) != 0,
+                  "statuses %d and %d", codes[i], codes[j]);
+    }
+    CHECK(strcmp(kolo_status_string(KOLO_OK), "success") == 0, "%s", kolo_status_string(KOLO_OK));
+    CHECK(strcmp(kolo_status_string(1), "unknown status") == 0, "%s", kolo_status_string(1));
+    CHECK(strcmp(kolo_status_string(-99), "unknown status") == 0, "%s", kolo_status_string(-99));
+}
+
+int main(int argc, char **argv) {
+    kolo_comm *comm = NULL;
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0, local = -1, n2 = -1;
+    size_t full_counts[] = {1, 7, 1000, 70001}, quick_counts[] = {1, 7, 300, 20000};
+    size_t *counts = quick ? quick_counts : full_counts, nc = 4, di, oi, ci;
+
+    if (argc > 1 && strcmp(argv[1], "--init-error") == 0) {
+        comm = (kolo_comm *)&comm; /* must be overwritten with NULL */
+        BAD(kolo_init_from_env(&comm), KOLO_ERR_CONFIG, "KOLO_TIMEOUT");
+        CHECK(comm == NULL, "comm not set to NULL on failure");
+        if (failures) return 1;
+        printf("test_kolo: passed\n");
+        return 0;
+    }
+    test_static();
+    OK(kolo_init_from_env(&comm));
+    OK(kolo_comm_rank(comm, &rank));
+    OK(kolo_comm_size(comm, &size));
+    OK(kolo_comm_local_rank(comm, &local));
+    n2 = atoi(getenv("KOLO_SIZE") ? getenv("KOLO_SIZE") : "-1");
+    CHECK(size == n2, "size %d, KOLO_SIZE %d", size, n2);
+    CHECK(rank >= 0 && rank < size && local >= 0 && local < size, "rank %d local %d", rank, local);
+
+    for (di = 0; di < sizeof DTYPES / sizeof DTYPES[0]; di++) {
+        kolo_dtype d = DTYPES[di];
+        for (ci = 0; ci < nc; ci++) {
+            size_t count = counts[ci];
+            /* Large counts for the float types only, in quick mode (valgrind). */
+            if (quick && count > 1000 && d != KOLO_FLOAT32) continue;
+            for (oi = 0; oi < sizeof OPS / sizeof OPS[0]; oi++) {
+                test_allreduce(comm, d, OPS[oi], count);
+                test_reduce_scatter(comm, d, OPS[oi], count);
+            }
+            test_moves(comm, d, count);
+            if (!is_int(d)) test_rounding(comm, d, count);
+        }
+        OK(kolo_barrier(comm));
+    }
+    test_errors(comm);
+    test_mismatch(comm);
+    OK(kolo_comm_destroy(comm));
+    if (failures) {
+        fprintf(stderr, "rank %d: %d checks failed\n", rank, failures);
+        return 1;
+    }
+    printf("test_kolo: passed (rank %d of %d, %s)\n", rank, size, quick ? "quick" : "full");
+    return 0;
+}
