@@ -449,3 +449,28 @@ fn timeline_is_valid_json_with_every_phase() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn shutdown_hands_back_a_working_communicator() {
+    let res = run_ranks(3, |mut comm| {
+        let rank = comm.rank();
+        let mut sums = Vec::new();
+        for round in 0..3 {
+            let e = Engine::start(comm).unwrap();
+            // Ranks finish their engine work at different times.
+            std::thread::sleep(Duration::from_millis(20 * rank as u64));
+            let h = e
+                .allreduce_async(&format!("r{round}"), vec![rank as i32; 4], ReduceOp::Sum)
+                .unwrap();
+            sums.push(h.wait().unwrap()[0]);
+            comm = e.shutdown().unwrap();
+            let mut v = vec![1i64; 3];
+            comm.allreduce(&mut v, ReduceOp::Sum).unwrap();
+            sums.push(v[0] as i32);
+        }
+        sums
+    });
+    for s in res {
+        assert_eq!(s, [3, 3, 3, 3, 3, 3]);
+    }
+}

@@ -112,6 +112,9 @@ pub(crate) struct Request {
 pub(crate) enum Msg {
     Submit(Vec<Request>),
     Join(Sender<Result<usize>>, Instant),
+    /// Stop together with the other ranks (reply when they all asked).
+    Shutdown(Sender<()>),
+    /// Stop now, alone (the engine is being dropped).
     Stop,
 }
 
@@ -624,14 +627,31 @@ impl Engine {
         })
     }
 
-    /// Stop the engine thread and take the communicator back. Operations
-    /// still pending fail. Call it on every rank after the last handle has
-    /// completed (for example after [`Engine::join`]).
+    /// Stop the engine on every rank together and take the communicator
+    /// back, ready for blocking collectives. Every rank must call it; it
+    /// returns once all have (bounded by `KOLO_STALL_SHUTDOWN_S`, else
+    /// `KOLO_TIMEOUT`). Operations still pending then fail.
     pub fn shutdown(mut self) -> Result<Communicator> {
-        self.stop()
-            .ok_or_else(|| Error::Io(format!("rank {}: engine thread panicked", self.rank)))
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let agreed =
+            self.send(Msg::Shutdown(tx)).is_ok() && rx.recv_timeout(SHUTDOWN_LIMIT).is_ok();
+        let comm = self.stop();
+        match (comm, agreed) {
+            (Some(c), true) => Ok(c),
+            (_, false) => Err(self.shared.dead().unwrap_or_else(|| Error::Timeout {
+                rank: self.rank,
+                op: "engine shutdown".into(),
+                waited: SHUTDOWN_LIMIT,
+                detail: "not every rank shut its engine down".into(),
+            })),
+            (None, true) => Err(Error::Io(format!(
+                "rank {}: engine thread panicked",
+                self.rank
+            ))),
+        }
     }
 
+    /// Stop the thread (it has already stopped after an agreed shutdown).
     fn stop(&mut self) -> Option<Communicator> {
         let t = self.thread.take()?;
         let _ = self.tx.send(Msg::Stop);
@@ -639,6 +659,9 @@ impl Engine {
         t.join().ok()
     }
 }
+
+/// How long [`Engine::shutdown`] waits for the other ranks.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(600);
 
 impl Drop for Engine {
     fn drop(&mut self) {

@@ -130,6 +130,8 @@ pub struct Contribution {
     /// Names this rank gives up on after the stall shutdown time; `JOIN`
     /// withdraws this rank's join.
     pub cancel: Vec<String>,
+    /// This rank's engine is shutting down.
+    pub stop: bool,
 }
 
 /// Name used for a pending join in censuses and cancels.
@@ -196,6 +198,8 @@ pub struct Outcome {
     pub join_done: Option<usize>,
     /// Ranks whose join was withdrawn after a stall shutdown.
     pub join_cancelled: Vec<usize>,
+    /// Every rank has asked to shut down: every engine stops after this round.
+    pub stop: bool,
 }
 
 /// Why a tensor failed in negotiation.
@@ -222,6 +226,7 @@ pub struct State {
     /// Announced but not yet ready (or failed and awaiting remaining ranks).
     table: BTreeMap<String, Entry>,
     joined: Vec<bool>,
+    stopping: Vec<bool>,
     last_joined: usize,
     /// The join state changed: run one more round even if nobody has news,
     /// since tensors may now be complete (or every join may be).
@@ -246,6 +251,7 @@ impl State {
             index: HashMap::new(),
             table: BTreeMap::new(),
             joined: vec![false; n],
+            stopping: vec![false; n],
             last_joined: 0,
             rerun: false,
         }
@@ -385,6 +391,9 @@ impl State {
                     }
                     e.specs[r] = Some(s.clone());
                 }
+                if cb.stop {
+                    self.stopping[r] = true;
+                }
                 if cb.join && !self.joined[r] {
                     self.joined[r] = true;
                     self.last_joined = r;
@@ -523,6 +532,11 @@ impl State {
                 }
             }
             out.stalls = Some(stalls);
+        }
+
+        if self.stopping.iter().all(|&s| s) {
+            out.stop = true;
+            self.stopping = vec![false; n];
         }
 
         // Joins: once every rank had joined at the start of a round, whatever

@@ -65,6 +65,8 @@ pub(crate) struct Worker {
     wants_census: bool,
     cancel: Vec<String>,
     stop: bool,
+    /// A coordinated shutdown was asked for: (reply, told the others yet).
+    shutdown: Option<(Sender<()>, bool)>,
 }
 
 impl Worker {
@@ -99,6 +101,7 @@ impl Worker {
             wants_census: false,
             cancel: Vec::new(),
             stop: false,
+            shutdown: None,
         })
     }
 
@@ -186,6 +189,10 @@ impl Worker {
         let now = Instant::now();
         match m {
             Msg::Stop => self.stop = true,
+            Msg::Shutdown(reply) => {
+                self.shutdown = Some((reply, false));
+                self.news(now);
+            }
             Msg::Join(reply, since) => {
                 if self.join.is_some() {
                     let _ = reply.send(Err(Error::InvalidArgument(format!(
@@ -206,7 +213,7 @@ impl Worker {
             Msg::Submit(reqs) => {
                 for req in reqs {
                     let name = req.spec.name.clone();
-                    let refuse = if self.stop {
+                    let refuse = if self.stop || self.shutdown.is_some() {
                         Some("submitted while the engine shuts down")
                     } else if self.join.is_some() {
                         Some("submitted after join; a joined rank submits nothing until every rank has joined")
@@ -323,8 +330,9 @@ impl Worker {
             .collect();
         announce.sort_by(|a, b| a.name.cmp(&b.name));
         let join_now = self.join.as_ref().is_some_and(|j| !j.sent);
+        let stop_now = self.shutdown.as_ref().is_some_and(|s| !s.1);
         let local = Local {
-            has_content: !announce.is_empty() || join_now || !self.cancel.is_empty(),
+            has_content: !announce.is_empty() || join_now || stop_now || !self.cancel.is_empty(),
             wants_census: self.wants_census,
             held,
         };
@@ -356,7 +364,11 @@ impl Worker {
                 join: join_now,
                 pending,
                 cancel: std::mem::take(&mut self.cancel),
+                stop: stop_now,
             };
+            if let Some(s) = &mut self.shutdown {
+                s.1 = true;
+            }
             for p in self.pending.values_mut() {
                 if p.stage == Stage::New {
                     p.stage = Stage::Announced;
@@ -423,6 +435,14 @@ impl Worker {
         if let Some(last) = out.join_done {
             if let Some(j) = self.join.take() {
                 let _ = j.reply.send(Ok(last));
+            }
+        }
+        if out.stop {
+            // Every rank stops after this same round, so no engine is left
+            // to mistake the next blocking collective for a round.
+            self.stop = true;
+            if let Some((reply, _)) = self.shutdown.take() {
+                let _ = reply.send(());
             }
         }
         Ok(())
