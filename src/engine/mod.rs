@@ -28,10 +28,11 @@ mod worker;
 use crate::element::{as_bytes, as_bytes_mut, DType, Element};
 use crate::error::{Error, Result};
 use crate::{Communicator, ReduceOp};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use negotiate::{Coll, Spec};
 use std::any::Any;
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,8 +106,27 @@ impl Buffer for Raw {
 pub(crate) struct Request {
     spec: Spec,
     buf: Box<dyn Buffer>,
-    reply: Sender<Result<Box<dyn Buffer>>>,
+    reply: Arc<Slot>,
     submitted: Instant,
+}
+
+/// Where the engine leaves one operation's result. Results of a round are
+/// all set first and waiters woken once ([`Shared::notify`]): a wake-up per
+/// tensor would cost two context switches each.
+pub(crate) struct Slot {
+    result: Mutex<Option<Result<Box<dyn Buffer>>>>,
+}
+
+type Outcome = Result<Box<dyn Buffer>>;
+
+impl Slot {
+    /// Leave the result (waiters see it at the next [`Shared::notify`]).
+    pub(crate) fn send(&self, r: Outcome) {
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+    fn take(&self) -> Option<Outcome> {
+        self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 pub(crate) enum Msg {
@@ -124,6 +144,15 @@ pub(crate) struct Shared {
     inflight: Mutex<HashSet<String>>,
     /// Why the engine stopped, once it has.
     dead: Mutex<Option<Error>>,
+    /// The engine thread sleeps waiting for work and wants a wake-up call;
+    /// otherwise it will look at the queue anyway, and submitting skips the
+    /// system call.
+    sleeping: std::sync::atomic::AtomicBool,
+    /// Bumped (under its lock) after results were left in slots.
+    generation: Mutex<u64>,
+    finished: std::sync::Condvar,
+    /// The engine thread has failed or answered everything it ever will.
+    exited: std::sync::atomic::AtomicBool,
     rank: usize,
 }
 
@@ -131,6 +160,12 @@ impl Shared {
     fn dead(&self) -> Option<Error> {
         self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+    /// Wake every waiting handle (after results were left in their slots).
+    pub(crate) fn notify(&self) {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.finished.notify_all();
+    }
+
     fn release(&self, name: &str) {
         self.inflight
             .lock()
@@ -150,8 +185,8 @@ impl Shared {
 /// ```
 pub struct Handle<O> {
     name: String,
-    rx: Receiver<Result<Box<dyn Buffer>>>,
-    done: Option<Result<Box<dyn Buffer>>>,
+    slot: Arc<Slot>,
+    done: Option<Outcome>,
     shared: Arc<Shared>,
     convert: fn(Box<dyn Buffer>) -> O,
 }
@@ -165,12 +200,9 @@ impl<O> Handle<O> {
     /// True once the operation finished (successfully or not); never blocks.
     pub fn poll(&mut self) -> bool {
         if self.done.is_none() {
-            match self.rx.try_recv() {
-                Ok(r) => self.done = Some(r),
-                Err(crossbeam_channel::TryRecvError::Empty) => {}
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    self.done = Some(Err(self.stopped()))
-                }
+            self.done = self.slot.take();
+            if self.done.is_none() && self.shared.exited.load(Ordering::SeqCst) {
+                self.done = Some(self.slot.take().unwrap_or_else(|| Err(self.stopped())));
             }
         }
         self.done.is_some()
@@ -180,10 +212,21 @@ impl<O> Handle<O> {
     /// bounds every wait: collectives by `KOLO_TIMEOUT`, negotiation by
     /// `KOLO_STALL_SHUTDOWN_S`.
     pub fn wait(mut self) -> Result<O> {
-        let r = match self.done.take() {
-            Some(r) => r,
-            None => self.rx.recv().unwrap_or_else(|_| Err(self.stopped())),
+        let shared = self.shared.clone();
+        let mut generation = shared.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let r = loop {
+            if self.poll() {
+                break self.done.take().expect("polled");
+            }
+            // The engine sets slots before bumping the generation under this
+            // lock, so a result cannot slip in between the poll and the wait.
+            generation = shared
+                .finished
+                .wait_timeout(generation, Duration::from_secs(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         };
+        drop(generation);
         r.map(self.convert)
     }
 
@@ -349,6 +392,10 @@ impl Engine {
         let shared = Arc::new(Shared {
             inflight: Mutex::new(HashSet::new()),
             dead: Mutex::new(None),
+            sleeping: std::sync::atomic::AtomicBool::new(false),
+            generation: Mutex::new(0),
+            finished: std::sync::Condvar::new(),
+            exited: std::sync::atomic::AtomicBool::new(false),
             rank,
         });
         let w = worker::Worker::new(comm, rx, shared.clone())?;
@@ -384,9 +431,11 @@ impl Engine {
                 Error::InvalidArgument(format!("rank {}: the engine has stopped", self.rank))
             })
         })?;
-        // Best effort: if the wake fails the thread still finds the message
-        // when its current wait ends.
-        let _ = self.waker.wake();
+        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            // Best effort: if the wake fails the thread still finds the
+            // message when its current wait ends.
+            let _ = self.waker.wake();
+        }
         Ok(())
     }
 
@@ -397,10 +446,12 @@ impl Engine {
         buf: Box<dyn Buffer>,
         convert: fn(Box<dyn Buffer>) -> O,
     ) -> (Result<Request>, Handle<O>) {
-        let (reply, rx) = crossbeam_channel::bounded(1);
+        let reply = Arc::new(Slot {
+            result: Mutex::new(None),
+        });
         let handle = Handle {
             name: spec.name.clone(),
-            rx,
+            slot: reply.clone(),
             done: None,
             shared: self.shared.clone(),
             convert,

@@ -12,6 +12,7 @@ use crate::transport::Activity;
 use crate::Communicator;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,7 @@ pub(crate) struct Worker {
     stop: bool,
     /// A coordinated shutdown was asked for: (reply, told the others yet).
     shutdown: Option<(Sender<()>, bool)>,
+    stats: (u64, u64, f64, f64),
 }
 
 impl Worker {
@@ -102,11 +104,13 @@ impl Worker {
             cancel: Vec::new(),
             stop: false,
             shutdown: None,
+            stats: (0, 0, 0.0, 0.0),
         })
     }
 
     /// The thread body: returns the communicator when stopped.
     pub(crate) fn run(mut self) -> Communicator {
+        let t0 = Instant::now();
         if let Err(e) = self.main_loop() {
             *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             self.fail_everything(&e);
@@ -118,7 +122,20 @@ impl Worker {
             *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             self.fail_everything(&e);
         }
+        self.shared.exited.store(true, Ordering::SeqCst);
+        self.shared.notify();
         self.timeline.take();
+        if std::env::var_os("KOLO_ENGINE_STATS").is_some() {
+            eprintln!(
+                "[{}] rounds={} exchanges={} round_s={:.4} exec_s={:.4} total_s={:.4}",
+                self.me,
+                self.stats.0,
+                self.stats.1,
+                self.stats.2,
+                self.stats.3,
+                t0.elapsed().as_secs_f64()
+            );
+        }
         self.comm
     }
 
@@ -156,7 +173,16 @@ impl Worker {
             let deadline = self
                 .next_stall_check()
                 .unwrap_or_else(|| Instant::now() + IDLE_SLEEP);
-            if let Activity::Peer(_) = self.comm.wait_incoming(deadline)? {
+            // Announce the sleep before the last look at the queue, so a
+            // submission either is seen here or wakes the wait.
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            if !self.rx.is_empty() {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let woke = self.comm.wait_incoming(deadline);
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            if let Activity::Peer(_) = woke? {
                 // A peer started a round.
                 self.round()?;
             }
@@ -169,6 +195,8 @@ impl Worker {
         let Some(since) = self.news_since else {
             return Ok(());
         };
+        // Submissions arriving meanwhile do not wake this wait (the sleeping
+        // flag stays down); they are taken when it ends.
         let until = since + self.cycle_time;
         while Instant::now() < until && !self.stop {
             match self.comm.wait_incoming(until)? {
@@ -176,12 +204,19 @@ impl Worker {
                 Activity::Woken => self.drain(),
             }
         }
+        self.drain();
         Ok(())
     }
 
     fn drain(&mut self) {
+        let mut any = false;
         while let Ok(m) = self.rx.try_recv() {
             self.take(m);
+            any = true;
+        }
+        if any {
+            // Refused submissions have their answers already.
+            self.shared.notify();
         }
     }
 
@@ -314,6 +349,7 @@ impl Worker {
 
     /// One negotiation round, then run what became ready.
     fn round(&mut self) -> Result<()> {
+        let round_t0 = Instant::now();
         let held: BTreeSet<usize> = self
             .pending
             .values()
@@ -386,6 +422,9 @@ impl Worker {
         self.wants_census = false;
         let out = self.state.apply(&v, contribs.as_deref());
         let decided = Instant::now();
+        self.stats.0 += 1;
+        self.stats.1 += contribs.is_some() as u64;
+        self.stats.2 += decided.duration_since(round_t0).as_secs_f64();
 
         for name in &out.evicted {
             if let Some(p) = self.pending.get_mut(name) {
@@ -431,7 +470,10 @@ impl Worker {
                 }));
             }
         }
-        self.execute(out.ready, decided)?;
+        let ran = self.execute(out.ready, decided);
+        self.shared.notify();
+        ran?;
+        self.stats.3 += decided.elapsed().as_secs_f64();
         if let Some(last) = out.join_done {
             if let Some(j) = self.join.take() {
                 let _ = j.reply.send(Ok(last));

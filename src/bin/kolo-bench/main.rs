@@ -15,6 +15,8 @@
 //! (`coll algo dtype op nranks bytes count time_us p50_us algbw_gbps busbw_gbps iters wrong`)
 //! and a last summary object (`"summary": true`, with the totals of the footer).
 
+mod fusion;
+
 use half::{bf16, f16};
 use kolo::algo::cost::Algo;
 use kolo::{Communicator, DType, Element, ReduceOp};
@@ -39,6 +41,12 @@ usage: kolo-bench [options]   (run under a launcher, e.g. kolorun -np 4 kolo-ben
   -a, --algo A           allreduce algorithm: auto, ring, tree, rhd, rd, binomial
                          (default auto: KOLO_ALGO, else chosen by size)
       --json             print only JSON lines: one object per size, then a summary object
+      --fusion SET       instead of the size sweep: a training step's gradients (SET =
+                         resnet50: ResNet-50's 161 tensors, 25.6 M floats; small: 1000
+                         tensors of 4 KiB), reduced per tensor, by the engine (each rank
+                         in its own random order) and as one flat buffer; prints
+                         mode=<m> step_ms=<t> busbw=<b> per mode
+      --steps N          steps per mode with --fusion (default 20)
   -h, --help             print this help
 Sizes are per-rank buffer sizes as in nccl-tests: the allreduce/broadcast buffer, the
 gathered buffer of allgather, the input of reducescatter, the send buffer of alltoall.
@@ -142,6 +150,10 @@ struct Opts {
     algo: Option<Algo>,
     /// Print JSON lines instead of the table.
     json: bool,
+    /// Run the fusion benchmark on this gradient set instead of the sweep.
+    fusion: Option<fusion::Set>,
+    /// Steps per mode of the fusion benchmark.
+    steps: usize,
 }
 
 impl Default for Opts {
@@ -159,6 +171,8 @@ impl Default for Opts {
             algo: None,
             root: 0,
             json: false,
+            fusion: None,
+            steps: 20,
         }
     }
 }
@@ -229,6 +243,8 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "coll" => "coll",
                 "root" => "r",
                 "algo" => "a",
+                "fusion" => "fusion",
+                "steps" => "steps",
                 _ => return Err(format!("unknown option {a:?}")),
             };
             (short, val)
@@ -293,6 +309,12 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 })?
             }
             "r" => o.root = parse_num(&shown, &val)?,
+            "fusion" => {
+                o.fusion = Some(fusion::Set::parse(val.trim()).ok_or_else(|| {
+                    format!("{shown}: unknown gradient set {val:?} (resnet50, small)")
+                })?)
+            }
+            "steps" => o.steps = parse_num(&shown, &val)?,
             "a" => {
                 o.algo = match val.trim() {
                     "auto" => None,
@@ -317,6 +339,9 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
     }
     if o.factor < 2 {
         return Err(format!("-f: factor {} must be at least 2", o.factor));
+    }
+    if o.steps == 0 {
+        return Err("--steps: need at least one step".into());
     }
     if o.iters == Some(0) {
         return Err("-n: need at least one timed iteration".into());
@@ -995,6 +1020,22 @@ fn main() -> ExitCode {
         }
     };
     let init_ms = t.elapsed().as_secs_f64() * 1e3;
+    if let Some(set) = opts.fusion {
+        let rank = comm.rank();
+        return match fusion::run(comm, set, opts.steps, opts.json) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(wrong) => {
+                if rank == 0 {
+                    eprintln!("kolo-bench: {wrong} wrong values");
+                }
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("kolo-bench: rank {rank}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if opts.coll == Coll::Broadcast && opts.root >= comm.size() {
         if comm.rank() == 0 {
             eprintln!(
