@@ -145,7 +145,7 @@ impl Worker {
         }
         for (name, p) in std::mem::take(&mut self.pending) {
             self.shared.release(&name);
-            let _ = p.req.reply.send(Err(e.clone()));
+            p.req.reply.send(Err(e.clone()));
         }
         if let Some(j) = self.join.take() {
             let _ = j.reply.send(Err(e.clone()));
@@ -257,7 +257,7 @@ impl Worker {
                     };
                     if let Some(why) = refuse {
                         self.shared.release(&name);
-                        let _ = req.reply.send(Err(Error::InvalidArgument(format!(
+                        req.reply.send(Err(Error::InvalidArgument(format!(
                             "rank {}: engine tensor {name:?}: {why}",
                             self.me
                         ))));
@@ -443,7 +443,7 @@ impl Worker {
             };
             let e = self.failure_error(name, f, &p);
             self.shared.release(name);
-            let _ = p.req.reply.send(Err(e));
+            p.req.reply.send(Err(e));
         }
         if let Some(stalls) = &out.stalls {
             for s in stalls {
@@ -610,7 +610,7 @@ impl Worker {
                     detail: format!("engine tensor {name:?} was not run"),
                 }),
             };
-            let _ = p.req.reply.send(r);
+            p.req.reply.send(r);
         }
         match fatal {
             Some(e) => Err(e),
@@ -814,7 +814,7 @@ fn fail_items(shared: &Shared, items: Vec<Item>, e: &Error) {
     for it in items {
         if let Some(p) = it.local {
             shared.release(&p.req.spec.name);
-            let _ = p.req.reply.send(Err(e.clone()));
+            p.req.reply.send(Err(e.clone()));
         }
     }
 }
