@@ -447,6 +447,23 @@ fn timeline_is_valid_json_with_every_phase() {
             );
         }
     }
+    // scripts/merge-timeline puts both ranks into one file.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("python3")
+        .arg(format!("{root}/scripts/merge-timeline"))
+        .arg(&prefix)
+        .output()
+        .expect("python3 runs scripts/merge-timeline");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tl.json")).unwrap()).unwrap();
+    let pids: std::collections::BTreeSet<u64> = merged["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["pid"].as_u64())
+        .collect();
+    assert_eq!(pids.into_iter().collect::<Vec<_>>(), [0, 1]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
