@@ -25,6 +25,8 @@ pub mod net;
 pub mod reduce;
 pub mod rendezvous;
 pub mod simulate;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod transport;
 
 pub use comm::Communicator;
