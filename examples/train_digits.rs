@@ -22,8 +22,9 @@ const USAGE: &str = "\
 usage: train_digits [options]     (run it under kolorun, e.g. kolorun -np 4 train_digits)
   --epochs N          passes over the training set (default 20)
   --batch-size N      global batch, split across the ranks (default 64)
-  --lr X              learning rate of SGD with momentum 0.9 (default 0.05)
-  --hidden N          width of the two hidden layers (default 128)
+  --lr X              peak learning rate of SGD with momentum 0.9, cosine decay (default 0.05)
+  --model mlp|cnn     a small CNN or a 3-layer MLP (default cnn)
+  --hidden N          width of the hidden layers (default 128)
   --seed N            seed of the data order and of the model (default 1)
   --device cpu|cuda   where each rank trains (cuda: cuda:(local_rank % devices)) (default cpu)
   --compression none  gradient compression (fp16 and topk:<fraction> are not yet available)
@@ -37,6 +38,7 @@ struct Args {
     hidden: i64,
     seed: u64,
     device: String,
+    model: String,
     threads: Option<usize>,
     bucket_mb: usize,
 }
@@ -49,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         hidden: 128,
         seed: 1,
         device: "cpu".into(),
+        model: "cnn".into(),
         threads: None,
         bucket_mb: 64,
     };
@@ -83,6 +86,12 @@ fn parse_args() -> Result<Args, String> {
                 a.device = value()?;
                 if a.device != "cpu" && a.device != "cuda" {
                     return Err(format!("--device: {:?} is not cpu or cuda", a.device));
+                }
+            }
+            "--model" => {
+                a.model = value()?;
+                if a.model != "mlp" && a.model != "cnn" {
+                    return Err(format!("--model: {:?} is not mlp or cnn", a.model));
                 }
             }
             "--compression" => match value()?.as_str() {
@@ -147,6 +156,34 @@ fn mlp(p: nn::Path, hidden: i64) -> impl Module {
         ))
 }
 
+/// A small CNN on the 1×8×8 image: two 3×3 convolutions (padding 1), 2×2 max-pool,
+/// then a hidden fully connected layer.
+fn cnn(p: nn::Path, hidden: i64) -> impl Module {
+    let conv = nn::ConvConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    nn::seq()
+        .add_fn(|x| x.view([-1, 1, 8, 8]))
+        .add(nn::conv2d(&p / "conv1", 1, 32, 3, conv))
+        .add_fn(|x| x.relu())
+        .add(nn::conv2d(&p / "conv2", 32, 64, 3, conv))
+        .add_fn(|x| x.relu().max_pool2d_default(2).flatten(1, -1))
+        .add(nn::linear(
+            &p / "fc1",
+            64 * 4 * 4,
+            hidden,
+            Default::default(),
+        ))
+        .add_fn(|x| x.relu())
+        .add(nn::linear(
+            &p / "fc2",
+            hidden,
+            digits::CLASSES as i64,
+            Default::default(),
+        ))
+}
+
 fn to_tensors(s: &digits::Split, device: Device) -> Result<(Tensor, Tensor), tch::TchError> {
     let x = Tensor::f_from_slice(&s.images)?
         .f_reshape([s.len() as i64, digits::FEATURES as i64])?
@@ -176,7 +213,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Each rank initialises differently; broadcast_parameters makes them equal.
     tch::manual_seed(args.seed as i64 + rank as i64);
     let vs = nn::VarStore::new(device);
-    let net = mlp(vs.root(), args.hidden);
+    let net: Box<dyn Module> = match args.model.as_str() {
+        "cnn" => Box::new(cnn(vs.root(), args.hidden)),
+        _ => Box::new(mlp(vs.root(), args.hidden)),
+    };
     let nparams: i64 = vs
         .trainable_variables()
         .iter()
@@ -193,18 +233,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     if rank == 0 {
         println!(
-            "train_digits: {size} rank(s), device {}, MLP {}-{h}-{h}-{} ({nparams} parameters), \
-             {} train / {} test images, global batch {}, SGD lr {} momentum 0.9, {} epochs, \
-             compression none, {threads} thread(s) per rank",
+            "train_digits: {size} rank(s), device {}, {} ({nparams} parameters), \
+             {} train / {} test images, global batch {}, SGD lr {} (cosine decay) momentum 0.9, \
+             {} epochs, compression none, {threads} thread(s) per rank",
             args.device,
-            digits::FEATURES,
-            digits::CLASSES,
+            match args.model.as_str() {
+                "cnn" => format!("CNN conv32-conv64-pool-fc{}", args.hidden),
+                _ => format!("MLP 64-{h}-{h}-10", h = args.hidden),
+            },
             train.len(),
             test.len(),
             args.batch,
             args.lr,
             args.epochs,
-            h = args.hidden,
         );
     }
 
@@ -214,6 +255,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut accuracy = 0.0;
     let mut times = Vec::new();
     for epoch in 0..args.epochs {
+        // Cosine learning-rate decay over the run, so the last epochs settle.
+        let lr = args.lr
+            * 0.5
+            * (1.0 + (std::f64::consts::PI * epoch as f64 / args.epochs as f64).cos());
+        dopt.optimizer_mut().set_lr(lr);
         comm.barrier()?;
         let t0 = Instant::now();
         let order = shuffled(train.len(), mix(args.seed ^ ((epoch as u64) << 32)));

@@ -37,7 +37,10 @@ fi
 if ! INFO=$(torch_info); then
     if [ ! -x "$PY" ]; then
         echo "setup-libtorch: creating $VENV" >&2
-        python3 -m venv "$VENV" >&2
+        python3 -m venv "$VENV" >&2 || {
+            echo "setup-libtorch: python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+            exit 1
+        }
     fi
     echo "setup-libtorch: pip install torch==$WANT into $VENV (large: CUDA build with nvidia-* wheels)" >&2
     t0=$(date +%s)

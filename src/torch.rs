@@ -7,11 +7,12 @@
 //! the gradients of all ranks before the optimizer step, so all ranks stay bitwise
 //! identical and train as one process would on the union of their batches.
 //!
-//! ```no_run
+//! ```
 //! use kolo::torch::tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 //! use kolo::torch::DistributedOptimizer;
 //!
-//! let comm = kolo::Communicator::from_env()?;
+//! // Under a launcher: kolo::Communicator::from_env()?; here a job of one rank.
+//! let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
 //! let vs = nn::VarStore::new(Device::Cpu);
 //! let net = nn::linear(vs.root() / "fc", 64, 10, Default::default());
 //! let opt = nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, 0.1).unwrap();
@@ -44,7 +45,7 @@ pub const DEFAULT_BUCKET_BYTES: usize = 64 << 20;
 
 /// The kolo [`DType`] of a tensor kind, or an error naming the supported kinds.
 ///
-/// ```no_run
+/// ```
 /// use kolo::torch::{dtype_of, tch::Kind};
 /// assert_eq!(dtype_of(Kind::Float)?, kolo::DType::F32);
 /// assert!(dtype_of(Kind::Bool).is_err());
@@ -70,7 +71,7 @@ pub fn dtype_of(kind: Kind) -> Result<DType> {
 
 /// The tensor kind of a kolo [`DType`] (the inverse of [`dtype_of`]).
 ///
-/// ```no_run
+/// ```
 /// use kolo::torch::{kind_of, tch::Kind};
 /// assert_eq!(kind_of(kolo::DType::BF16), Kind::BFloat16);
 /// ```
@@ -177,9 +178,24 @@ macro_rules! with_elem {
 /// The elements of a contiguous CPU tensor as a slice.
 ///
 /// # Safety
-/// `t` must be defined, contiguous, on the CPU, of the kind matching `T`, and nothing else
-/// may read or write its storage while the slice lives.
-unsafe fn host_slice<T: Element>(t: &Tensor) -> &mut [T] {
+/// `t` must be defined, contiguous, on the CPU, of the kind matching `T`, and nothing may
+/// write its storage while the slice lives.
+unsafe fn host_slice<T: Element>(t: &Tensor) -> &[T] {
+    let n = t.numel();
+    if n == 0 {
+        return &[];
+    }
+    let p = t.data_ptr() as *const T;
+    debug_assert!(p.is_aligned());
+    std::slice::from_raw_parts(p, n)
+}
+
+/// The elements of a contiguous CPU tensor as a mutable slice.
+///
+/// # Safety
+/// As for [`host_slice`], and nothing else may read or write the storage (no other tensor
+/// sharing it is used) while the slice lives.
+unsafe fn host_slice_mut<T: Element>(t: &mut Tensor) -> &mut [T] {
     let n = t.numel();
     if n == 0 {
         return &mut [];
@@ -223,9 +239,9 @@ fn to_host(t: &Tensor, what: &str) -> Result<(Tensor, bool)> {
 pub fn allreduce_tensor(comm: &Communicator, t: &mut Tensor, op: ReduceOp) -> Result<()> {
     let what = "allreduce_tensor";
     let dt = check(t, what)?;
-    let (host, copied) = to_host(t, what)?;
+    let (mut host, copied) = to_host(t, what)?;
     // SAFETY: `host` is a contiguous CPU tensor of kind `dt`, used by nobody else here.
-    with_elem!(dt, T => comm.allreduce(unsafe { host_slice::<T>(&host) }, op))?;
+    with_elem!(dt, T => comm.allreduce(unsafe { host_slice_mut::<T>(&mut host) }, op))?;
     if copied {
         tch::no_grad(|| t.f_copy_(&host)).map_err(torch_err(what))?;
     }
@@ -246,9 +262,9 @@ pub fn allreduce_tensor(comm: &Communicator, t: &mut Tensor, op: ReduceOp) -> Re
 pub fn broadcast_tensor(comm: &Communicator, t: &mut Tensor, root: usize) -> Result<()> {
     let what = "broadcast_tensor";
     let dt = check(t, what)?;
-    let (host, copied) = to_host(t, what)?;
+    let (mut host, copied) = to_host(t, what)?;
     // SAFETY: as in allreduce_tensor.
-    with_elem!(dt, T => comm.broadcast(unsafe { host_slice::<T>(&host) }, root))?;
+    with_elem!(dt, T => comm.broadcast(unsafe { host_slice_mut::<T>(&mut host) }, root))?;
     if copied {
         tch::no_grad(|| t.f_copy_(&host)).map_err(torch_err(what))?;
     }
@@ -273,10 +289,10 @@ pub fn allgather_tensor(comm: &Communicator, t: &Tensor) -> Result<Tensor> {
     let (send, _) = to_host(t, what)?;
     let mut shape = vec![comm.size() as i64];
     shape.extend(t.size());
-    let recv = Tensor::f_empty(&shape[..], (kind_of(dt), Device::Cpu)).map_err(&e)?;
+    let mut recv = Tensor::f_empty(&shape[..], (kind_of(dt), Device::Cpu)).map_err(&e)?;
     // SAFETY: `send` and `recv` are distinct contiguous CPU tensors of kind `dt`.
-    with_elem!(dt, T => comm.allgather(unsafe { &*host_slice::<T>(&send) }, unsafe {
-        host_slice::<T>(&recv)
+    with_elem!(dt, T => comm.allgather(unsafe { host_slice::<T>(&send) }, unsafe {
+        host_slice_mut::<T>(&mut recv)
     }))?;
     match t.device() {
         Device::Cpu => Ok(recv),
@@ -344,7 +360,7 @@ fn fused(
                 Tensor::f_cat(&views, 0).map_err(&e)?
             };
             let flat = flat.f_contiguous().map_err(&e)?;
-            let host = match device {
+            let mut host = match device {
                 Device::Cpu => flat.shallow_clone(),
                 _ => {
                     let buf = staging_buffer(staging, dt, device, numel)?;
@@ -355,7 +371,7 @@ fn fused(
             };
             // SAFETY: `host` is a contiguous CPU tensor of kind `dt` that only this code uses.
             with_elem!(dt, T => {
-                let s = unsafe { host_slice::<T>(&host) };
+                let s = unsafe { host_slice_mut::<T>(&mut host) };
                 match coll {
                     Fused::Allreduce(op) => comm.allreduce(s, op),
                     Fused::Broadcast(root) => comm.broadcast(s, root),
@@ -729,7 +745,7 @@ impl<'c> DistributedOptimizer<'c> {
             let (host, _) = to_host(&t, "parameters_in_sync")?;
             // SAFETY: a contiguous CPU tensor of kind `dt`, read only here.
             h = with_elem!(dt, T => {
-                hash_bytes(h, crate::element::as_bytes(unsafe { &*host_slice::<T>(&host) }))
+                hash_bytes(h, crate::element::as_bytes(unsafe { host_slice::<T>(&host) }))
             });
         }
         Ok(first_disagreeing(self.comm, h)?.is_none())
