@@ -661,7 +661,8 @@ impl<'c> DistributedOptimizer<'c> {
 
     /// Average the gradients of the trainable variables across ranks, in place. A variable
     /// without a gradient on this rank (unused in the forward pass) gets a zero gradient so
-    /// that all ranks reduce the same buckets. Called by [`backward_step`](Self::backward_step);
+    /// that all ranks reduce the same buckets; frozen variables are skipped (freeze the same
+    /// ones on every rank). Called by [`backward_step`](Self::backward_step);
     /// public for loops that call `backward` and `step` themselves.
     ///
     /// ```no_run
@@ -681,6 +682,9 @@ impl<'c> DistributedOptimizer<'c> {
         let e = torch_err("gradients");
         let mut grads = Vec::new();
         for p in self.vs.trainable_variables() {
+            if !p.requires_grad() {
+                continue; // frozen (VarStore::freeze): no gradient, on every rank
+            }
             let mut g = p.f_grad().map_err(&e)?;
             if !g.defined() {
                 // d(sum(p * 0))/dp = 0 defines p's gradient as zeros.

@@ -335,6 +335,11 @@ fn unused_parameters_get_zero_gradients() {
         let spare = vs
             .root()
             .var_copy("spare", &Tensor::ones([2], (Kind::Float, Device::Cpu)));
+        // A frozen variable (no gradient) is skipped.
+        let frozen = vs
+            .root()
+            .var_copy("frozen", &Tensor::ones([2], (Kind::Float, Device::Cpu)))
+            .set_requires_grad(false);
         let opt = nn::Sgd::default().build(&vs, 1.0).unwrap();
         let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
         let loss = match comm.rank() {
@@ -343,6 +348,7 @@ fn unused_parameters_get_zero_gradients() {
         };
         dopt.backward_step(&loss).unwrap();
         assert!(dopt.parameters_in_sync().unwrap());
+        assert_eq!(Vec::<f32>::try_from(&frozen).unwrap(), [1.0; 2]);
         (
             Vec::<f32>::try_from(&w).unwrap(),
             Vec::<f32>::try_from(&spare).unwrap(),
