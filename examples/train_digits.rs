@@ -333,7 +333,7 @@ fn main() {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("train_digits: {e}\n{USAGE}");
+            eprintln!("train_digits: {e} (--help lists the flags)");
             std::process::exit(2);
         }
     };

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step prints the seconds since the script started.
+step() { printf '\n==> [%ss] %s\n' "$SECONDS" "$*"; }
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then
