@@ -28,7 +28,7 @@ usage: train_digits [options]     (run it under kolorun, e.g. kolorun -np 4 trai
   --seed N            seed of the data order and of the model (default 1)
   --device cpu|cuda   where each rank trains (cuda: cuda:(local_rank % devices)) (default cpu)
   --compression none  gradient compression (fp16 and topk:<fraction> are not yet available)
-  --threads N         libtorch intra-op threads per rank (default: cores / local ranks)
+  --threads N         libtorch intra-op threads per rank (default 1)
   --bucket-mb N       gradient bucket size in MiB (default 64)";
 
 struct Args {
@@ -196,10 +196,10 @@ fn to_tensors(s: &digits::Split, device: Device) -> Result<(Tensor, Tensor), tch
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let comm = Communicator::from_env()?;
     let (rank, size) = (comm.rank(), comm.size());
-    let threads = args.threads.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        (cores / comm.local_size().max(1)).max(1)
-    });
+    // One libtorch thread per rank unless asked: its default (every core in each rank)
+    // oversubscribes the host when ranks share it, and its OpenMP threads slow down badly
+    // when a core is busy with something else.
+    let threads = args.threads.unwrap_or(1);
     tch::set_num_threads(threads as i32);
     let device = match args.device.as_str() {
         "cuda" => kolo::torch::cuda_device(&comm)?,
@@ -318,11 +318,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             &times[..]
         };
         let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+        let mut sorted = steady.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
         println!(
-            "time per epoch {mean:.3} s (mean of epochs {}..{}), {:.0} img/s; parameters in sync on all ranks",
+            "time per epoch: median {median:.3} s ({:.0} img/s), mean {mean:.3} s, over epochs {}..{}; \
+             parameters in sync on all ranks",
+            train.len() as f64 / median,
             times.len() - steady.len() + 1,
             times.len(),
-            train.len() as f64 / mean
         );
         println!("final_accuracy={accuracy:.4}");
     }
