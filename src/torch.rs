@@ -36,11 +36,17 @@
 
 use crate::{Communicator, DType, Element, Error, ReduceOp, Result};
 use half::{bf16, f16};
+/// The `tch` crate this module is built against (0.24.0); using it through `kolo::torch::tch`
+/// keeps a program's tensors the same type as kolo's.
 pub use tch;
 use tch::{nn, Device, Kind, Tensor};
 
 /// Default size of a gradient bucket: gradients of one kind are packed into flat
 /// buffers of up to this many bytes, one allreduce each.
+///
+/// ```no_run
+/// assert_eq!(kolo::torch::DEFAULT_BUCKET_BYTES, 64 << 20);
+/// ```
 pub const DEFAULT_BUCKET_BYTES: usize = 64 << 20;
 
 /// The kolo [`DType`] of a tensor kind, or an error naming the supported kinds.
