@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step prints the seconds since the script started.
+step() { printf '\n==> [%ss] %s\n' "$SECONDS" "$*"; }
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then
@@ -74,5 +75,29 @@ fi
 # nextest does not run doctests.
 step "cargo test --doc -p kolo --release"
 cargo test --doc -p kolo --release
+
+# The `torch` feature (kolo::torch, the train_digits example): PyTorch 2.11.0 from PyPI in
+# .venv (installed when missing), then clippy, the torch tests and the torch doctests. The
+# core above builds and tests without libtorch.
+step "libtorch (scripts/setup-libtorch.sh)"
+eval "$(scripts/setup-libtorch.sh)"
+
+# --release: torch-sys compiles its C++ once, for the release build that the tests use too.
+step "cargo clippy --features kolo/torch"
+cargo clippy --release --workspace --all-targets --features kolo/torch -- -D warnings
+
+step "cargo build --release --features torch (train_digits)"
+cargo build --release -p kolo --features torch --examples
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --release --features torch --test torch"
+    cargo nextest run --release -p kolo --features torch --test torch
+else
+    step "cargo test --release --features torch --test torch"
+    cargo test --release -p kolo --features torch --test torch
+fi
+
+step "cargo test --doc -p kolo --release --features torch (kolo::torch)"
+cargo test --doc -p kolo --release --features torch -- torch
 
 step "all tests passed"

@@ -26,6 +26,8 @@ pub mod net;
 pub mod reduce;
 pub mod rendezvous;
 pub mod simulate;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod transport;
 
 pub use comm::Communicator;

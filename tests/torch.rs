@@ -1,0 +1,515 @@
+//! kolo::torch (feature `torch`): data-parallel training is equivalent to one process on
+//! the whole batch, parameters broadcast and stay in sync, every supported tensor kind
+//! round-trips through the collectives, bad input gives errors, the CUDA path (when a GPU
+//! is present), and the train_digits example reaches 95% on 4 ranks under kolorun.
+//!
+//! Ranks are threads in this process (tests/common), each with its own VarStore.
+mod common;
+
+use common::{mix, run_ranks};
+use kolo::torch::tch::{self, nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
+use kolo::torch::{
+    allgather_tensor, allreduce_tensor, broadcast_tensor, dtype_of, DistributedOptimizer,
+};
+use kolo::{Communicator, Error, ReduceOp};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Deterministic values in [-1, 1).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| (mix(seed ^ ((i as u64) << 20)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0)
+        .collect()
+}
+
+fn tensor(seed: u64, shape: &[i64]) -> Tensor {
+    let n = shape.iter().product::<i64>() as usize;
+    Tensor::from_slice(&values(seed, n)).reshape(shape)
+}
+
+const IN: i64 = 5;
+const HIDDEN: i64 = 8;
+const OUT: i64 = 3;
+const GLOBAL_BATCH: i64 = 8;
+const STEPS: u64 = 30;
+
+/// A two-layer tanh MLP in f64 with fixed initial weights (the same on every rank unless
+/// `init_seed` differs).
+fn model(vs: &mut nn::VarStore, init_seed: u64) -> impl Module {
+    vs.set_kind(Kind::Double);
+    let root = vs.root();
+    let w1 = root.var_copy("w1", &tensor(init_seed, &[HIDDEN, IN]));
+    let b1 = root.var_copy("b1", &tensor(init_seed + 1, &[HIDDEN]));
+    let w2 = root.var_copy("w2", &tensor(init_seed + 2, &[OUT, HIDDEN]));
+    let b2 = root.var_copy("b2", &tensor(init_seed + 3, &[OUT]));
+    nn::func(move |x| (x.matmul(&w1.tr()) + &b1).tanh().matmul(&w2.tr()) + &b2)
+}
+
+/// Input and target of global batch `step`.
+fn batch(step: u64) -> (Tensor, Tensor) {
+    (
+        tensor(1000 + step, &[GLOBAL_BATCH, IN]),
+        tensor(5000 + step, &[GLOBAL_BATCH, OUT]),
+    )
+}
+
+fn sgd() -> nn::Sgd {
+    nn::Sgd {
+        momentum: 0.9,
+        ..Default::default()
+    }
+}
+
+/// Every variable, sorted by name, flattened into one vector.
+fn params(vs: &nn::VarStore) -> Vec<f64> {
+    let mut named: Vec<_> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+        .iter()
+        .flat_map(|(_, t)| Vec::<f64>::try_from(t.reshape([-1])).unwrap())
+        .collect()
+}
+
+/// One process training on the whole global batch.
+fn reference() -> Vec<f64> {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let net = model(&mut vs, 7);
+    let mut opt = sgd().build(&vs, 0.1).unwrap();
+    for step in 0..STEPS {
+        let (x, y) = batch(step);
+        let loss = (net.forward(&x) - y).square().mean(Kind::Double);
+        opt.backward_step(&loss);
+    }
+    params(&vs)
+}
+
+/// Rank `comm.rank()` trains on its shard of each global batch.
+fn data_parallel(comm: Communicator, bucket_bytes: usize) -> Vec<f64> {
+    let (r, n) = (comm.rank() as i64, comm.size() as i64);
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let net = model(&mut vs, 7);
+    let opt = sgd().build(&vs, 0.1).unwrap();
+    let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
+    dopt.set_bucket_bytes(bucket_bytes).unwrap();
+    let per = GLOBAL_BATCH / n;
+    for step in 0..STEPS {
+        let (x, y) = batch(step);
+        let (x, y) = (x.narrow(0, r * per, per), y.narrow(0, r * per, per));
+        let loss = (net.forward(&x) - y).square().mean(Kind::Double);
+        dopt.backward_step(&loss).unwrap();
+    }
+    assert!(dopt.parameters_in_sync().unwrap());
+    params(dopt.var_store())
+}
+
+fn check_equivalence(bucket_bytes: usize) {
+    tch::set_num_threads(1);
+    let want = reference();
+    for n in [1, 2, 4] {
+        let got = run_ranks(n, |c| data_parallel(c, bucket_bytes));
+        for (r, p) in got.iter().enumerate() {
+            assert_eq!(p.len(), want.len());
+            let worst = p
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-10,
+                "N={n} rank {r}: parameters differ from one process by {worst:e}"
+            );
+            let same = p
+                .iter()
+                .zip(&got[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "N={n}: rank {r}'s parameters are not bitwise rank 0's"
+            );
+        }
+        // The parameters moved: the test is not vacuous.
+        let init = {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let _ = model(&mut vs, 7);
+            params(&vs)
+        };
+        assert!(got[0].iter().zip(&init).any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+}
+
+#[test]
+fn equivalence_with_one_process_default_buckets() {
+    check_equivalence(kolo::torch::DEFAULT_BUCKET_BYTES);
+}
+
+#[test]
+fn equivalence_with_one_process_small_buckets() {
+    // 100 bytes: several buckets, and tensors larger than a bucket.
+    check_equivalence(100);
+}
+
+#[test]
+fn broadcast_parameters_makes_ranks_identical() {
+    tch::set_num_threads(1);
+    let got = run_ranks(3, |comm| {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _net = model(&mut vs, 100 + comm.rank() as u64);
+        // A non-trainable buffer too (like batch-norm statistics).
+        let _ = vs
+            .root()
+            .add("stats", tensor(200 + comm.rank() as u64, &[4]), false);
+        let opt = sgd().build(&vs, 0.1).unwrap();
+        let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
+        let before = dopt.parameters_in_sync().unwrap();
+        dopt.broadcast_parameters(1).unwrap();
+        let after = dopt.parameters_in_sync().unwrap();
+        let root_bad = dopt.broadcast_parameters(3);
+        (before, after, params(dopt.var_store()), root_bad)
+    });
+    let want = {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _ = model(&mut vs, 101);
+        let _ = vs.root().add("stats", tensor(201, &[4]), false);
+        params(&vs)
+    };
+    for (r, (before, after, p, root_bad)) in got.into_iter().enumerate() {
+        assert!(
+            !before,
+            "rank {r}: differently initialised ranks reported in sync"
+        );
+        assert!(after, "rank {r}: not in sync after broadcast_parameters");
+        assert_eq!(p, want, "rank {r}: parameters are not rank 1's");
+        assert!(matches!(root_bad, Err(Error::InvalidArgument(_))));
+    }
+}
+
+/// Small integers whose sum over up to 4 ranks is exact in every kind.
+fn int_tensor(rank: usize, kind: Kind, shape: &[i64]) -> Tensor {
+    let n = shape.iter().product::<i64>() as usize;
+    let v: Vec<i64> = (0..n)
+        .map(|i| (mix(((rank as u64) << 32) | i as u64) % 7) as i64)
+        .collect();
+    Tensor::from_slice(&v).reshape(shape).to_kind(kind)
+}
+
+const KINDS: [Kind; 7] = [
+    Kind::Uint8,
+    Kind::Int,
+    Kind::Int64,
+    Kind::Half,
+    Kind::BFloat16,
+    Kind::Float,
+    Kind::Double,
+];
+
+#[test]
+fn every_supported_kind_round_trips() {
+    tch::set_num_threads(1);
+    let n = 3;
+    let shape = [5i64, 7];
+    let sum_of = |kind: Kind| {
+        (0..n)
+            .map(|r| int_tensor(r, Kind::Int64, &shape))
+            .reduce(|a, b| a + b)
+            .unwrap()
+            .to_kind(kind)
+    };
+    let errs = run_ranks(n, |comm| {
+        let mut errs = Vec::new();
+        let r = comm.rank();
+        for kind in KINDS {
+            let mut fail = |what: &str| errs.push(format!("rank {r} {kind:?}: {what}"));
+            dtype_of(kind).unwrap();
+            // Allreduce (sum) of a contiguous tensor.
+            let mut t = int_tensor(r, kind, &shape);
+            allreduce_tensor(&comm, &mut t, ReduceOp::Sum).unwrap();
+            if t.kind() != kind || !t.equal(&sum_of(kind)) {
+                fail("allreduce sum");
+            }
+            // A non-contiguous view (transpose) is reduced in place too.
+            let base = int_tensor(r, kind, &shape);
+            let mut view = base.tr();
+            allreduce_tensor(&comm, &mut view, ReduceOp::Max).unwrap();
+            let max = (0..n)
+                .map(|q| int_tensor(q, kind, &shape))
+                .reduce(|a, b| a.maximum(&b))
+                .unwrap();
+            if !base.equal(&max) {
+                fail("allreduce max through a transposed view");
+            }
+            // Broadcast from rank 2.
+            let mut b = int_tensor(r, kind, &shape);
+            broadcast_tensor(&comm, &mut b, 2).unwrap();
+            if !b.equal(&int_tensor(2, kind, &shape)) {
+                fail("broadcast");
+            }
+            // Allgather: [size, ..shape], rank order.
+            let g = allgather_tensor(&comm, &int_tensor(r, kind, &shape)).unwrap();
+            let want = Tensor::stack(
+                &(0..n)
+                    .map(|q| int_tensor(q, kind, &shape))
+                    .collect::<Vec<_>>(),
+                0,
+            );
+            if g.size() != [n as i64, 5, 7] || g.kind() != kind || !g.equal(&want) {
+                fail("allgather");
+            }
+        }
+        // Avg of floats: (0 + 1 + 2) / 3 = 1.
+        let mut a = Tensor::full([4], r as f64, (Kind::Float, Device::Cpu));
+        allreduce_tensor(&comm, &mut a, ReduceOp::Avg).unwrap();
+        if !a.equal(&Tensor::ones([4], (Kind::Float, Device::Cpu))) {
+            errs.push(format!("rank {r}: avg"));
+        }
+        // A 0-dim tensor.
+        let mut s = Tensor::from(r as i64);
+        allreduce_tensor(&comm, &mut s, ReduceOp::Sum).unwrap();
+        if s.int64_value(&[]) != 3 {
+            errs.push(format!("rank {r}: scalar"));
+        }
+        errs
+    });
+    let errs: Vec<String> = errs.into_iter().flatten().collect();
+    assert!(errs.is_empty(), "{errs:#?}");
+}
+
+#[test]
+fn unsupported_input_is_an_error() {
+    tch::set_num_threads(1);
+    let got = run_ranks(2, |comm| {
+        let mut out = Vec::new();
+        for kind in [Kind::Bool, Kind::Int8, Kind::Int16, Kind::ComplexFloat] {
+            let mut t = Tensor::zeros([3], (kind, Device::Cpu));
+            out.push(allreduce_tensor(&comm, &mut t, ReduceOp::Sum));
+            out.push(broadcast_tensor(&comm, &mut t, 0));
+            out.push(allgather_tensor(&comm, &t).map(|_| ()));
+        }
+        // Undefined tensor (a gradient that was never computed).
+        let mut undefined = Tensor::zeros([2], (Kind::Float, Device::Cpu)).grad();
+        out.push(allreduce_tensor(&comm, &mut undefined, ReduceOp::Sum));
+        // The communicator still works afterwards.
+        let mut ok = Tensor::ones([2], (Kind::Float, Device::Cpu));
+        allreduce_tensor(&comm, &mut ok, ReduceOp::Sum).unwrap();
+        assert_eq!(ok.double_value(&[0]), 2.0);
+        out
+    });
+    for (r, results) in got.iter().enumerate() {
+        for res in results {
+            match res {
+                Err(Error::InvalidArgument(m)) => assert!(m.contains("torch"), "{m}"),
+                other => panic!("rank {r}: expected InvalidArgument, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn different_models_are_a_mismatch_on_every_rank() {
+    tch::set_num_threads(1);
+    let got = run_ranks(3, |comm| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let width = if comm.rank() == 2 { 5 } else { 4 };
+        let _ = nn::linear(vs.root(), 3, width, Default::default());
+        let opt = sgd().build(&vs, 0.1).unwrap();
+        DistributedOptimizer::new(&comm, vs, opt).map(|_| ())
+    });
+    for (r, res) in got.iter().enumerate() {
+        assert!(
+            matches!(res, Err(Error::Mismatch { .. })),
+            "rank {r}: {res:?}"
+        );
+    }
+}
+
+#[test]
+fn unused_parameters_get_zero_gradients() {
+    // Rank 0 never uses `spare`; rank 1 does. Both must reduce the same buckets.
+    tch::set_num_threads(1);
+    let got = run_ranks(2, |comm| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs
+            .root()
+            .var_copy("w", &Tensor::ones([3], (Kind::Float, Device::Cpu)));
+        let spare = vs
+            .root()
+            .var_copy("spare", &Tensor::ones([2], (Kind::Float, Device::Cpu)));
+        // A frozen variable (no gradient) is skipped.
+        let frozen = vs
+            .root()
+            .var_copy("frozen", &Tensor::ones([2], (Kind::Float, Device::Cpu)))
+            .set_requires_grad(false);
+        let opt = nn::Sgd::default().build(&vs, 1.0).unwrap();
+        let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
+        let loss = match comm.rank() {
+            1 => w.sum(Kind::Float) + spare.sum(Kind::Float) * 2.0,
+            _ => w.sum(Kind::Float),
+        };
+        dopt.backward_step(&loss).unwrap();
+        assert!(dopt.parameters_in_sync().unwrap());
+        assert_eq!(Vec::<f32>::try_from(&frozen).unwrap(), [1.0; 2]);
+        (
+            Vec::<f32>::try_from(&w).unwrap(),
+            Vec::<f32>::try_from(&spare).unwrap(),
+        )
+    });
+    for (w, spare) in got {
+        // w: gradient 1 on both ranks; spare: (0 + 2) / 2 = 1.
+        assert_eq!(w, [0.0; 3]);
+        assert_eq!(spare, [0.0; 2]);
+    }
+}
+
+#[test]
+fn cuda_tensors_and_training() {
+    if !tch::Cuda::is_available() {
+        println!("SKIPPED cuda_tensors_and_training: CUDA is not available (tch::Cuda::is_available() is false)");
+        return;
+    }
+    tch::set_num_threads(1);
+    let n = 2;
+    let want = reference();
+    let got = run_ranks(n, |comm| {
+        let dev = kolo::torch::cuda_device(&comm).unwrap();
+        assert_eq!(
+            dev,
+            Device::Cuda(comm.local_rank() % tch::Cuda::device_count() as usize)
+        );
+        // Every kind through the CUDA staging path.
+        for kind in KINDS {
+            let mut t = int_tensor(comm.rank(), kind, &[5, 7]).to_device(dev);
+            allreduce_tensor(&comm, &mut t, ReduceOp::Sum).unwrap();
+            let sum = (int_tensor(0, Kind::Int64, &[5, 7]) + int_tensor(1, Kind::Int64, &[5, 7]))
+                .to_kind(kind);
+            assert_eq!(t.device(), dev);
+            assert!(t.to_device(Device::Cpu).equal(&sum), "{kind:?}");
+            let g = allgather_tensor(&comm, &t).unwrap();
+            assert_eq!(g.device(), dev);
+            let mut b = int_tensor(comm.rank(), kind, &[3]).to_device(dev);
+            broadcast_tensor(&comm, &mut b, 1).unwrap();
+            assert!(b.to_device(Device::Cpu).equal(&int_tensor(1, kind, &[3])));
+        }
+        // Training on the GPU matches one CPU process.
+        let (r, size) = (comm.rank() as i64, comm.size() as i64);
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _ = model(&mut vs, 7);
+        vs.set_device(dev);
+        let w: Vec<Tensor> = {
+            let v = vs.variables();
+            ["w1", "b1", "w2", "b2"]
+                .iter()
+                .map(|k| v[*k].shallow_clone())
+                .collect()
+        };
+        let net =
+            nn::func(move |x| (x.matmul(&w[0].tr()) + &w[1]).tanh().matmul(&w[2].tr()) + &w[3]);
+        let opt = sgd().build(&vs, 0.1).unwrap();
+        let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
+        dopt.set_bucket_bytes(100).unwrap();
+        let per = GLOBAL_BATCH / size;
+        for step in 0..STEPS {
+            let (x, y) = batch(step);
+            let x = x.narrow(0, r * per, per).to_device(dev);
+            let y = y.narrow(0, r * per, per).to_device(dev);
+            let loss = (net.forward(&x) - y).square().mean(Kind::Double);
+            dopt.backward_step(&loss).unwrap();
+        }
+        assert!(dopt.parameters_in_sync().unwrap());
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _ = model(&mut vs, 7);
+        vs.copy(dopt.var_store()).unwrap();
+        params(&vs)
+    });
+    for p in got {
+        let worst = p
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        // cuBLAS may order sums differently from the CPU.
+        assert!(worst <= 1e-9, "CUDA training differs from CPU by {worst:e}");
+    }
+    println!(
+        "cuda_tensors_and_training: ran on {} CUDA device(s)",
+        tch::Cuda::device_count()
+    );
+}
+
+/// `target/<profile>/examples/train_digits`, built with the torch feature (a no-op when
+/// cargo finds it up to date; `scripts/test.sh` builds it beforehand).
+fn train_digits() -> PathBuf {
+    let kolorun = Path::new(env!("CARGO_BIN_EXE_kolorun"));
+    let dir = kolorun.parent().unwrap();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--features", "torch", "--example", "train_digits"])
+        .arg("--manifest-path")
+        .arg(manifest.join("Cargo.toml"));
+    if dir.file_name().is_some_and(|d| d == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("run cargo");
+    assert!(
+        out.status.success(),
+        "cargo build --example train_digits failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("examples").join("train_digits")
+}
+
+#[test]
+fn train_digits_reaches_95_percent_on_4_ranks() {
+    let exe = train_digits();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kolorun"))
+        .args(["-np", "4", "--start-timeout", "60"])
+        .arg(&exe)
+        .args(["--epochs", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kolorun");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).ok();
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).ok();
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            // kolorun forwards SIGTERM to its ranks.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_secs(6));
+            child.kill().ok();
+            child.wait().ok();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (out_t.join().unwrap(), err_t.join().unwrap());
+    let status = status.unwrap_or_else(|| panic!("train_digits ran past 300 s:\n{out}\n{err}"));
+    assert!(
+        status.success(),
+        "train_digits failed ({status}):\n{out}\n{err}"
+    );
+    print!("{out}");
+    let acc: f64 = out
+        .lines()
+        .find_map(|l| l.split("final_accuracy=").nth(1))
+        .unwrap_or_else(|| panic!("no final_accuracy= line:\n{out}\n{err}"))
+        .trim()
+        .parse()
+        .expect("final_accuracy is a number");
+    assert!(acc >= 0.95, "final accuracy {acc} < 0.95:\n{out}");
+}
