@@ -29,6 +29,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
     ("KOLO_FUSION_THRESHOLD", "67108864", "engine: ready allreduces of one dtype are packed into fusion buffers of at most this many bytes (0: no fusion)"),
+    ("KOLO_FUSION_INPLACE_BYTES", "1048576", "engine: an allreduce tensor at least this big runs alone, in place (copying it into a fusion buffer and back costs more than the latency fusion saves)"),
     ("KOLO_CYCLE_TIME_MS", "1", "engine: after the first new tensor, wait at most this long for more before negotiating (peers starting first cut it short)"),
     ("KOLO_CACHE_CAPACITY", "1024", "engine: negotiated tensors remembered so that repeated steps agree by one small allreduce (0: no cache)"),
     ("KOLO_STALL_WARNING_S", "60", "engine: log which ranks are missing which tensors once a tensor has waited this long"),
@@ -79,6 +80,8 @@ pub struct Config {
     pub socket_buffer: usize,
     /// Engine: largest fusion buffer in bytes (0: every tensor alone).
     pub fusion_threshold: usize,
+    /// Engine: tensors at least this big are reduced alone, in place.
+    pub fusion_inplace_bytes: usize,
     /// Engine: how long to gather more tensors after the first one arrives.
     pub cycle_time: Duration,
     /// Engine: how many negotiated tensors the response cache remembers.
@@ -112,6 +115,7 @@ impl Config {
             socket_buffer: 1 << 20,
             algo: None,
             fusion_threshold: 64 << 20,
+            fusion_inplace_bytes: 1 << 20,
             cycle_time: Duration::from_millis(1),
             cache_capacity: 1024,
             stall_warning: Duration::from_secs(60),
@@ -312,6 +316,9 @@ impl Config {
         };
         if let Some(v) = num("KOLO_FUSION_THRESHOLD")? {
             cfg.fusion_threshold = v;
+        }
+        if let Some(v) = num("KOLO_FUSION_INPLACE_BYTES")? {
+            cfg.fusion_inplace_bytes = v;
         }
         if let Some(v) = nonneg("KOLO_CYCLE_TIME_MS")? {
             cfg.cycle_time = Duration::from_secs_f64(v / 1000.0);

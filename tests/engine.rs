@@ -454,7 +454,11 @@ fn timeline_is_valid_json_with_every_phase() {
         .arg(&prefix)
         .output()
         .expect("python3 runs scripts/merge-timeline");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let merged: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("tl.json")).unwrap()).unwrap();
     let pids: std::collections::BTreeSet<u64> = merged["traceEvents"]

@@ -23,14 +23,15 @@ pub fn wire_op(op: ReduceOp) -> ReduceOp {
 }
 
 /// Pack the ready allreduces into batches of one dtype and wire reduction, in
-/// order of first appearance, each at most `threshold` bytes (a tensor at
-/// least that big goes alone, reduced in place). Every rank computes the same
-/// plan from the same ready list.
+/// order of first appearance, each at most `threshold` bytes. A tensor of at
+/// least `threshold` or `inplace` bytes goes alone and is reduced in place:
+/// copying it in and out would cost more than the latency fusion saves. Every
+/// rank computes the same plan from the same ready list.
 ///
 /// ```ignore
-/// let batches = plan(&ready, 64 << 20);
+/// let batches = plan(&ready, 64 << 20, 1 << 20);
 /// ```
-pub fn plan(ready: &[Ready], threshold: usize) -> Vec<Batch> {
+pub fn plan(ready: &[Ready], threshold: usize, inplace: usize) -> Vec<Batch> {
     let mut open: Vec<((u8, ReduceOp), Batch)> = Vec::new();
     let mut done: Vec<Batch> = Vec::new();
     for (i, r) in ready.iter().enumerate() {
@@ -44,7 +45,7 @@ pub fn plan(ready: &[Ready], threshold: usize) -> Vec<Batch> {
             s.dtype,
             wire_op(ReduceOp::from_code(s.op).unwrap_or(ReduceOp::Sum)),
         );
-        if bytes >= threshold {
+        if bytes >= threshold || bytes >= inplace {
             done.push(Batch {
                 members: vec![i],
                 bytes,
@@ -89,7 +90,7 @@ mod tests {
 
     fn ready(name: &str, dtype: DType, op: ReduceOp, len: u64) -> Ready {
         Ready {
-            specs: vec![Some(Spec {
+            specs: std::sync::Arc::new(vec![Some(Spec {
                 name: name.into(),
                 coll: Coll::Allreduce,
                 dtype: dtype.code(),
@@ -97,7 +98,7 @@ mod tests {
                 root: 0,
                 shape: vec![len],
                 group: None,
-            })],
+            })]),
             contributors: 1,
         }
     }
@@ -112,7 +113,7 @@ mod tests {
             ready("e", DType::F32, ReduceOp::Sum, 100), // 400 B: alone
             ready("f", DType::F32, ReduceOp::Sum, 10),  // a+c+f = 120 > 100: new batch
         ];
-        let b = plan(&r, 100);
+        let b = plan(&r, 100, usize::MAX);
         let m: Vec<Vec<usize>> = b.iter().map(|b| b.members.clone()).collect();
         assert_eq!(m, vec![vec![0, 2], vec![1], vec![3], vec![4], vec![5]]);
         assert_eq!(b[0].bytes, 80);
@@ -123,6 +124,9 @@ mod tests {
         let r: Vec<Ready> = (0..3)
             .map(|i| ready(&i.to_string(), DType::F32, ReduceOp::Sum, 4))
             .collect();
-        assert_eq!(plan(&r, 0).len(), 3);
+        assert_eq!(plan(&r, 0, usize::MAX).len(), 3);
+        // Big tensors stay out of fusion buffers.
+        assert_eq!(plan(&r, 1 << 20, 16).len(), 3);
+        assert_eq!(plan(&r, 1 << 20, 17).len(), 1);
     }
 }

@@ -166,6 +166,14 @@ impl Shared {
         self.finished.notify_all();
     }
 
+    /// Free names for reuse, under one lock.
+    fn release_all<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        let mut set = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        for n in names {
+            set.remove(n);
+        }
+    }
+
     fn release(&self, name: &str) {
         self.inflight
             .lock()

@@ -14,6 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// The collective a named tensor asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -152,8 +153,9 @@ pub struct Local {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ready {
     /// The spec each rank gave; `None` for a joined rank that contributes the
-    /// identity of the reduction.
-    pub specs: Vec<Option<Spec>>,
+    /// identity of the reduction. Shared with the cache: a steady-state step
+    /// copies no specs.
+    pub specs: Arc<Vec<Option<Spec>>>,
     /// Number of ranks that contribute real data (the divisor of an average).
     pub contributors: usize,
 }
@@ -221,7 +223,7 @@ pub struct State {
     n: usize,
     capacity: usize,
     /// Slot → per-rank specs of a negotiated tensor; `None` marks a free slot.
-    cache: Vec<Option<Vec<Spec>>>,
+    cache: Vec<Option<Arc<Vec<Option<Spec>>>>>,
     index: HashMap<String, usize>,
     /// Announced but not yet ready (or failed and awaiting remaining ranks).
     table: BTreeMap<String, Entry>,
@@ -261,7 +263,7 @@ impl State {
     pub fn cached(&self, rank: usize, spec: &Spec) -> Option<usize> {
         let slot = *self.index.get(&spec.name)?;
         let specs = self.cache[slot].as_ref()?;
-        (specs[rank] == *spec).then_some(slot)
+        (specs[rank].as_ref() == Some(spec)).then_some(slot)
     }
 
     /// Whether `rank` has joined.
@@ -295,7 +297,10 @@ impl State {
         for (i, slot) in self.cache.iter().enumerate() {
             let Some(specs) = slot else { continue };
             let held = local.held.contains(&i);
-            let stands_in = self.joined[me] && specs[me].coll == Coll::Allreduce;
+            let stands_in = self.joined[me]
+                && specs[me]
+                    .as_ref()
+                    .is_some_and(|s| s.coll == Coll::Allreduce);
             v[2 + i] = (!held && !stands_in) as i32;
             if holds {
                 v[2 + c + i] = held as i32;
@@ -343,7 +348,7 @@ impl State {
             // which ones those are is not known here, nor needed: each rank
             // knows whether it holds the tensor itself.
             ready.push(Ready {
-                specs: specs.iter().cloned().map(Some).collect(),
+                specs: specs.clone(),
                 contributors,
             });
             ready_slots.push(Some(i));
@@ -439,7 +444,7 @@ impl State {
         });
         for name in &table_ready {
             let e = &self.table[name];
-            let specs = e.specs.clone();
+            let specs = Arc::new(e.specs.clone());
             let contributors = specs.iter().filter(|s| s.is_some()).count();
             ready.push(Ready {
                 specs,
@@ -462,20 +467,21 @@ impl State {
                 None => true,
             })
             .collect();
-        let mut kept = Vec::new();
-        let mut kept_names = Vec::new();
-        for (i, r) in ready.into_iter().enumerate() {
-            if keep[i] {
-                kept_names.push(r.spec().name.clone());
-                kept.push(r);
-            }
-        }
+        let kept: Vec<Ready> = ready
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(r, k)| k.then_some(r))
+            .collect();
+        let kept_names: BTreeSet<String> = if census.is_some() {
+            kept.iter().map(|r| r.spec().name.clone()).collect()
+        } else {
+            BTreeSet::new()
+        };
         // Commit: announced tensors leave the table and enter the cache.
         for r in &kept {
             let name = &r.spec().name;
-            if let Some(e) = self.table.remove(name) {
+            if self.table.remove(name).is_some() {
                 if self.capacity > 0 && r.contributors == n {
-                    let specs: Vec<Spec> = e.specs.into_iter().flatten().collect();
                     let free = self.cache.iter().position(|s| s.is_none());
                     let slot = match free {
                         Some(f) => Some(f),
@@ -486,7 +492,7 @@ impl State {
                         None => None,
                     };
                     if let Some(slot) = slot {
-                        self.cache[slot] = Some(specs);
+                        self.cache[slot] = Some(r.specs.clone());
                         self.index.insert(name.clone(), slot);
                     }
                 }
@@ -565,7 +571,7 @@ impl State {
             .index
             .get(name)
             .and_then(|&s| self.cache[s].as_ref())
-            .map(|s| s[0].coll == Coll::Allreduce);
+            .map(|s| s.iter().flatten().any(|s| s.coll == Coll::Allreduce));
         let in_table = self
             .table
             .get(name)

@@ -53,6 +53,7 @@ pub(crate) struct Worker {
     me: usize,
     n: usize,
     fusion_threshold: usize,
+    fusion_inplace: usize,
     cycle_time: Duration,
     stall_warning: Duration,
     stall_shutdown: Option<Duration>,
@@ -93,6 +94,7 @@ impl Worker {
             me,
             n,
             fusion_threshold: cfg.fusion_threshold,
+            fusion_inplace: cfg.fusion_inplace_bytes,
             cycle_time: cfg.cycle_time,
             stall_warning: cfg.stall_warning,
             stall_shutdown: cfg.stall_shutdown,
@@ -546,10 +548,10 @@ impl Worker {
         }
         let mut items: Vec<Item> = Vec::with_capacity(ready.len());
         for r in ready {
-            let name = r.spec().name.clone();
-            let local = self.pending.remove(&name);
+            let local = self.pending.remove(r.spec().name.as_str());
+            let name = &r.spec().name;
             if let (Some(tl), Some(p)) = (&mut self.timeline, &local) {
-                tl.span(&name, "NEGOTIATE", p.req.submitted, decided, None);
+                tl.span(name, "NEGOTIATE", p.req.submitted, decided, None);
             }
             if local.is_none() && !(self.state_was_joined() && r.spec().coll == Coll::Allreduce) {
                 // Cannot happen when every rank runs the same state machine.
@@ -568,6 +570,7 @@ impl Worker {
         let batches = fusion::plan(
             &items.iter().map(|i| i.ready.clone()).collect::<Vec<_>>(),
             self.fusion_threshold,
+            self.fusion_inplace,
         );
         let mut results: Vec<Option<Result<Box<dyn Buffer>>>> =
             (0..items.len()).map(|_| None).collect();
@@ -595,10 +598,15 @@ impl Worker {
                 }
             }
         }
+        self.shared.release_all(
+            items
+                .iter()
+                .filter_map(|i| i.local.as_ref())
+                .map(|p| p.req.spec.name.as_str()),
+        );
         for (i, item) in items.into_iter().enumerate() {
             let Some(p) = item.local else { continue };
             let name = &p.req.spec.name;
-            self.shared.release(name);
             let r = match (&fatal, results[i].take()) {
                 (_, Some(Ok(out))) if item.ready.spec().coll != Coll::Allreduce => Ok(out),
                 (_, Some(Ok(_))) => Ok(p.req.buf),
