@@ -480,21 +480,19 @@ impl State {
         // Commit: announced tensors leave the table and enter the cache.
         for r in &kept {
             let name = &r.spec().name;
-            if self.table.remove(name).is_some() {
-                if self.capacity > 0 && r.contributors == n {
-                    let free = self.cache.iter().position(|s| s.is_none());
-                    let slot = match free {
-                        Some(f) => Some(f),
-                        None if self.cache.len() < self.capacity => {
-                            self.cache.push(None);
-                            Some(self.cache.len() - 1)
-                        }
-                        None => None,
-                    };
-                    if let Some(slot) = slot {
-                        self.cache[slot] = Some(r.specs.clone());
-                        self.index.insert(name.clone(), slot);
+            if self.table.remove(name).is_some() && self.capacity > 0 && r.contributors == n {
+                let free = self.cache.iter().position(|s| s.is_none());
+                let slot = match free {
+                    Some(f) => Some(f),
+                    None if self.cache.len() < self.capacity => {
+                        self.cache.push(None);
+                        Some(self.cache.len() - 1)
                     }
+                    None => None,
+                };
+                if let Some(slot) = slot {
+                    self.cache[slot] = Some(r.specs.clone());
+                    self.index.insert(name.clone(), slot);
                 }
             }
         }
