@@ -430,6 +430,12 @@ fn python_module_under_kolorun() {
     let out = kolorun(3, &[py.as_os_str(), test.as_os_str()]);
     assert_ok(&out, "kolorun -np 3 python test_kolo.py");
     every_rank_says(&out, 3, "test_kolo.py: passed (rank");
+    let out = kolorun(
+        3,
+        &[py.as_os_str(), test.as_os_str(), "--sync-mismatch".as_ref()],
+    );
+    assert_ok(&out, "kolorun -np 3 python test_kolo.py --sync-mismatch");
+    every_rank_says(&out, 3, "test_kolo.py: passed (rank");
     let out = run(
         Command::new(&py)
             .arg(&test)
