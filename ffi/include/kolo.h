@@ -139,10 +139,11 @@ int kolo_barrier(kolo_comm *comm);
  *     ... other work ...
  *     kolo_wait(h);              // grad holds the average; h is freed
  *
- * The first call starts the engine, which then owns the communicator: the
- * blocking collectives above keep working (still called in the same order on
- * every rank) and run through the engine, so they mix with operations in
- * flight. In that mode ranks that disagree on a call's arguments get
+ * The first call starts the engine, which then owns the communicator; like a
+ * blocking collective, that first call must come at the same point among the
+ * blocking calls on every rank. The blocking collectives above keep working
+ * (still called in the same order on every rank) and run through the engine,
+ * so they mix with operations in flight. In that mode ranks that disagree on a call's arguments get
  * KOLO_ERR_MISMATCH for that call only and the communicator stays usable;
  * failures inside a collective (peer lost, timeout) still fail every later call. */
 int kolo_allreduce_async(kolo_comm *comm, const char *name, void *buf, size_t count,

@@ -231,7 +231,10 @@ impl kolo_comm {
     }
 
     /// Call `f` with the engine, starting it on the communicator first if
-    /// this is the first asynchronous call.
+    /// this is the first asynchronous call. The switch is local: every rank
+    /// must make it at the same point among its blocking calls (else a rank
+    /// still calling the communicator directly meets its peers' engine
+    /// negotiation, which it usually reports as a mismatch).
     fn with_engine<R>(&self, f: impl FnOnce(&Engine) -> kolo::Result<R>) -> kolo::Result<R> {
         loop {
             if let Mode::Engine(e) = &*self.mode() {
@@ -920,7 +923,9 @@ pub unsafe extern "C" fn kolo_barrier(comm: *mut kolo_comm) -> c_int {
 
 /// Start an in-place allreduce of `count` elements of `buf` under `name`
 /// through the engine (`Engine::allreduce_async_raw`), starting the engine on
-/// the first call, and store its handle in `*handle` (NULL on failure).
+/// the first call (at the same point among the blocking calls on every rank),
+/// and store its handle in `*handle` (NULL on failure). Names starting with
+/// `kolo.` are refused: the library names blocking calls `kolo.sync.<n>`.
 ///
 /// # Safety
 /// `comm` live; `name` NULL or a NUL-terminated string; `buf` valid for
