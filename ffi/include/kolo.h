@@ -14,8 +14,9 @@
  *     kolo_comm_destroy(comm);
  *
  * Every function returns KOLO_OK (0) or a negative status; on failure
- * kolo_last_error() has the full message. Collectives are blocking; every rank
- * must call the same collectives in the same order with matching arguments
+ * kolo_last_error() has the full message. Collectives are blocking (except
+ * kolo_allreduce_async, below); every rank must call the same blocking
+ * collectives in the same order with matching arguments
  * (a mismatch is reported on every rank, never a hang: a collective that moves
  * nothing for KOLO_TIMEOUT seconds fails). After a failure inside a collective
  * the communicator stays failed and every later call returns the same error.
@@ -81,12 +82,16 @@ typedef enum kolo_op {
 /* A communicator: a group of ranks connected in a full mesh. Opaque. */
 typedef struct kolo_comm kolo_comm;
 
+/* One asynchronous operation (kolo_allreduce_async), until kolo_wait frees it. Opaque. */
+typedef struct kolo_handle kolo_handle;
+
 /* Join the job described by the environment (KOLO_RANK/KOLO_SIZE/... as set
  * by kolorun; also torchrun, mpirun and srun variables) and store the
  * communicator in *comm (NULL on failure). Every rank must call it. */
 int kolo_init_from_env(kolo_comm **comm);
 
-/* Close the connections and free comm (NULL is an invalid argument). */
+/* Stop the engine if it runs (operations still pending fail), close the
+ * connections and free comm (NULL is an invalid argument). */
 int kolo_comm_destroy(kolo_comm *comm);
 
 /* This rank (0..size-1), the number of ranks, and the rank on this host. */
@@ -119,6 +124,42 @@ int kolo_alltoall(kolo_comm *comm, const void *sendbuf, void *recvbuf, size_t co
 
 /* Return once every rank has entered the barrier. */
 int kolo_barrier(kolo_comm *comm);
+
+/* Asynchronous named allreduce, as in Horovod: start an in-place reduction of
+ * count elements of buf under `name` and return at once with *handle set (NULL
+ * on failure). Ranks may submit their named operations in any order; a
+ * background engine agrees on what every rank has submitted, fuses small
+ * tensors and runs them. A name must be unique among this rank's operations in
+ * flight and the same on every rank for the same tensor; names starting with
+ * "kolo." are reserved. buf must stay valid and must not be read or written
+ * until kolo_wait returns.
+ *
+ *     kolo_handle *h;
+ *     kolo_allreduce_async(comm, "layer1.grad", grad, n, KOLO_FLOAT32, KOLO_AVG, &h);
+ *     ... other work ...
+ *     kolo_wait(h);              // grad holds the average; h is freed
+ *
+ * The first call starts the engine, which then owns the communicator; like a
+ * blocking collective, that first call must come at the same point among the
+ * blocking calls on every rank. The blocking collectives above keep working
+ * (still called in the same order on every rank) and run through the engine,
+ * so they mix with operations in flight. In that mode ranks that disagree on a call's arguments get
+ * KOLO_ERR_MISMATCH for that call only and the communicator stays usable;
+ * failures inside a collective (peer lost, timeout) still fail every later call. */
+int kolo_allreduce_async(kolo_comm *comm, const char *name, void *buf, size_t count,
+                         kolo_dtype dtype, kolo_op op, kolo_handle **handle);
+
+/* Block until the operation has finished, return its status (setting
+ * kolo_last_error on failure) and free the handle: it is invalid afterwards,
+ * whatever the status. Call it exactly once per handle, also after kolo_test
+ * reported done, and also after kolo_comm_destroy (which fails operations
+ * still pending). */
+int kolo_wait(kolo_handle *handle);
+
+/* Without blocking, set *done to 1 if the operation has finished (successfully
+ * or not) and to 0 otherwise. Frees nothing: a finished handle must still be
+ * passed to kolo_wait, which then returns its status at once. */
+int kolo_test(kolo_handle *handle, int *done);
 
 /* The full message of the last failed kolo call on this thread ("" if none;
  * successful calls leave it alone). Valid until the next failing call on this

@@ -10,6 +10,9 @@ target/release/libkolo.so (``cargo build --release -p kolo-ffi``). Run under a l
         grad = np.full(1024, comm.rank, np.float32)
         comm.allreduce(grad, op=kolo.AVG)           # in place
         everyone = comm.allgather(np.array([comm.rank], np.int32))
+        h = comm.allreduce_async("layer1.grad", grad, op=kolo.AVG)  # named, returns at once
+        ...                                                          # other work
+        h.wait()                                                     # grad holds the average
 
 Arrays must be C-contiguous (outputs writeable); numpy dtypes uint8, int32, int64,
 float16, float32 and float64 map to kolo's. numpy has no bfloat16: pass uint16 arrays
@@ -18,6 +21,11 @@ convert). Failures raise ``KoloError`` with the C status and kolo's full message
 Array shapes are checked here before calling C (which trusts the counts); a rank that
 raises ``ValueError`` sends nothing, so its peers time out (KOLO_TIMEOUT) rather than
 hear about it at once.
+
+``allreduce_async`` (kolo_allreduce_async) starts the engine on its first call, like
+the C API: ranks may then submit named tensors in any order, and the blocking methods
+run through the engine too. Its ``Handle`` keeps the array alive until the operation
+has finished (dropping an unfinished handle waits for it).
 """
 
 import ctypes
@@ -66,6 +74,7 @@ lib = ctypes.CDLL(_find_library())
 
 _c_int_p = ctypes.POINTER(ctypes.c_int)
 _comm_p = ctypes.c_void_p
+_handle_p = ctypes.c_void_p
 for _name, _args, _res in [
     ("kolo_init_from_env", [ctypes.POINTER(_comm_p)], ctypes.c_int),
     ("kolo_comm_destroy", [_comm_p], ctypes.c_int),
@@ -78,6 +87,13 @@ for _name, _args, _res in [
     ("kolo_reduce_scatter", [_comm_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int], ctypes.c_int),
     ("kolo_alltoall", [_comm_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int),
     ("kolo_barrier", [_comm_p], ctypes.c_int),
+    (
+        "kolo_allreduce_async",
+        [_comm_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_handle_p)],
+        ctypes.c_int,
+    ),
+    ("kolo_wait", [_handle_p], ctypes.c_int),
+    ("kolo_test", [_handle_p, _c_int_p], ctypes.c_int),
     ("kolo_last_error", [], ctypes.c_char_p),
     ("kolo_status_string", [ctypes.c_int], ctypes.c_char_p),
     ("kolo_version", [_c_int_p, _c_int_p, _c_int_p], ctypes.c_int),
@@ -160,6 +176,43 @@ def _ptr(a, what, out=False):
     if out and not a.flags.writeable:
         raise ValueError(f"{what} must be writeable")
     return a.ctypes.data
+
+
+class Handle:
+    """An asynchronous operation (kolo_handle) from ``Comm.allreduce_async``. It holds
+    the array until the operation has finished, since the engine writes into it."""
+
+    def __init__(self, p, array, name):
+        self._p, self._error = p, None
+        self.array, self.name = array, name
+
+    def test(self):
+        """True once the operation has finished (successfully or not); never blocks.
+        ``wait()`` then returns at once with its result."""
+        if self._p is None:
+            return True
+        done = ctypes.c_int()
+        _check(lib.kolo_test(self._p, ctypes.byref(done)))
+        return bool(done.value)
+
+    def wait(self):
+        """Block until the operation has finished and return the array (reduced in
+        place), or raise its ``KoloError``. Frees the C handle; calling it again
+        returns the same array or raises the same error."""
+        if self._p is not None:
+            p, self._p = self._p, None
+            rc = lib.kolo_wait(p)
+            if rc != OK:
+                self._error = KoloError(rc, last_error())
+        if self._error is not None:
+            raise self._error
+        return self.array
+
+    def __del__(self):
+        # Never let the array go while the engine may still write into it.
+        if getattr(self, "_p", None) is not None:
+            lib.kolo_wait(self._p)
+            self._p = None
 
 
 class Comm:
@@ -247,6 +300,18 @@ class Comm:
             _like(recv, send, send.size)
         _check(lib.kolo_alltoall(self._handle(), _ptr(send, "send"), _ptr(recv, "recv", True), send.size // n, d))
         return recv
+
+    def allreduce_async(self, name, array, op=SUM, dtype=None):
+        """Start an in-place allreduce of `array` under `name` (unique among this rank's
+        operations in flight, the same on every rank; "kolo." names are reserved) and
+        return its ``Handle``. Do not touch `array` until ``wait()``."""
+        d = _kind(array, dtype)
+        if not isinstance(name, str) or "\0" in name:
+            raise TypeError("name must be a str without NUL characters")
+        h = _handle_p()
+        ptr = _ptr(array, "array", True)
+        _check(lib.kolo_allreduce_async(self._handle(), name.encode(), ptr, array.size, d, op, ctypes.byref(h)))
+        return Handle(h, array, name)
 
     def barrier(self):
         """Return once every rank has entered the barrier."""

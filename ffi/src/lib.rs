@@ -13,6 +13,15 @@
 //! API (wrong root, mismatched counts, lost peers) behave exactly as in Rust:
 //! every rank is told, and the communicator stays failed.
 //!
+//! The asynchronous named allreduce (`kolo_allreduce_async`, `kolo_test`,
+//! `kolo_wait`) runs on a [`kolo::engine::Engine`], started on the first such
+//! call: the engine takes the communicator over, and from then on the blocking
+//! collectives of that `kolo_comm` are engine operations too (submitted under
+//! the automatic name `kolo.sync.<n>` and waited for), so blocking and
+//! asynchronous calls mix. In that mode a disagreement between ranks fails
+//! only the call concerned (the engine finds it before any data moves); a
+//! failure inside a collective still stops everything.
+//!
 //! ```c
 //! kolo_comm *comm;
 //! if (kolo_init_from_env(&comm) != KOLO_OK) { fprintf(stderr, "%s\n", kolo_last_error()); exit(1); }
@@ -25,11 +34,14 @@
 #![warn(missing_docs)]
 
 use half::{bf16, f16};
+use kolo::engine::{Engine, Handle, Op};
 use kolo::{Communicator, DType, Element, Error, ReduceOp};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 /// Version of the kolo crate this library was built from.
 pub const VERSION: &str = kolo::VERSION;
@@ -147,19 +159,113 @@ pub const OPS: [(&str, ReduceOp); 5] = [
 
 /// `kolo_comm` in C (opaque): a communicator created by `kolo_init_from_env`
 /// and freed by `kolo_comm_destroy`. Calls on one communicator from several
-/// threads are serialised by the Rust `Communicator`.
-///
-/// The asynchronous named operations (`kolo_allreduce_async`, `kolo_wait`,
-/// `kolo_test`, `kolo_handle`) will add a lazily started engine here, e.g.
-/// `engine: std::sync::OnceLock<kolo::engine::Engine>`, started from `comm` on
-/// the first async call; the struct is opaque, so that changes no C code.
+/// threads are serialised by the Rust `Communicator` (or, once it runs, the
+/// engine).
 ///
 /// ```c
 /// kolo_comm *comm = NULL;
 /// int rc = kolo_init_from_env(&comm);
 /// ```
 pub struct kolo_comm {
-    comm: Communicator,
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+    mode: RwLock<Mode>,
+    /// Blocking calls run through the engine so far (their automatic names).
+    sync_calls: AtomicU64,
+}
+
+/// Who owns the communicator.
+enum Mode {
+    /// No asynchronous call yet: blocking calls use the communicator directly.
+    Direct(Box<Communicator>),
+    /// Since the first `kolo_allreduce_async`: the engine owns it, and every
+    /// call goes through the engine.
+    Engine(Engine),
+    /// Starting the engine failed (it consumed the communicator); every later
+    /// call reports this error.
+    Failed(Error),
+}
+
+/// Where one blocking collective runs.
+enum Via<'a> {
+    /// On the communicator.
+    Comm(&'a Communicator),
+    /// As the engine operation of this (automatic) name, waited for at once.
+    Engine(&'a Engine, String),
+}
+
+/// Prefix of the names the library gives blocking calls run through the
+/// engine; names starting with [`RESERVED`] are refused to callers.
+const SYNC_PREFIX: &str = "kolo.sync.";
+/// Engine names reserved for the library.
+const RESERVED: &str = "kolo.";
+
+impl kolo_comm {
+    fn new(comm: Communicator) -> kolo_comm {
+        kolo_comm {
+            rank: comm.rank(),
+            size: comm.size(),
+            local_rank: comm.local_rank(),
+            mode: RwLock::new(Mode::Direct(Box::new(comm))),
+            sync_calls: AtomicU64::new(0),
+        }
+    }
+
+    fn mode(&self) -> RwLockReadGuard<'_, Mode> {
+        self.mode.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Run a blocking collective, after its arguments were checked: on the
+    /// communicator, or through the engine under the next automatic name
+    /// (the same on every rank, as blocking calls come in the same order).
+    fn run<R>(&self, f: impl FnOnce(Via<'_>) -> kolo::Result<R>) -> kolo::Result<R> {
+        match &*self.mode() {
+            Mode::Direct(c) => f(Via::Comm(c)),
+            Mode::Engine(e) => {
+                let n = self.sync_calls.fetch_add(1, Ordering::Relaxed);
+                f(Via::Engine(e, format!("{SYNC_PREFIX}{n}")))
+            }
+            Mode::Failed(e) => Err(e.clone()),
+        }
+    }
+
+    /// Call `f` with the engine, starting it on the communicator first if
+    /// this is the first asynchronous call. The switch is local: every rank
+    /// must make it at the same point among its blocking calls (else a rank
+    /// still calling the communicator directly meets its peers' engine
+    /// negotiation, which it usually reports as a mismatch).
+    fn with_engine<R>(&self, f: impl FnOnce(&Engine) -> kolo::Result<R>) -> kolo::Result<R> {
+        loop {
+            if let Mode::Engine(e) = &*self.mode() {
+                return f(e);
+            }
+            let mut w = self.mode.write().unwrap_or_else(PoisonError::into_inner);
+            let placeholder = Mode::Failed(Error::InvalidArgument(format!(
+                "rank {}: starting the engine failed",
+                self.rank
+            )));
+            *w = match std::mem::replace(&mut *w, placeholder) {
+                Mode::Direct(c) => Engine::start(*c).map_or_else(Mode::Failed, Mode::Engine),
+                other => other,
+            };
+            if let Mode::Failed(e) = &*w {
+                return Err(e.clone());
+            }
+        }
+    }
+}
+
+/// `kolo_handle` in C (opaque): one asynchronous operation, from
+/// `kolo_allreduce_async` until `kolo_wait` frees it.
+///
+/// ```c
+/// kolo_handle *h;
+/// kolo_allreduce_async(comm, "grad", grad, n, KOLO_FLOAT32, KOLO_AVG, &h);
+/// kolo_wait(h);
+/// ```
+pub struct kolo_handle {
+    handle: Handle<()>,
 }
 
 // ---------------------------------------------------------------------------
@@ -211,12 +317,9 @@ fn invalid(name: &str, msg: std::fmt::Arguments) -> Error {
 ///
 /// # Safety
 /// `comm` is NULL or a pointer from `kolo_init_from_env` not yet destroyed.
-unsafe fn comm_ref<'a>(name: &str, comm: *const kolo_comm) -> kolo::Result<&'a Communicator> {
-    if comm.is_null() {
-        return Err(invalid(name, format_args!("comm is NULL")));
-    }
-    // SAFETY: non-NULL and, by the caller's contract, a live kolo_comm.
-    Ok(unsafe { &(*comm).comm })
+unsafe fn comm_ref<'a>(name: &str, comm: *const kolo_comm) -> kolo::Result<&'a kolo_comm> {
+    // SAFETY: by the caller's contract a non-NULL `comm` is a live kolo_comm.
+    unsafe { comm.as_ref() }.ok_or_else(|| invalid(name, format_args!("comm is NULL")))
 }
 
 /// `&mut T` from a C out-pointer; NULL is an invalid argument.
@@ -377,11 +480,38 @@ const BROADCAST: &str = "kolo_broadcast";
 const ALLGATHER: &str = "kolo_allgather";
 const REDUCE_SCATTER: &str = "kolo_reduce_scatter";
 const ALLTOALL: &str = "kolo_alltoall";
+const ALLREDUCE_ASYNC: &str = "kolo_allreduce_async";
+
+/// Through the engine, for the collectives whose engine form takes a `Vec`:
+/// submit a copy of `send`, wait, and copy the result to `recv`.
+///
+/// # Safety
+/// `send` readable and `recv` writable per `Buf::slice`/`Buf::slice_mut`
+/// (they may overlap: the input is copied before the output is written).
+unsafe fn via_vec<T: Element>(
+    send: Buf<T>,
+    recv: Buf<T>,
+    submit: impl FnOnce(Vec<T>) -> kolo::Result<Handle<Vec<T>>>,
+) -> kolo::Result<()> {
+    // SAFETY: the contract above; the shared slice ends with the copy.
+    let input = unsafe { send.slice() }.to_vec();
+    let out = submit(input)?.wait()?;
+    if out.len() != recv.count {
+        return Err(Error::InvalidArgument(format!(
+            "the engine returned {} elements for a buffer of {}",
+            out.len(),
+            recv.count
+        )));
+    }
+    // SAFETY: the contract above.
+    unsafe { recv.slice_mut() }.copy_from_slice(&out);
+    Ok(())
+}
 
 /// # Safety
 /// The export's contract.
 unsafe fn allreduce_t<T: Element>(
-    c: &Communicator,
+    k: &kolo_comm,
     send: *const c_void,
     recv: *mut c_void,
     count: usize,
@@ -393,27 +523,39 @@ unsafe fn allreduce_t<T: Element>(
         // SAFETY: both checked for `count` elements; `copy` allows overlap.
         unsafe { std::ptr::copy(s.ptr, r.ptr, count) };
     }
-    // SAFETY: the export's contract.
-    c.allreduce(unsafe { r.slice_mut() }, op)
+    k.run(|via| match via {
+        // SAFETY: the export's contract.
+        Via::Comm(c) => c.allreduce(unsafe { r.slice_mut() }, op),
+        // SAFETY: `r` is checked and, by the export's contract, valid and
+        // untouched until the wait returns.
+        Via::Engine(e, name) => unsafe {
+            e.allreduce_async_raw(&name, r.ptr.cast(), count, T::DTYPE, op)?
+                .wait()
+        },
+    })
 }
 
 /// # Safety
 /// The export's contract.
-unsafe fn broadcast_t<T: Element>(
-    c: &Communicator,
+unsafe fn broadcast_t<T: Element + Default>(
+    k: &kolo_comm,
     buf: *mut c_void,
     count: usize,
     root: usize,
 ) -> kolo::Result<()> {
     let b = Buf::<T>::new(BROADCAST, "buf", buf, count)?;
-    // SAFETY: the export's contract.
-    c.broadcast(unsafe { b.slice_mut() }, root)
+    k.run(|via| match via {
+        // SAFETY: the export's contract.
+        Via::Comm(c) => c.broadcast(unsafe { b.slice_mut() }, root),
+        // SAFETY: the export's contract.
+        Via::Engine(e, name) => unsafe { via_vec(b, b, |v| e.broadcast_async(&name, v, root)) },
+    })
 }
 
 /// # Safety
 /// The export's contract.
-unsafe fn allgather_t<T: Element>(
-    c: &Communicator,
+unsafe fn allgather_t<T: Element + Default>(
+    k: &kolo_comm,
     send: *const c_void,
     recv: *mut c_void,
     sendcount: usize,
@@ -422,19 +564,31 @@ unsafe fn allgather_t<T: Element>(
         ALLGATHER,
         "recv count = sendcount * size:",
         sendcount,
-        c.size(),
+        k.size,
     )?;
     let s = Buf::<T>::new(ALLGATHER, "sendbuf", send, sendcount)?;
     let r = Buf::<T>::new(ALLGATHER, "recvbuf", recv, total)?;
-    // SAFETY: the export's contract.
-    let (s, r) = unsafe { in_out(s, r) };
-    c.allgather(&s, r)
+    k.run(|via| match via {
+        Via::Comm(c) => {
+            // SAFETY: the export's contract.
+            let (s, r) = unsafe { in_out(s, r) };
+            c.allgather(&s, r)
+        }
+        // The engine's allgather lets the first dimension differ between
+        // ranks; one row of `sendcount` per rank makes it check the count.
+        // SAFETY: the export's contract.
+        Via::Engine(e, name) => unsafe {
+            via_vec(s, r, |v| {
+                e.submit(Op::allgather(&name, v).shape(&[1, sendcount]))
+            })
+        },
+    })
 }
 
 /// # Safety
 /// The export's contract.
-unsafe fn reduce_scatter_t<T: Element>(
-    c: &Communicator,
+unsafe fn reduce_scatter_t<T: Element + Default>(
+    k: &kolo_comm,
     send: *const c_void,
     recv: *mut c_void,
     recvcount: usize,
@@ -444,34 +598,48 @@ unsafe fn reduce_scatter_t<T: Element>(
         REDUCE_SCATTER,
         "send count = recvcount * size:",
         recvcount,
-        c.size(),
+        k.size,
     )?;
     let s = Buf::<T>::new(REDUCE_SCATTER, "sendbuf", send, total)?;
     let r = Buf::<T>::new(REDUCE_SCATTER, "recvbuf", recv, recvcount)?;
-    // SAFETY: the export's contract.
-    let (s, r) = unsafe { in_out(s, r) };
-    c.reduce_scatter(&s, r, op)
+    k.run(|via| match via {
+        Via::Comm(c) => {
+            // SAFETY: the export's contract.
+            let (s, r) = unsafe { in_out(s, r) };
+            c.reduce_scatter(&s, r, op)
+        }
+        // SAFETY: the export's contract.
+        Via::Engine(e, name) => unsafe { via_vec(s, r, |v| e.reduce_scatter_async(&name, v, op)) },
+    })
 }
 
 /// # Safety
 /// The export's contract.
-unsafe fn alltoall_t<T: Element>(
-    c: &Communicator,
+unsafe fn alltoall_t<T: Element + Default>(
+    k: &kolo_comm,
     send: *const c_void,
     recv: *mut c_void,
     per_rank: usize,
 ) -> kolo::Result<()> {
-    let total = mul(
-        ALLTOALL,
-        "count = count_per_rank * size:",
-        per_rank,
-        c.size(),
-    )?;
+    let total = mul(ALLTOALL, "count = count_per_rank * size:", per_rank, k.size)?;
     let s = Buf::<T>::new(ALLTOALL, "sendbuf", send, total)?;
     let r = Buf::<T>::new(ALLTOALL, "recvbuf", recv, total)?;
-    // SAFETY: the export's contract.
-    let (s, r) = unsafe { in_out(s, r) };
-    c.alltoall(&s, r)
+    k.run(|via| match via {
+        Via::Comm(c) => {
+            // SAFETY: the export's contract.
+            let (s, r) = unsafe { in_out(s, r) };
+            c.alltoall(&s, r)
+        }
+        // SAFETY: the export's contract.
+        Via::Engine(e, name) => unsafe { via_vec(s, r, |v| e.alltoall_async(&name, v)) },
+    })
+}
+
+/// The checked pointer of an asynchronous operation's buffer.
+fn async_buf<T: Element>(buf: *mut c_void, count: usize) -> kolo::Result<*mut u8> {
+    Ok(Buf::<T>::new(ALLREDUCE_ASYNC, "buf", buf, count)?
+        .ptr
+        .cast())
 }
 
 // ---------------------------------------------------------------------------
@@ -498,12 +666,14 @@ pub unsafe extern "C" fn kolo_init_from_env(comm: *mut *mut kolo_comm) -> c_int 
         let slot = unsafe { out(NAME, "comm", comm) }?;
         *slot = std::ptr::null_mut();
         let c = Communicator::from_env()?;
-        *slot = Box::into_raw(Box::new(kolo_comm { comm: c }));
+        *slot = Box::into_raw(Box::new(kolo_comm::new(c)));
         Ok(())
     })
 }
 
-/// Close the connections and free the communicator. NULL is an invalid argument.
+/// Stop the engine if one runs (`Engine::shutdown`; operations still pending
+/// fail), close the connections and free the communicator. NULL is an
+/// invalid argument.
 ///
 /// # Safety
 /// `comm` is NULL or from `kolo_init_from_env`, not destroyed before, and no
@@ -520,8 +690,11 @@ pub unsafe extern "C" fn kolo_comm_destroy(comm: *mut kolo_comm) -> c_int {
             return Err(invalid(NAME, format_args!("comm is NULL")));
         }
         // SAFETY: the contract above: the pointer came from Box::into_raw.
-        drop(unsafe { Box::from_raw(comm) });
-        Ok(())
+        let k = unsafe { Box::from_raw(comm) };
+        match k.mode.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Mode::Engine(e) => e.shutdown().map(drop),
+            Mode::Direct(_) | Mode::Failed(_) => Ok(()),
+        }
     })
 }
 
@@ -539,7 +712,7 @@ pub unsafe extern "C" fn kolo_comm_rank(comm: *const kolo_comm, rank: *mut c_int
     guard(NAME, || {
         // SAFETY: the contract above.
         let (c, o) = unsafe { (comm_ref(NAME, comm)?, out(NAME, "rank", rank)?) };
-        *o = to_int(NAME, "rank", c.rank())?;
+        *o = to_int(NAME, "rank", c.rank)?;
         Ok(())
     })
 }
@@ -558,7 +731,7 @@ pub unsafe extern "C" fn kolo_comm_size(comm: *const kolo_comm, size: *mut c_int
     guard(NAME, || {
         // SAFETY: the contract above.
         let (c, o) = unsafe { (comm_ref(NAME, comm)?, out(NAME, "size", size)?) };
-        *o = to_int(NAME, "size", c.size())?;
+        *o = to_int(NAME, "size", c.size)?;
         Ok(())
     })
 }
@@ -580,7 +753,7 @@ pub unsafe extern "C" fn kolo_comm_local_rank(
     guard(NAME, || {
         // SAFETY: the contract above.
         let (c, o) = unsafe { (comm_ref(NAME, comm)?, out(NAME, "local_rank", local_rank)?) };
-        *o = to_int(NAME, "local_rank", c.local_rank())?;
+        *o = to_int(NAME, "local_rank", c.local_rank)?;
         Ok(())
     })
 }
@@ -736,7 +909,120 @@ pub unsafe extern "C" fn kolo_barrier(comm: *mut kolo_comm) -> c_int {
     const NAME: &str = "kolo_barrier";
     guard(NAME, || {
         // SAFETY: the contract above.
-        unsafe { comm_ref(NAME, comm) }?.barrier()
+        unsafe { comm_ref(NAME, comm) }?.run(|via| match via {
+            Via::Comm(c) => c.barrier(),
+            // An engine barrier: a one-byte allreduce, which no rank
+            // completes before every rank has submitted it.
+            Via::Engine(e, name) => e
+                .allreduce_async(&name, vec![0u8], ReduceOp::Sum)?
+                .wait()
+                .map(drop),
+        })
+    })
+}
+
+/// Start an in-place allreduce of `count` elements of `buf` under `name`
+/// through the engine (`Engine::allreduce_async_raw`), starting the engine on
+/// the first call (at the same point among the blocking calls on every rank),
+/// and store its handle in `*handle` (NULL on failure). Names starting with
+/// `kolo.` are refused: the library names blocking calls `kolo.sync.<n>`.
+///
+/// # Safety
+/// `comm` live; `name` NULL or a NUL-terminated string; `buf` valid for
+/// reads and writes of `count` elements of `dtype`, and neither read nor
+/// written by the caller until `kolo_wait` returns; `handle` NULL or writable.
+///
+/// ```c
+/// kolo_handle *h;
+/// kolo_allreduce_async(comm, "layer1.grad", grad, n, KOLO_FLOAT32, KOLO_AVG, &h);
+/// ```
+#[no_mangle]
+pub unsafe extern "C" fn kolo_allreduce_async(
+    comm: *mut kolo_comm,
+    name: *const c_char,
+    buf: *mut c_void,
+    count: usize,
+    dtype: kolo_dtype,
+    op: kolo_op,
+    handle: *mut *mut kolo_handle,
+) -> c_int {
+    const NAME: &str = ALLREDUCE_ASYNC;
+    guard(NAME, || {
+        // SAFETY: the contract above.
+        let slot = unsafe { out(NAME, "handle", handle) }?;
+        *slot = std::ptr::null_mut();
+        // SAFETY: the contract above.
+        let k = unsafe { comm_ref(NAME, comm) }?;
+        if name.is_null() {
+            return Err(invalid(NAME, format_args!("name is NULL")));
+        }
+        // SAFETY: non-NULL and, by the contract, NUL-terminated.
+        let tensor = unsafe { CStr::from_ptr(name) }
+            .to_str()
+            .map_err(|_| invalid(NAME, format_args!("name is not UTF-8")))?;
+        if tensor.starts_with(RESERVED) {
+            return Err(invalid(
+                NAME,
+                format_args!("name {tensor:?}: names starting with {RESERVED:?} are reserved"),
+            ));
+        }
+        let (d, op) = (dtype_of(NAME, dtype)?, op_of(NAME, op)?);
+        let ptr = dispatch!(d, async_buf(buf, count))?;
+        // SAFETY: `ptr` is checked for `count` elements of `d`; the caller
+        // keeps the memory valid and untouched until kolo_wait returns.
+        let h = k.with_engine(|e| unsafe { e.allreduce_async_raw(tensor, ptr, count, d, op) })?;
+        *slot = Box::into_raw(Box::new(kolo_handle { handle: h }));
+        Ok(())
+    })
+}
+
+/// Block until the operation of `handle` has finished, return its status,
+/// and free the handle (`Handle::wait`).
+///
+/// # Safety
+/// `handle` NULL or from `kolo_allreduce_async`, not yet waited for, and no
+/// other thread is using it.
+///
+/// ```c
+/// if (kolo_wait(h) != KOLO_OK) fprintf(stderr, "%s\n", kolo_last_error());
+/// ```
+#[no_mangle]
+pub unsafe extern "C" fn kolo_wait(handle: *mut kolo_handle) -> c_int {
+    const NAME: &str = "kolo_wait";
+    guard(NAME, || {
+        if handle.is_null() {
+            return Err(invalid(NAME, format_args!("handle is NULL")));
+        }
+        // SAFETY: the contract above: the pointer came from Box::into_raw.
+        let h = unsafe { Box::from_raw(handle) };
+        h.handle.wait()
+    })
+}
+
+/// Set `*done` to 1 if the operation of `handle` has finished (successfully
+/// or not), else 0, without blocking (`Handle::poll`). Frees nothing: the
+/// handle is still to be passed to `kolo_wait`, which then returns at once
+/// with the operation's status.
+///
+/// # Safety
+/// `handle` NULL or a live handle no other thread is using; `done` NULL or writable.
+///
+/// ```c
+/// int done = 0;
+/// while (kolo_test(h, &done) == KOLO_OK && !done) { /* other work */ }
+/// kolo_wait(h);
+/// ```
+#[no_mangle]
+pub unsafe extern "C" fn kolo_test(handle: *mut kolo_handle, done: *mut c_int) -> c_int {
+    const NAME: &str = "kolo_test";
+    guard(NAME, || {
+        // SAFETY: the contract above.
+        let h = unsafe { handle.as_mut() }
+            .ok_or_else(|| invalid(NAME, format_args!("handle is NULL")))?;
+        // SAFETY: the contract above.
+        let d = unsafe { out(NAME, "done", done) }?;
+        *d = c_int::from(h.handle.poll());
+        Ok(())
     })
 }
 

@@ -29,6 +29,8 @@ ctype! {
     *mut kolo_comm => "kolo_comm *",
     *const kolo_comm => "const kolo_comm *",
     *mut *mut kolo_comm => "kolo_comm **",
+    *mut kolo_handle => "kolo_handle *",
+    *mut *mut kolo_handle => "kolo_handle **",
 }
 
 /// A function pointer type, as a C declaration of a pointer variable `name`.
@@ -58,6 +60,7 @@ cfn!(A, B, C);
 cfn!(A, B, C, D);
 cfn!(A, B, C, D, E);
 cfn!(A, B, C, D, E, F);
+cfn!(A, B, C, D, E, F, G);
 
 fn decl_of<F: CFn>(_: F, name: &str) -> String {
     F::decl(name)
@@ -88,6 +91,9 @@ fn exports() -> Vec<(&'static str, String)> {
         sig!(unsafe kolo_reduce_scatter(_, _, _, _, _, _)),
         sig!(unsafe kolo_alltoall(_, _, _, _, _)),
         sig!(unsafe kolo_barrier(_)),
+        sig!(unsafe kolo_allreduce_async(_, _, _, _, _, _, _)),
+        sig!(unsafe kolo_wait(_)),
+        sig!(unsafe kolo_test(_, _)),
         sig!(kolo_last_error()),
         sig!(kolo_status_string(_)),
         sig!(unsafe kolo_version(_, _, _)),
@@ -270,7 +276,7 @@ fn tables_cover_kolo() {
 
 fn one_rank() -> *mut kolo_comm {
     let c = Communicator::init(kolo::Config::local(0, 1, 0)).expect("1-rank communicator");
-    Box::into_raw(Box::new(kolo_comm { comm: c }))
+    Box::into_raw(Box::new(kolo_comm::new(c)))
 }
 
 fn last_error() -> String {
@@ -525,4 +531,263 @@ fn last_error_is_per_thread() {
     let (mut a, mut b, mut c) = (0, 0, 0);
     assert_eq!(unsafe { kolo_version(&mut a, &mut b, &mut c) }, KOLO_OK);
     assert!(last_error().contains("kolo_barrier"));
+}
+
+// ---------------------------------------------------------------------------
+// Asynchronous operations (the engine), on one rank.
+
+fn wait_done(h: *mut kolo_handle) {
+    let mut done = -1;
+    // Finishes: one rank needs no peer.
+    while done != 1 {
+        assert_eq!(
+            unsafe { kolo_test(h, &mut done) },
+            KOLO_OK,
+            "{}",
+            last_error()
+        );
+        assert!(done == 0 || done == 1);
+    }
+    // Still done, still valid: kolo_test frees nothing.
+    assert_eq!(unsafe { kolo_test(h, &mut done) }, KOLO_OK);
+    assert_eq!(done, 1);
+}
+
+#[test]
+fn async_allreduce_and_sync_calls_through_the_engine() {
+    use std::ptr::{null, null_mut};
+    unsafe {
+        let c = one_rank();
+        // Before the engine: the communicator itself.
+        assert!(matches!(&*(*c).mode(), Mode::Direct(_)));
+        let mut v = [1.5f32, -2.0, 3.0];
+        let mut h: *mut kolo_handle = null_mut();
+        let p = v.as_mut_ptr().cast::<c_void>();
+        assert_eq!(
+            kolo_allreduce_async(c, c"a".as_ptr(), p, 3, F32, kolo_op(5), &mut h),
+            KOLO_OK,
+            "{}",
+            last_error()
+        );
+        assert!(!h.is_null());
+        assert!(matches!(&*(*c).mode(), Mode::Engine(_)));
+        wait_done(h);
+        assert_eq!(kolo_wait(h), KOLO_OK);
+        assert_eq!(v, [1.5, -2.0, 3.0]);
+        // Every dtype and op, several in flight at once, waited in reverse.
+        let mut bufs: Vec<Vec<u64>> = Vec::new();
+        let mut hs = Vec::new();
+        for (dn, d) in DTYPES {
+            for (on, o) in OPS {
+                let mut b = vec![0x0101_0101_0101_0101u64; 5];
+                let mut h = null_mut();
+                let name = CString::new(format!("{dn}.{on}")).unwrap();
+                let rc = kolo_allreduce_async(
+                    c,
+                    name.as_ptr(),
+                    b.as_mut_ptr().cast(),
+                    40 / d.size(),
+                    kolo_dtype(d.code().into()),
+                    kolo_op(o.code().into()),
+                    &mut h,
+                );
+                assert_eq!(rc, KOLO_OK, "{}", last_error());
+                bufs.push(b);
+                hs.push(h);
+            }
+        }
+        for h in hs.into_iter().rev() {
+            assert_eq!(kolo_wait(h), KOLO_OK, "{}", last_error());
+        }
+        // One rank: every reduction is the identity.
+        for b in &bufs {
+            assert_eq!(b, &[0x0101_0101_0101_0101u64; 5]);
+        }
+        // An empty buffer may be NULL.
+        assert_eq!(
+            kolo_allreduce_async(c, c"empty".as_ptr(), null_mut(), 0, F32, SUM, &mut h),
+            KOLO_OK
+        );
+        assert_eq!(kolo_wait(h), KOLO_OK);
+        // Blocking calls now run through the engine under automatic names.
+        let before = (*c).sync_calls.load(Ordering::Relaxed);
+        let src = [1i64, -2, 3];
+        let mut dst = [0i64; 3];
+        let i64t = kolo_dtype(3);
+        let (send, recv) = (src.as_ptr().cast(), dst.as_mut_ptr().cast());
+        assert_eq!(kolo_allreduce(c, send, recv, 3, i64t, kolo_op(4)), 0);
+        assert_eq!(dst, src);
+        dst = [0; 3];
+        assert_eq!(kolo_allgather(c, send, recv, 3, i64t), 0);
+        assert_eq!(dst, src);
+        dst = [0; 3];
+        assert_eq!(kolo_reduce_scatter(c, send, recv, 3, i64t, SUM), 0);
+        assert_eq!(dst, src);
+        dst = [0; 3];
+        assert_eq!(kolo_alltoall(c, send, recv, 3, i64t), 0);
+        assert_eq!(dst, src);
+        assert_eq!(kolo_broadcast(c, recv, 3, i64t, 0), 0);
+        assert_eq!(dst, src);
+        assert_eq!(kolo_barrier(c), 0);
+        assert_eq!(kolo_allreduce(c, null(), null_mut(), 0, F32, SUM), 0);
+        // Overlapping buffers, as in the direct mode.
+        let mut w = [5u8, 6, 7, 8];
+        let p8 = w.as_mut_ptr().cast::<c_void>();
+        assert_eq!(kolo_allgather(c, p8.cast_const(), p8, 4, kolo_dtype(1)), 0);
+        assert_eq!(w, [5, 6, 7, 8]);
+        let q = w.as_mut_ptr().add(1).cast::<c_void>();
+        assert_eq!(
+            kolo_allreduce(c, p8.cast_const(), q, 3, kolo_dtype(1), SUM),
+            0
+        );
+        assert_eq!(w, [5, 5, 6, 7]);
+        assert_eq!((*c).sync_calls.load(Ordering::Relaxed), before + 9);
+        // Rejected arguments take no automatic name (ranks stay in step).
+        expect(
+            kolo_broadcast(c, p, 8, F32, -1),
+            KOLO_ERR_INVALID_ARGUMENT,
+            &["root -1"],
+        );
+        expect(
+            kolo_allgather(c, p, null_mut(), 4, F32),
+            KOLO_ERR_INVALID_ARGUMENT,
+            &["recvbuf is NULL"],
+        );
+        assert_eq!((*c).sync_calls.load(Ordering::Relaxed), before + 9);
+        // Rank queries keep working with the engine.
+        let (mut r, mut n, mut l) = (-1, -1, -1);
+        assert_eq!(kolo_comm_rank(c, &mut r), KOLO_OK);
+        assert_eq!(kolo_comm_size(c, &mut n), KOLO_OK);
+        assert_eq!(kolo_comm_local_rank(c, &mut l), KOLO_OK);
+        assert_eq!((r, n, l), (0, 1, 0));
+        // An engine-side error fails the call only: root 1 of 1 rank.
+        expect(
+            kolo_broadcast(c, p, 3, F32, 1),
+            KOLO_ERR_INVALID_ARGUMENT,
+            &["root 1 is not below size 1"],
+        );
+        assert_eq!(kolo_barrier(c), KOLO_OK, "{}", last_error());
+        assert_eq!(kolo_comm_destroy(c), KOLO_OK, "{}", last_error());
+    }
+}
+
+#[test]
+fn async_invalid_arguments() {
+    use std::ptr::null_mut;
+    let inv = KOLO_ERR_INVALID_ARGUMENT;
+    let mut v = [1.0f32; 8];
+    let p = v.as_mut_ptr().cast::<c_void>();
+    let n = c"t".as_ptr();
+    unsafe {
+        let c = one_rank();
+        let stale = std::ptr::dangling_mut::<kolo_handle>();
+        let mut h = stale;
+        let ar = |c, name, p, count, d, o, h| kolo_allreduce_async(c, name, p, count, d, o, h);
+        expect(
+            ar(c, n, p, 8, F32, SUM, null_mut()),
+            inv,
+            &["handle is NULL"],
+        );
+        expect(
+            ar(null_mut(), n, p, 8, F32, SUM, &mut h),
+            inv,
+            &["comm is NULL"],
+        );
+        assert!(h.is_null(), "*handle is NULL after a failure");
+        h = stale;
+        expect(
+            ar(c, std::ptr::null(), p, 8, F32, SUM, &mut h),
+            inv,
+            &["name is NULL"],
+        );
+        assert!(h.is_null());
+        let bad_utf8 = [0xffu8, 0];
+        expect(
+            ar(c, bad_utf8.as_ptr().cast(), p, 8, F32, SUM, &mut h),
+            inv,
+            &["not UTF-8"],
+        );
+        expect(
+            ar(c, c"kolo.sync.0".as_ptr(), p, 8, F32, SUM, &mut h),
+            inv,
+            &["reserved"],
+        );
+        expect(
+            ar(c, n, p, 8, kolo_dtype(0), SUM, &mut h),
+            inv,
+            &["kolo_dtype 0"],
+        );
+        expect(ar(c, n, p, 8, F32, kolo_op(6), &mut h), inv, &["kolo_op 6"]);
+        expect(
+            ar(c, n, null_mut(), 8, F32, SUM, &mut h),
+            inv,
+            &["kolo_allreduce_async", "buf is NULL but its count is 8"],
+        );
+        expect(
+            ar(c, n, p, usize::MAX / 2, F32, SUM, &mut h),
+            inv,
+            &["overflow"],
+        );
+        let odd = v.as_mut_ptr().cast::<u8>().add(1).cast::<c_void>();
+        expect(ar(c, n, odd, 2, F32, SUM, &mut h), inv, &["aligned"]);
+        // None of that started the engine.
+        assert!(matches!(&*(*c).mode(), Mode::Direct(_)));
+        expect(kolo_wait(null_mut()), inv, &["kolo_wait: handle is NULL"]);
+        let mut done = 0;
+        expect(
+            kolo_test(null_mut(), &mut done),
+            inv,
+            &["kolo_test: handle is NULL"],
+        );
+        // A name in flight twice on one rank: the engine refuses the second.
+        let mut w = [2.0f32; 4];
+        let pw = w.as_mut_ptr().cast::<c_void>();
+        assert_eq!(ar(c, n, p, 8, F32, SUM, &mut h), KOLO_OK);
+        let mut h2 = stale;
+        let rc = ar(c, n, pw, 4, F32, SUM, &mut h2);
+        // (unless the first already completed, which one rank may do at once)
+        if rc != KOLO_OK {
+            expect(rc, inv, &["already in flight"]);
+            assert!(h2.is_null());
+        } else {
+            assert_eq!(kolo_wait(h2), KOLO_OK);
+        }
+        expect(kolo_test(h, null_mut()), inv, &["done is NULL"]);
+        // ... which freed nothing.
+        assert_eq!(kolo_wait(h), KOLO_OK);
+        assert_eq!(kolo_comm_destroy(c), KOLO_OK);
+    }
+}
+
+#[test]
+fn handles_outlive_their_communicator() {
+    unsafe {
+        let c = one_rank();
+        let mut v = vec![1u8; 1 << 20];
+        let mut hs = Vec::new();
+        for i in 0..20 {
+            let mut h = std::ptr::null_mut();
+            let name = CString::new(format!("t{i}")).unwrap();
+            let rc = kolo_allreduce_async(
+                c,
+                name.as_ptr(),
+                v.as_mut_ptr().add(i << 10).cast(),
+                1 << 10,
+                kolo_dtype(1),
+                SUM,
+                &mut h,
+            );
+            assert_eq!(rc, KOLO_OK, "{}", last_error());
+            hs.push(h);
+        }
+        assert_eq!(kolo_comm_destroy(c), KOLO_OK, "{}", last_error());
+        // Each handle either finished before the shutdown or failed with it.
+        for h in hs {
+            let rc = kolo_wait(h);
+            if rc != KOLO_OK {
+                expect(rc, KOLO_ERR_INVALID_ARGUMENT, &["shut down"]);
+            }
+        }
+        assert!(v.iter().all(|&b| b == 1));
+    }
 }

@@ -228,7 +228,7 @@ fn exported(args: &[&str], lib: &Path) -> BTreeSet<String> {
 #[test]
 fn header_declares_exactly_the_library_exports() {
     let declared = header_functions();
-    assert!(declared.len() >= 14, "{declared:?}");
+    assert!(declared.len() >= 17, "{declared:?}");
     let so = exported(&["-D", "--defined-only"], &artifact("libkolo.so"));
     assert_eq!(so, declared, "libkolo.so exports vs kolo.h declarations");
     let a = exported(&["--defined-only"], &artifact("libkolo.a"));
@@ -277,6 +277,11 @@ fn c_test_program_under_kolorun() {
     build_c(&["ffi/tests/c/test_kolo.c"], &exe, &[]);
     let out = kolorun(3, &[exe.as_os_str()]);
     assert_ok(&out, "kolorun -np 3 test_kolo");
+    every_rank_says(&out, 3, "test_kolo: passed (rank");
+    // A mismatch before any asynchronous call (no engine): every rank is
+    // told, and the communicator stays failed.
+    let out = kolorun(3, &[exe.as_os_str(), "--sync-mismatch".as_ref()]);
+    assert_ok(&out, "kolorun -np 3 test_kolo --sync-mismatch");
     every_rank_says(&out, 3, "test_kolo: passed (rank");
     // Initialisation errors: *comm is set to NULL and the status says why.
     let out = run(
@@ -424,6 +429,12 @@ fn python_module_under_kolorun() {
     artifact("libkolo.so");
     let out = kolorun(3, &[py.as_os_str(), test.as_os_str()]);
     assert_ok(&out, "kolorun -np 3 python test_kolo.py");
+    every_rank_says(&out, 3, "test_kolo.py: passed (rank");
+    let out = kolorun(
+        3,
+        &[py.as_os_str(), test.as_os_str(), "--sync-mismatch".as_ref()],
+    );
+    assert_ok(&out, "kolorun -np 3 python test_kolo.py --sync-mismatch");
     every_rank_says(&out, 3, "test_kolo.py: passed (rank");
     let out = run(
         Command::new(&py)

@@ -2,19 +2,27 @@
  * Test of the C API, run under kolorun (ffi/tests/c_api.rs: -np 3, and under
  * valgrind with --quick). Calls every function on every dtype and op and
  * checks the results bitwise against references computed here, independently
- * of kolo; checks that invalid calls return the right status and message; ends
- * with a count mismatch across ranks. Exit status 0 and "test_kolo: passed"
- * on success.
+ * of kolo; checks that invalid calls return the right status and message.
+ * Then starts the engine with asynchronous named allreduces (submitted in a
+ * different order on every rank, mixed with blocking calls), runs every
+ * blocking collective again through the engine, and ends with mismatches
+ * across ranks (which the engine reports on every rank, and survives).
+ * Exit status 0 and "test_kolo: passed" on success.
  *
- *   test_kolo [--quick]       under kolorun
- *   test_kolo --init-error    alone, with KOLO_RANK=0 KOLO_SIZE=1 KOLO_TIMEOUT=bogus
+ *   test_kolo [--quick]        under kolorun
+ *   test_kolo --sync-mismatch  under kolorun: a mismatch without the engine
+ *                              (the communicator stays failed)
+ *   test_kolo --init-error     alone, with KOLO_RANK=0 KOLO_SIZE=1 KOLO_TIMEOUT=bogus
  */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
+
 #include "kolo.h"
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int rank = -1, size = -1, failures = 0;
 
@@ -413,6 +421,144 @@ static void test_mismatch(kolo_comm *comm) {
     CHECK(rc2 == rc, "barrier after the failure returned %d, not %d", rc2, rc);
 }
 
+/* ---- asynchronous operations (the engine) ---- */
+
+enum { NT = 10 };
+
+/* Wait for h by polling kolo_test; then kolo_test still says done (it frees
+ * nothing) and kolo_wait returns the status at once. */
+static int poll_then_wait(kolo_handle *h) {
+    struct timespec nap = {0, 100000};
+    int done = -1, again = -1;
+    for (;;) {
+        OK(kolo_test(h, &done));
+        CHECK(done == 0 || done == 1, "kolo_test set done to %d", done);
+        if (done) break;
+        nanosleep(&nap, NULL);
+    }
+    OK(kolo_test(h, &again));
+    CHECK(again == 1, "kolo_test after done: %d", again);
+    return kolo_wait(h);
+}
+
+/* NT named allreduces of dtype d, the ops cycling through every op, counts
+ * from `count` up, each rank submitting them in its own order with blocking
+ * calls in between (so every rank has different tensors in flight during
+ * them), then waiting in yet another order, half of them by polling. The
+ * names repeat on every call with the same count (the engine's cache). */
+static void test_async(kolo_comm *comm, kolo_dtype d, size_t count, uint64_t salt) {
+    size_t es = dsize(d), cnt[NT], k;
+    char *buf[NT], *ref[NT], name[64];
+    kolo_handle *h[NT];
+    int i, j, order[NT];
+    for (i = 0; i < NT; i++) {
+        kolo_op op = OPS[i % 5];
+        cnt[i] = count + (size_t)i * 3;
+        buf[i] = xmalloc(cnt[i] * es);
+        ref[i] = xmalloc(cnt[i] * es);
+        for (k = 0; k < cnt[i]; k++) gen(d, op, rank, k, salt + (uint64_t)i, buf[i], k);
+        reference(d, op, cnt[i], salt + (uint64_t)i, ref[i]);
+        /* 3 is coprime with NT: a permutation, shifted by rank, reversed on odd ranks */
+        order[rank % 2 ? NT - 1 - i : i] = (3 * i + 7 * rank) % NT;
+    }
+    for (j = 0; j < NT; j++) {
+        int64_t x = rank + 1;
+        i = order[j];
+        snprintf(name, sizeof name, "t.%s.%zu.%d", DNAMES[d], count, i);
+        h[i] = NULL;
+        OK(kolo_allreduce_async(comm, name, buf[i], cnt[i], d, OPS[i % 5], &h[i]));
+        CHECK(h[i] != NULL, "no handle for %s", name);
+        if (j == 3) {
+            OK(kolo_allreduce(comm, &x, &x, 1, KOLO_INT64, KOLO_SUM));
+            CHECK(x == (int64_t)size * (size + 1) / 2, "blocking allreduce among async ones: %lld",
+                  (long long)x);
+        } else if (j == 6) {
+            OK(kolo_barrier(comm));
+        }
+    }
+    {
+        int64_t x = rank == size - 1 ? 77 : -1;
+        OK(kolo_broadcast(comm, &x, 1, KOLO_INT64, size - 1));
+        CHECK(x == 77, "blocking broadcast among async ones: %lld", (long long)x);
+    }
+    for (j = NT - 1; j >= 0; j--) {
+        i = order[(j * 7 + rank) % NT];
+        if (i % 2) OK(poll_then_wait(h[i]));
+        else OK(kolo_wait(h[i]));
+        expect_eq("allreduce_async", d, OPS[i % 5], cnt[i], buf[i], ref[i]);
+        free(buf[i]);
+        free(ref[i]);
+    }
+}
+
+static void test_async_errors(kolo_comm *comm) {
+    float v[8] = {0}, w[4] = {0};
+    char raw[16] = {0};
+    kolo_handle *h = (kolo_handle *)&h, *h2;
+    int done = 0;
+    const int inv = KOLO_ERR_INVALID_ARGUMENT;
+    BAD(kolo_allreduce_async(NULL, "x", v, 8, KOLO_FLOAT32, KOLO_SUM, &h), inv,
+        "kolo_allreduce_async: comm is NULL");
+    CHECK(h == NULL, "*handle not set to NULL on failure");
+    BAD(kolo_allreduce_async(comm, "x", v, 8, KOLO_FLOAT32, KOLO_SUM, NULL), inv, "handle is NULL");
+    BAD(kolo_allreduce_async(comm, NULL, v, 8, KOLO_FLOAT32, KOLO_SUM, &h), inv, "name is NULL");
+    BAD(kolo_allreduce_async(comm, "x", NULL, 8, KOLO_FLOAT32, KOLO_SUM, &h), inv,
+        "buf is NULL but its count is 8");
+    BAD(kolo_allreduce_async(comm, "x", v, 8, (kolo_dtype)0, KOLO_SUM, &h), inv, "unknown kolo_dtype 0");
+    BAD(kolo_allreduce_async(comm, "x", v, 8, KOLO_FLOAT32, (kolo_op)9, &h), inv, "unknown kolo_op 9");
+    BAD(kolo_allreduce_async(comm, "x", v, SIZE_MAX, KOLO_FLOAT32, KOLO_SUM, &h), inv, "overflow");
+    BAD(kolo_allreduce_async(comm, "x", raw + 1, 2, KOLO_FLOAT32, KOLO_SUM, &h), inv, "not aligned");
+    BAD(kolo_allreduce_async(comm, "kolo.sync.0", v, 8, KOLO_FLOAT32, KOLO_SUM, &h), inv, "reserved");
+    BAD(kolo_wait(NULL), inv, "kolo_wait: handle is NULL");
+    BAD(kolo_test(NULL, &done), inv, "kolo_test: handle is NULL");
+    /* The first asynchronous call starts the engine (all the above were
+     * rejected before it): at the same point on every rank, like a blocking
+     * call. Empty buffers may be NULL. */
+    OK(kolo_allreduce_async(comm, "empty", NULL, 0, KOLO_BFLOAT16, KOLO_AVG, &h));
+    OK(poll_then_wait(h));
+    /* A name already in flight on this rank: rank 0 submits "dup" twice
+     * before the others submit it at all (after the barrier). */
+    if (rank == 0) {
+        OK(kolo_allreduce_async(comm, "dup", v, 8, KOLO_FLOAT32, KOLO_SUM, &h));
+        h2 = (kolo_handle *)&h2;
+        BAD(kolo_allreduce_async(comm, "dup", w, 4, KOLO_FLOAT32, KOLO_SUM, &h2), inv,
+            "already in flight");
+        CHECK(h2 == NULL, "*handle not set to NULL on failure");
+        BAD(kolo_test(h, NULL), inv, "kolo_test: done is NULL");
+        OK(kolo_barrier(comm));
+    } else {
+        OK(kolo_barrier(comm));
+        OK(kolo_allreduce_async(comm, "dup", v, 8, KOLO_FLOAT32, KOLO_SUM, &h));
+    }
+    OK(kolo_wait(h));
+}
+
+/* With the engine running, ranks that disagree fail that call only, all with
+ * KOLO_ERR_MISMATCH, and the communicator keeps working. */
+static void test_mismatch_engine(kolo_comm *comm) {
+    float v[16] = {0};
+    int32_t iv[8] = {0};
+    kolo_handle *h;
+    const char *e;
+    int rc = kolo_allreduce(comm, v, v, rank == 1 ? 9 : 8, KOLO_FLOAT32, KOLO_SUM);
+    e = kolo_last_error();
+    CHECK(rc == KOLO_ERR_MISMATCH, "mismatched blocking allreduce returned %d: %s", rc, e);
+    CHECK(strstr(e, "mismatch") != NULL && strstr(e, "shape") != NULL, "message: %s", e);
+    OK(kolo_barrier(comm));
+    if (rank == 0) OK(kolo_allreduce_async(comm, "mm", v, 8, KOLO_FLOAT32, KOLO_SUM, &h));
+    else OK(kolo_allreduce_async(comm, "mm", iv, 8, KOLO_INT32, KOLO_SUM, &h));
+    rc = kolo_wait(h);
+    e = kolo_last_error();
+    CHECK(rc == KOLO_ERR_MISMATCH, "mismatched async allreduce returned %d: %s", rc, e);
+    CHECK(strstr(e, "\"mm\"") != NULL && strstr(e, "dtype") != NULL, "message: %s", e);
+    /* Still usable, also the name. */
+    v[0] = 1.0f;
+    OK(kolo_allreduce_async(comm, "mm", v, 1, KOLO_FLOAT32, KOLO_SUM, &h));
+    OK(kolo_wait(h));
+    CHECK(v[0] == (float)size, "allreduce after the mismatch: %g", v[0]);
+    OK(kolo_barrier(comm));
+}
+
 static void test_static(void) {
     int ma = -1, mi = -1, pa = -1, codes[] = {KOLO_OK, KOLO_ERR_INVALID_ARGUMENT, KOLO_ERR_MISMATCH,
         KOLO_ERR_PEER_LOST, KOLO_ERR_TIMEOUT, KOLO_ERR_INTERNAL, KOLO_ERR_ABORTED, KOLO_ERR_PROTOCOL,
@@ -450,6 +596,16 @@ int main(int argc, char **argv) {
         return 0;
     }
     test_static();
+    if (argc > 1 && strcmp(argv[1], "--sync-mismatch") == 0) {
+        OK(kolo_init_from_env(&comm));
+        OK(kolo_comm_rank(comm, &rank));
+        OK(kolo_comm_size(comm, &size));
+        test_mismatch(comm);
+        OK(kolo_comm_destroy(comm));
+        if (failures) return 1;
+        printf("test_kolo: passed (rank %d of %d, sync-mismatch)\n", rank, size);
+        return 0;
+    }
     OK(kolo_init_from_env(&comm));
     OK(kolo_comm_rank(comm, &rank));
     OK(kolo_comm_size(comm, &size));
@@ -474,7 +630,28 @@ int main(int argc, char **argv) {
         OK(kolo_barrier(comm));
     }
     test_errors(comm);
-    test_mismatch(comm);
+    /* The engine: started by the first asynchronous call. */
+    test_async_errors(comm);
+    for (di = 0; di < sizeof DTYPES / sizeof DTYPES[0]; di++) {
+        kolo_dtype d = DTYPES[di];
+        for (ci = 0; ci < nc; ci++) {
+            if (quick && counts[ci] > 1000 && d != KOLO_FLOAT32) continue;
+            test_async(comm, d, counts[ci], 100);
+            test_async(comm, d, counts[ci], 200); /* the same names again */
+        }
+        /* Every blocking collective again, now through the engine. */
+        for (ci = 0; ci < 3; ci++) {
+            if (counts[ci] > 1000) continue;
+            for (oi = 0; oi < sizeof OPS / sizeof OPS[0]; oi++) {
+                test_allreduce(comm, d, OPS[oi], counts[ci]);
+                test_reduce_scatter(comm, d, OPS[oi], counts[ci]);
+            }
+            test_moves(comm, d, counts[ci]);
+            if (!is_int(d)) test_rounding(comm, d, counts[ci]);
+        }
+    }
+    test_errors(comm);
+    test_mismatch_engine(comm);
     OK(kolo_comm_destroy(comm));
     if (failures) {
         fprintf(stderr, "rank %d: %d checks failed\n", rank, failures);

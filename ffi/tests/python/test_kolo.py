@@ -2,16 +2,21 @@
 
 Calls every function on every dtype and op and checks the results bitwise against
 references computed here with numpy; checks that invalid calls raise or return the right
-status with kolo's message; ends with a count mismatch across ranks. Prints
-"test_kolo.py: passed" on success.
+status with kolo's message. Then starts the engine with asynchronous named allreduces
+(submitted in a different order on every rank, mixed with blocking calls), runs the
+blocking collectives again through the engine, and ends with mismatches across ranks,
+which the engine reports on every rank and survives. Prints "test_kolo.py: passed" on
+success.
 
     kolorun -np 3 .venv/bin/python ffi/tests/python/test_kolo.py
+    kolorun -np 3 .venv/bin/python ffi/tests/python/test_kolo.py --sync-mismatch
     KOLO_RANK=0 KOLO_SIZE=1 KOLO_TIMEOUT=bogus python test_kolo.py --init-error
 """
 
 import ctypes
 import functools
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +108,11 @@ def same_on_all_ranks(comm, what, a):
         check(np.array_equal(all_[r * b.size:(r + 1) * b.size], b), f"{what}: rank {r} differs")
 
 
-def test_collectives(comm):
+def test_collectives(comm, counts=COUNTS):
     n, me = comm.size, comm.rank
     for d in DTYPES:
         kw = {"dtype": kolo.BFLOAT16} if d == kolo.BFLOAT16 else {}
-        for count in COUNTS:
+        for count in counts:
             tag = f"{NAMES[d]} count {count}"
             for op in OPS:
                 ins = [gen(d, op, r, count, 1, n) for r in range(n)]
@@ -196,6 +201,124 @@ def test_errors(comm):
     same("allreduce after invalid calls", one, np.full(3, float(comm.size)))
 
 
+NT = 10
+
+
+def test_async(comm, d, count, salt):
+    """NT named allreduces of dtype d, the ops cycling through every op, each rank
+    submitting them in its own order with blocking calls in between, then waiting in
+    another order, half of them by polling test(). The names repeat (the engine's cache)."""
+    n, me = comm.size, comm.rank
+    kw = {"dtype": kolo.BFLOAT16} if d == kolo.BFLOAT16 else {}
+    ops = [list(OPS)[i % len(OPS)] for i in range(NT)]
+    ins = [[gen(d, ops[i], r, count + 3 * i, salt + i, n) for r in range(n)] for i in range(NT)]
+    wants = [reference(d, ops[i], ins[i], n) for i in range(NT)]
+    order = [(3 * i + 7 * me) % NT for i in range(NT)]
+    if me % 2:
+        order.reverse()
+    handles = {}
+    for j, i in enumerate(order):
+        h = comm.allreduce_async(f"t.{NAMES[d]}.{count}.{i}", ins[i][me].copy(), op=ops[i], **kw)
+        check(h.name == f"t.{NAMES[d]}.{count}.{i}", h.name)
+        handles[i] = h
+        if j == 3:
+            x = comm.allreduce(np.array([me + 1], np.int64))
+            check(x[0] == n * (n + 1) // 2, f"blocking allreduce among async ones: {x}")
+        elif j == 6:
+            comm.barrier()
+    x = comm.broadcast(np.array([77 if me == n - 1 else -1], np.int64), root=n - 1)
+    check(x[0] == 77, f"blocking broadcast among async ones: {x}")
+    for j in reversed(range(NT)):
+        i = order[(j * 7 + me) % NT]
+        h = handles.pop(i)
+        if i % 2:
+            while not h.test():
+                time.sleep(0.0001)
+            check(h.test(), "test() after done")
+        got = h.wait()
+        check(got is h.array and h.wait() is got, "wait returns the array, also when called again")
+        same(f"allreduce_async {OPS[ops[i]]} {NAMES[d]} count {count + 3 * i}", got, wants[i])
+
+
+def test_async_errors(comm):
+    lib, inv = kolo.lib, kolo.ERR_INVALID_ARGUMENT
+    v = np.zeros(8, np.float32)
+    p = v.ctypes.data
+    h = ctypes.c_void_p(8)
+
+    def bad(rc, needle):
+        msg = kolo.last_error()
+        check(rc == inv, f"status {rc} ({msg}), want {inv}")
+        check(needle in msg, f"message {msg!r} lacks {needle!r}")
+
+    bad(lib.kolo_allreduce_async(None, b"x", p, 8, kolo.FLOAT32, kolo.SUM, ctypes.byref(h)), "comm is NULL")
+    check(h.value is None, "*handle not set to NULL on failure")
+    bad(lib.kolo_allreduce_async(comm._p, b"x", p, 8, kolo.FLOAT32, kolo.SUM, None), "handle is NULL")
+    bad(lib.kolo_allreduce_async(comm._p, None, p, 8, kolo.FLOAT32, kolo.SUM, ctypes.byref(h)), "name is NULL")
+    bad(lib.kolo_allreduce_async(comm._p, b"x", None, 8, kolo.FLOAT32, kolo.SUM, ctypes.byref(h)), "buf is NULL")
+    bad(lib.kolo_allreduce_async(comm._p, b"x", p, 8, 0, kolo.SUM, ctypes.byref(h)), "unknown kolo_dtype 0")
+    bad(lib.kolo_allreduce_async(comm._p, b"x", p, 8, kolo.FLOAT32, 0, ctypes.byref(h)), "unknown kolo_op 0")
+    bad(lib.kolo_allreduce_async(comm._p, b"x", p + 2, 2, kolo.FLOAT32, kolo.SUM, ctypes.byref(h)), "not aligned")
+    bad(lib.kolo_wait(None), "kolo_wait: handle is NULL")
+    bad(lib.kolo_test(None, ctypes.byref(ctypes.c_int())), "kolo_test: handle is NULL")
+    for call, exc, needle in [
+        (lambda: comm.allreduce_async("kolo.mine", v), kolo.KoloError, "reserved"),
+        (lambda: comm.allreduce_async("x", v, op=42), kolo.KoloError, "unknown kolo_op 42"),
+        (lambda: comm.allreduce_async(b"x", v), TypeError, None),
+        (lambda: comm.allreduce_async("a\0b", v), TypeError, None),
+        (lambda: comm.allreduce_async("x", [1.0]), TypeError, None),
+        (lambda: comm.allreduce_async("x", np.zeros((4, 4), np.float32)[:, 0]), ValueError, None),
+    ]:
+        try:
+            call()
+            check(False, f"no {exc.__name__}")
+        except exc as e:
+            check(needle is None or (e.status == inv and needle in e.message), f"{e}")
+    # The first asynchronous call starts the engine (none of the above did): at the
+    # same point on every rank, like a blocking call. Empty arrays are fine.
+    e = comm.allreduce_async("empty", np.zeros(0, np.uint16), op=kolo.AVG, dtype=kolo.BFLOAT16)
+    check(e.wait().size == 0, "empty")
+    # A name already in flight on this rank: rank 0 submits "dup" twice before the
+    # others submit it at all (after the barrier).
+    one = np.ones(4, np.int32)
+    if comm.rank == 0:
+        h = comm.allreduce_async("dup", one)
+        try:
+            comm.allreduce_async("dup", np.ones(2, np.int32))
+            check(False, "a name in flight twice was accepted")
+        except kolo.KoloError as e:
+            check(e.status == inv and "already in flight" in e.message, f"{e}")
+        comm.barrier()
+    else:
+        comm.barrier()
+        h = comm.allreduce_async("dup", one)
+    # Dropping an unfinished handle waits for it: the array is never left to the engine.
+    del h
+    same("dropped handle", one, np.full(4, comm.size, np.int32))
+
+
+def test_mismatch_engine(comm):
+    """With the engine running, ranks that disagree fail that call only, all with
+    ERR_MISMATCH, and the communicator keeps working."""
+    try:
+        comm.allreduce(np.zeros(9 if comm.rank == 1 else 8, np.float32))
+        check(False, "mismatched blocking allreduce succeeded")
+    except kolo.KoloError as e:
+        check(e.status == kolo.ERR_MISMATCH and "shape" in e.message, f"{e}")
+    comm.barrier()
+    h = comm.allreduce_async("mm", np.zeros(8, np.float32 if comm.rank == 0 else np.int32))
+    check(h.test() in (True, False), "test")
+    for _ in range(2):  # the same error again
+        try:
+            h.wait()
+            check(False, "mismatched async allreduce succeeded")
+        except kolo.KoloError as e:
+            check(e.status == kolo.ERR_MISMATCH and '"mm"' in e.message and "dtype" in e.message, f"{e}")
+    x = comm.allreduce_async("mm", np.ones(1, np.float32)).wait()
+    same("allreduce after the mismatch", x, np.full(1, comm.size, np.float32))
+    comm.barrier()
+
+
 def test_mismatch(comm):
     v = np.zeros(9 if comm.rank == 1 else 8, np.float32)
     try:
@@ -222,6 +345,15 @@ def main():
             sys.exit(1)
         print("test_kolo.py: passed")
         return
+    if sys.argv[1:] == ["--sync-mismatch"]:
+        # Without the engine: every rank is told, and the communicator stays failed.
+        with kolo.Comm() as comm:
+            me = comm.rank
+            test_mismatch(comm)
+        if failures:
+            sys.exit(1)
+        print(f"test_kolo.py: passed (rank {me}, sync-mismatch)")
+        return
     check(kolo.last_error() == "", kolo.last_error())
     check(kolo.version() >= (0, 1, 0), f"{kolo.version()}")
     codes = [getattr(kolo, c) for c in dir(kolo) if c == "OK" or c.startswith("ERR_")]
@@ -232,7 +364,14 @@ def main():
         check(0 <= comm.rank < n and 0 <= comm.local_rank < n, f"{comm.rank} {comm.local_rank} {n}")
         test_collectives(comm)
         test_errors(comm)
-        test_mismatch(comm)
+        test_async_errors(comm)  # starts the engine
+        for d in DTYPES:
+            for count in (1, 1000, 70001):
+                test_async(comm, d, count, 100)
+                test_async(comm, d, count, 200)
+        test_collectives(comm, counts=[1, 1000])  # through the engine now
+        test_errors(comm)
+        test_mismatch_engine(comm)
     check(comm._p is None, "close")
     if failures:
         print(f"rank {me}: {len(failures)} checks failed", file=sys.stderr)
