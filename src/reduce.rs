@@ -256,8 +256,9 @@ fn divide_portable(dtype: DType, buf: &mut [u8], n: usize) {
 mod x86 {
     use super::*;
     use core::arch::x86_64::{
-        __m128i, __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_cvtph_ps,
-        _mm256_cvtps_ph, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm_loadu_si128,
+        __m128i, __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_castps_si256, _mm256_cmp_ps,
+        _mm256_cmpeq_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_max_ps,
+        _mm256_min_ps, _mm256_movemask_epi8, _mm256_mul_ps, _mm256_storeu_ps, _mm_loadu_si128,
         _mm_storeu_si128, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
     };
 
@@ -363,6 +364,126 @@ mod x86 {
             }
             ReduceOp::Min => f16_zip!(acc, inc, first, |a, b| vmin(a, b), f32::min),
             ReduceOp::Max => f16_zip!(acc, inc, first, |a, b| vmax(a, b), f32::max),
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn narrow_rounding(wire: DType, dst: &mut [u8], src: &mut [f32]) {
+        if wire != DType::F16 {
+            return narrow_rounding_portable(wire, dst, src);
+        }
+        let dst: &mut [f16] = cast_mut(dst);
+        let n = src.len().min(dst.len());
+        let (ps, pd) = (src.as_mut_ptr(), dst.as_mut_ptr().cast::<u16>());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so all 8 lanes are in bounds of both slices.
+            unsafe {
+                let x = _mm256_loadu_ps(ps.add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                _mm_storeu_si128(pd.add(i).cast::<__m128i>(), h);
+                let back = _mm256_cvtph_ps(h);
+                let same = _mm256_cmpeq_epi32(_mm256_castps_si256(x), _mm256_castps_si256(back));
+                if _mm256_movemask_epi8(same) != -1 {
+                    _mm256_storeu_ps(ps.add(i), back);
+                }
+            }
+            i += 8;
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&mut src[i..n]) {
+            *d = f16::from_f32(*s);
+            *s = d.to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn widen(wire: DType, dst: &mut [f32], src: &[u8]) {
+        if wire != DType::F16 {
+            return widen_portable(wire, dst, src);
+        }
+        let src: &[f16] = cast(src);
+        let n = src.len().min(dst.len());
+        let (ps, pd) = (src.as_ptr().cast::<u16>(), dst.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so all 8 lanes are in bounds of both slices.
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(ps.add(i).cast::<__m128i>()));
+                _mm256_storeu_ps(pd.add(i), x);
+            }
+            i += 8;
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// `acc[i] = round16(op(acc[i], widen(inc[i])))` (swapped when `$first`), 8 lanes
+    /// at a time through F16C, the tail through half's scalar conversions.
+    macro_rules! widened_zip {
+        ($acc:expr, $inc:expr, $first:expr, $vop:expr, $sop:expr) => {{
+            let (acc, inc): (&mut [f32], &[f16]) = ($acc, $inc);
+            let n = acc.len().min(inc.len());
+            let (pa, pb) = (acc.as_mut_ptr(), inc.as_ptr().cast::<u16>());
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: i + 8 <= n, so all 8 lanes are in bounds of both slices.
+                unsafe {
+                    let x = _mm256_loadu_ps(pa.add(i));
+                    let y = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast::<__m128i>()));
+                    let r = if $first { $vop(y, x) } else { $vop(x, y) };
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r);
+                    _mm256_storeu_ps(pa.add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+            for (a, b) in acc[i..n].iter_mut().zip(&inc[i..n]) {
+                let (x, y) = (*a, b.to_f32());
+                let r = if $first { $sop(y, x) } else { $sop(x, y) };
+                *a = f16::from_f32(r).to_f32();
+            }
+        }};
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn reduce_widened(
+        wire: DType,
+        op: ReduceOp,
+        acc: &mut [f32],
+        inc: &[u8],
+        first: bool,
+    ) {
+        if wire != DType::F16 {
+            return reduce_widened_portable(wire, op, acc, inc, first);
+        }
+        let inc: &[f16] = cast(inc);
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => {
+                widened_zip!(
+                    acc,
+                    inc,
+                    first,
+                    |a, b| _mm256_add_ps(a, b),
+                    |a: f32, b: f32| a + b
+                )
+            }
+            ReduceOp::Prod => {
+                widened_zip!(
+                    acc,
+                    inc,
+                    first,
+                    |a, b| _mm256_mul_ps(a, b),
+                    |a: f32, b: f32| a * b
+                )
+            }
+            ReduceOp::Min => widened_zip!(acc, inc, first, |a, b| vmin(a, b), f32::min),
+            ReduceOp::Max => widened_zip!(acc, inc, first, |a, b| vmax(a, b), f32::max),
         }
     }
 
@@ -528,11 +649,13 @@ const BLOCK: usize = 256;
 /// 16-bit float formats that convert to/from f32 slices exactly as their scalar
 /// `to_f32`/`from_f32` do (so block and scalar results agree bitwise).
 trait Half: Element {
+    const ZERO: Self;
     fn widen(src: &[Self], dst: &mut [f32]);
     fn narrow(dst: &mut [Self], src: &[f32]);
 }
 
 impl Half for f16 {
+    const ZERO: f16 = f16::ZERO;
     #[inline(always)]
     fn widen(src: &[f16], dst: &mut [f32]) {
         // half picks F16C at runtime where available.
@@ -545,6 +668,7 @@ impl Half for f16 {
 }
 
 impl Half for bf16 {
+    const ZERO: bf16 = bf16::ZERO;
     // half's bf16 slice conversions are per-element loops with branches and bounds
     // checks; these branch-free versions vectorize and are bit-identical to
     // `bf16::to_f32` / `bf16::from_f32` (checked exhaustively / by sweep in tests).
@@ -615,6 +739,208 @@ macro_rules! half_kernel {
     )*};
 }
 half_kernel!(f16, bf16);
+
+// ---------------------------------------------------------------------------
+// Mixed precision: f32 buffers whose values travel as f16/bf16 ("narrowing").
+// The executor encodes what it sends, decodes what it receives, and rounds
+// every reduction result to the wire format, so a rank always holds exactly
+// the bits it would send (see `crate::exec`).
+
+/// Whether f32 buffers can travel as `wire`: the 16-bit float formats.
+///
+/// ```
+/// use kolo::DType;
+/// assert!(kolo::reduce::is_wire16(DType::F16) && kolo::reduce::is_wire16(DType::BF16));
+/// assert!(!kolo::reduce::is_wire16(DType::F32));
+/// ```
+pub fn is_wire16(wire: DType) -> bool {
+    matches!(wire, DType::F16 | DType::BF16)
+}
+
+fn check_mixed(wire: DType, f32s: usize, wire_bytes: usize) {
+    assert!(is_wire16(wire), "{wire:?} is not a 16-bit wire format");
+    assert_eq!(
+        f32s * 2,
+        wire_bytes,
+        "mixed precision: slice lengths differ"
+    );
+}
+
+/// Encode `src` as `wire` (f16 or bf16, round to nearest-even) into `dst`, the
+/// raw bytes of `src.len()` 16-bit values.
+///
+/// # Panics
+/// If `wire` is not 16-bit, the lengths differ, or `dst` is not 2-aligned.
+///
+/// ```
+/// use kolo::{element::as_bytes_mut, reduce::narrow, DType};
+/// let mut h = [half::f16::ZERO; 2];
+/// narrow(DType::F16, as_bytes_mut(&mut h), &[1.0, 1.0 + 1e-4]);
+/// assert_eq!(h[1].to_f32(), 1.0); // below f16 resolution
+/// ```
+pub fn narrow(wire: DType, dst: &mut [u8], src: &[f32]) {
+    check_mixed(wire, src.len(), dst.len());
+    match wire {
+        DType::F16 => f16::narrow(cast_mut(dst), src),
+        _ => bf16::narrow(cast_mut(dst), src),
+    }
+}
+
+/// [`narrow`], and round `src` in place to the values sent, so the sender keeps
+/// exactly the bits its peer receives. Only blocks that change are written back.
+///
+/// # Panics
+/// As [`narrow`].
+///
+/// ```
+/// use kolo::{element::as_bytes_mut, reduce::narrow_rounding, DType};
+/// let mut h = [half::bf16::ZERO; 1];
+/// let mut v = [1.0f32 + 1e-3];
+/// narrow_rounding(DType::BF16, as_bytes_mut(&mut h), &mut v);
+/// assert_eq!(v[0], 1.0);
+/// ```
+pub fn narrow_rounding(wire: DType, dst: &mut [u8], src: &mut [f32]) {
+    check_mixed(wire, src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::narrow_rounding(wire, dst, src) };
+    }
+    narrow_rounding_portable(wire, dst, src)
+}
+
+/// Decode `src`, the raw bytes of `dst.len()` values of `wire`, into `dst`.
+///
+/// # Panics
+/// As [`narrow`].
+///
+/// ```
+/// use kolo::{element::as_bytes, reduce::widen, DType};
+/// let h = [half::f16::from_f32(0.5), half::f16::MAX];
+/// let mut v = [0f32; 2];
+/// widen(DType::F16, &mut v, as_bytes(&h));
+/// assert_eq!(v, [0.5, 65504.0]);
+/// ```
+pub fn widen(wire: DType, dst: &mut [f32], src: &[u8]) {
+    check_mixed(wire, dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::widen(wire, dst, src) };
+    }
+    widen_portable(wire, dst, src)
+}
+
+/// One hop of a mixed-precision reduction: decode the incoming `wire` values,
+/// combine them with the local f32 values in f32 (`acc (op) inc`, or
+/// `inc (op) acc` when `incoming_first`), and round the result to `wire`
+/// precision in place: `acc = round(acc (op) widen(inc))`. The local operand is
+/// used at full precision, so only the partial result is ever rounded.
+///
+/// # Panics
+/// As [`narrow`].
+///
+/// ```
+/// use kolo::{element::as_bytes, reduce::reduce_widened, DType, ReduceOp};
+/// let inc = [half::f16::from_f32(1.0)];
+/// // 2^-11 + 2^-20 rounded to f16 first would tie and round down to 1.0.
+/// let mut acc = [2f32.powi(-11) + 2f32.powi(-20)];
+/// reduce_widened(DType::F16, ReduceOp::Sum, &mut acc, as_bytes(&inc), false);
+/// assert_eq!(acc[0], 1.0 + 2f32.powi(-10));
+/// ```
+pub fn reduce_widened(wire: DType, op: ReduceOp, acc: &mut [f32], inc: &[u8], first: bool) {
+    check_mixed(wire, acc.len(), inc.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::reduce_widened(wire, op, acc, inc, first) };
+    }
+    reduce_widened_portable(wire, op, acc, inc, first)
+}
+
+/// Round every value to the nearest `wire` value, in place (`widen(narrow(x))`).
+///
+/// # Panics
+/// If `wire` is not 16-bit.
+///
+/// ```
+/// let mut v = [70000.0f32, 0.1];
+/// kolo::reduce::round_to(kolo::DType::F16, &mut v);
+/// assert_eq!(v[0], f32::INFINITY);
+/// assert_eq!(v[1], half::f16::from_f32(0.1).to_f32());
+/// ```
+pub fn round_to(wire: DType, buf: &mut [f32]) {
+    check_mixed(wire, buf.len(), 2 * buf.len());
+    match wire {
+        DType::F16 => round_impl::<f16>(buf),
+        _ => round_impl::<bf16>(buf),
+    }
+}
+
+#[inline(always)]
+fn narrow_rounding_portable(wire: DType, dst: &mut [u8], src: &mut [f32]) {
+    match wire {
+        DType::F16 => narrow_rounding_impl::<f16>(cast_mut(dst), src),
+        _ => narrow_rounding_impl::<bf16>(cast_mut(dst), src),
+    }
+}
+
+#[inline(always)]
+fn widen_portable(wire: DType, dst: &mut [f32], src: &[u8]) {
+    match wire {
+        DType::F16 => f16::widen(cast(src), dst),
+        _ => bf16::widen(cast(src), dst),
+    }
+}
+
+#[inline(always)]
+fn reduce_widened_portable(wire: DType, op: ReduceOp, acc: &mut [f32], inc: &[u8], first: bool) {
+    match wire {
+        DType::F16 => reduce_widened_impl::<f16>(op, acc, cast(inc), first),
+        _ => reduce_widened_impl::<bf16>(op, acc, cast(inc), first),
+    }
+}
+
+#[inline(always)]
+fn narrow_rounding_impl<H: Half>(dst: &mut [H], src: &mut [f32]) {
+    let mut back = [0f32; BLOCK];
+    for (d, s) in dst.chunks_mut(BLOCK).zip(src.chunks_mut(BLOCK)) {
+        H::narrow(d, s);
+        let b = &mut back[..s.len()];
+        H::widen(d, b);
+        let diff = s
+            .iter()
+            .zip(b.iter())
+            .fold(0u32, |a, (x, y)| a | (x.to_bits() ^ y.to_bits()));
+        if diff != 0 {
+            s.copy_from_slice(b);
+        }
+    }
+}
+
+#[inline(always)]
+fn reduce_widened_impl<H: Half>(op: ReduceOp, acc: &mut [f32], inc: &[H], first: bool) {
+    let mut wide = [0f32; BLOCK];
+    let mut h = [H::ZERO; BLOCK];
+    for (a, i) in acc.chunks_mut(BLOCK).zip(inc.chunks(BLOCK)) {
+        let w = &mut wide[..a.len()];
+        H::widen(i, w);
+        float_reduce(op, a, w, first);
+        let h = &mut h[..a.len()];
+        H::narrow(h, a);
+        H::widen(h, a);
+    }
+}
+
+#[inline(always)]
+fn round_impl<H: Half>(buf: &mut [f32]) {
+    let mut h = [H::ZERO; BLOCK];
+    for a in buf.chunks_mut(BLOCK) {
+        let h = &mut h[..a.len()];
+        H::narrow(h, a);
+        H::widen(h, a);
+    }
+}
 
 #[cfg(test)]
 mod tests {

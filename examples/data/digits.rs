@@ -52,8 +52,14 @@ pub fn all() -> Split {
 /// giving 1438 training and 359 test images.
 pub fn train_test() -> (Split, Split) {
     let all = all();
-    let mut train = Split { images: Vec::new(), labels: Vec::new() };
-    let mut test = Split { images: Vec::new(), labels: Vec::new() };
+    let mut train = Split {
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
+    let mut test = Split {
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
     for i in 0..all.len() {
         let dst = if i % 5 == 4 { &mut test } else { &mut train };
         dst.images.extend_from_slice(all.image(i));
