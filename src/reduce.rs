@@ -1415,6 +1415,136 @@ mod tests {
         }
     }
 
+    /// Scalar definitions of the mixed-precision kernels, through half's
+    /// scalar conversions.
+    fn to16(wire: DType, x: f32) -> u16 {
+        match wire {
+            DType::F16 => f16::from_f32(x).to_bits(),
+            _ => bf16::from_f32(x).to_bits(),
+        }
+    }
+    fn from16(wire: DType, h: u16) -> f32 {
+        match wire {
+            DType::F16 => f16::from_bits(h).to_f32(),
+            _ => bf16::from_bits(h).to_f32(),
+        }
+    }
+
+    #[test]
+    fn mixed_precision_kernels_match_scalar() {
+        let mut r = Rng(0x2545_F491_4F6C_DD1D);
+        for wire in [DType::F16, DType::BF16] {
+            for len in LENS {
+                for off in [0, 1] {
+                    let xs: Vec<f32> = (0..len + off).map(|_| gen_f32(&mut r)).collect();
+                    let hs: Vec<u16> = (0..len + off).map(|_| r.next() as u16).collect();
+                    let xs = &xs[off..];
+                    let hs = &hs[off..];
+                    // narrow / narrow_rounding
+                    let want: Vec<u16> = xs.iter().map(|&x| to16(wire, x)).collect();
+                    let mut got = vec![0u16; len];
+                    narrow(wire, as_bytes_mut(cast_u16(&mut got)), xs);
+                    assert_eq!(got, want, "{wire:?} narrow len={len}");
+                    for portable in [false, true] {
+                        let mut src = xs.to_vec();
+                        let mut got = vec![0u16; len];
+                        let dst = as_bytes_mut(cast_u16(&mut got));
+                        if portable {
+                            narrow_rounding_portable(wire, dst, &mut src);
+                        } else {
+                            narrow_rounding(wire, dst, &mut src);
+                        }
+                        assert_eq!(got, want, "{wire:?} narrow_rounding len={len}");
+                        for (i, (&s, &w)) in src.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                s.to_bits(),
+                                from16(wire, w).to_bits(),
+                                "{wire:?} rounded source i={i} of {:#010x}",
+                                xs[i].to_bits()
+                            );
+                        }
+                    }
+                    // widen
+                    let want: Vec<u32> = hs.iter().map(|&h| from16(wire, h).to_bits()).collect();
+                    for portable in [false, true] {
+                        let mut got = vec![0f32; len];
+                        let src = as_bytes(cast_u16_ref(hs));
+                        if portable {
+                            widen_portable(wire, &mut got, src);
+                        } else {
+                            widen(wire, &mut got, src);
+                        }
+                        let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+                        assert_eq!(got, want, "{wire:?} widen len={len}");
+                    }
+                    // reduce_widened: acc = round(acc (op) widen(inc)), f32 in between.
+                    for op in ReduceOp::ALL {
+                        for first in [false, true] {
+                            for portable in [false, true] {
+                                let mut acc = xs.to_vec();
+                                let inc = as_bytes(cast_u16_ref(hs));
+                                if portable {
+                                    reduce_widened_portable(wire, op, &mut acc, inc, first);
+                                } else {
+                                    reduce_widened(wire, op, &mut acc, inc, first);
+                                }
+                                for i in 0..len {
+                                    let (a, b) = (xs[i], from16(wire, hs[i]));
+                                    if a.is_nan() && b.is_nan() {
+                                        assert!(acc[i].is_nan());
+                                        continue;
+                                    }
+                                    let (x, y) = if first { (b, a) } else { (a, b) };
+                                    let v = f32::reference(op, x, y);
+                                    let want = from16(wire, to16(wire, v));
+                                    let zeros = matches!(op, ReduceOp::Min | ReduceOp::Max)
+                                        && a == 0.0
+                                        && b == 0.0;
+                                    assert!(
+                                        acc[i].to_bits() == want.to_bits()
+                                            || (zeros && acc[i] == 0.0),
+                                        "{wire:?} {op} first={first} portable={portable} \
+                                         {a:?} (op) {b:?}: got {:?} want {want:?}",
+                                        acc[i]
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    // round_to
+                    let mut v = xs.to_vec();
+                    round_to(wire, &mut v);
+                    for (i, x) in v.iter().enumerate() {
+                        assert_eq!(x.to_bits(), from16(wire, to16(wire, xs[i])).to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_widen_exhaustive() {
+        let src: Vec<u16> = (0..=u16::MAX).collect();
+        let mut dst = vec![0f32; src.len()];
+        widen(DType::F16, &mut dst, as_bytes(cast_u16_ref(&src)));
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(
+                d.to_bits(),
+                f16::from_bits(*s).to_f32().to_bits(),
+                "{s:#06x}"
+            );
+        }
+    }
+
+    fn cast_u16(v: &mut [u16]) -> &mut [f16] {
+        // SAFETY: f16 is a transparent u16.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+    }
+    fn cast_u16_ref(v: &[u16]) -> &[f16] {
+        // SAFETY: f16 is a transparent u16.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+    }
+
     #[test]
     fn bf16_narrow_matches_from_f32() {
         // Every 2^16 block boundary neighbourhood (ties, overflow to inf, NaNs of both
