@@ -401,6 +401,26 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2 and F16C (see [`wide`]).
     #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f16_round(buf: &mut [f32]) {
+        let n = buf.len();
+        let p = buf.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so all 8 lanes are in bounds.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p.add(i)));
+                _mm256_storeu_ps(p.add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for x in &mut buf[i..] {
+            *x = f16::from_f32(*x).to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn widen(wire: DType, dst: &mut [f32], src: &[u8]) {
         if wire != DType::F16 {
             return widen_portable(wire, dst, src);
@@ -871,6 +891,11 @@ pub fn reduce_widened(wire: DType, op: ReduceOp, acc: &mut [f32], inc: &[u8], fi
 /// ```
 pub fn round_to(wire: DType, buf: &mut [f32]) {
     check_mixed(wire, buf.len(), 2 * buf.len());
+    #[cfg(target_arch = "x86_64")]
+    if wire == DType::F16 && x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::f16_round(buf) };
+    }
     match wire {
         DType::F16 => round_impl::<f16>(buf),
         _ => round_impl::<bf16>(buf),

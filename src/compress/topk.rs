@@ -342,20 +342,27 @@ pub fn sparsify(
     state.step += 1;
     let with_u = momentum(cfg, state, grad);
     let mut tmp = Vec::new();
+    let mut non_finite = false;
     let c: &mut [f32] = if cfg.error_feedback {
         if state.residual.is_empty() {
             state.residual = vec![0.0; n];
         }
         let add: &[f32] = if with_u { &state.momentum } else { grad };
-        for (r, &g) in state.residual.iter_mut().zip(add) {
-            *r += g;
+        // One pass: fold, and look for NaN/inf on the way (branch-free per block).
+        for (rs, gs) in state.residual.chunks_mut(4096).zip(add.chunks(4096)) {
+            let mut bad = 0u32;
+            for (r, &g) in rs.iter_mut().zip(gs) {
+                *r += g;
+                bad |= u32::from(r.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+            }
+            non_finite |= bad != 0;
         }
         &mut state.residual
     } else {
         tmp.extend_from_slice(if with_u { &state.momentum } else { grad });
+        non_finite = super::any_non_finite(&tmp);
         &mut tmp
     };
-    let non_finite = super::any_non_finite(c);
     let indices = match cfg.selection {
         Selection::Exact => select_exact(c, k),
         Selection::Sampled => select_sampled(c, k, seed),
@@ -493,11 +500,15 @@ pub(crate) fn allreduce(
     if op == ReduceOp::Avg {
         reduce::divide(buf, nr);
     }
+    // Only the entries the pairs touched can be non-zero, let alone non-finite.
+    let non_finite = all
+        .chunks_exact(pb)
+        .any(|p| !buf[u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize].is_finite());
     Ok(Stats {
         nnz: sp.indices.len(),
         nnz_total: all.len() / pb,
         fell_back_to_dense: false,
-        non_finite: sp.non_finite || super::any_non_finite(buf),
+        non_finite: sp.non_finite || non_finite,
         ..Stats::default()
     })
 }
