@@ -25,6 +25,9 @@ mod coll {
     pub const REDUCE_SCATTER: u8 = 5;
     pub const ALLTOALL: u8 = 6;
     pub const BARRIER: u8 = 7;
+    /// Allreduce of f32 buffers whose values travel as f16/bf16 (the header's
+    /// dtype is the wire format).
+    pub const ALLREDUCE_NARROW: u8 = 8;
 }
 
 /// Name of a collective wire code, for error messages.
@@ -37,6 +40,7 @@ pub fn coll_name(code: u8) -> &'static str {
         coll::REDUCE_SCATTER => "reduce_scatter",
         coll::ALLTOALL => "alltoall",
         coll::BARRIER => "barrier",
+        coll::ALLREDUCE_NARROW => "allreduce (16-bit wire)",
         _ => "unknown collective",
     }
 }
@@ -285,9 +289,19 @@ impl Communicator {
         op: ReduceOp,
         algo: Algo,
     ) -> Result<()> {
-        let (r, n, count) = (self.rank(), self.size(), buf.len());
-        let elem = T::DTYPE.size();
-        let sched = match algo {
+        let (n, count) = (self.size(), buf.len());
+        let sched = self.allreduce_schedule(algo, count, T::DTYPE.size());
+        let call = self.call::<T>("allreduce", coll::ALLREDUCE, op, 0, count);
+        self.run(call, &sched, &[], as_bytes_mut(buf), Ok(()))?;
+        if op == ReduceOp::Avg {
+            reduce::divide(buf, n);
+        }
+        Ok(())
+    }
+
+    fn allreduce_schedule(&self, algo: Algo, count: usize, elem: usize) -> Schedule {
+        let (r, n) = (self.rank(), self.size());
+        match algo {
             // The ring walks the buffer in cache-sized slices (see ring::allreduce_sliced).
             Algo::Ring if self.cfg.slice_bytes > 0 => algo::ring::allreduce_sliced(
                 r,
@@ -302,13 +316,77 @@ impl Communicator {
                 count,
                 (self.cfg.segment_bytes / elem).max(1),
             ),
+        }
+    }
+
+    /// Allreduce of f32 values that travel as `wire` (`F16` or `BF16`): the
+    /// same algorithm and schedule as [`Communicator::allreduce`] on this
+    /// buffer, with half the bytes on the wire; every hop decodes, reduces in
+    /// f32 and rounds the result to `wire` (see [`crate::exec`]), so every rank
+    /// ends with the same bits. `Avg` divides the rounded sum by the rank count
+    /// in f32. Used by [`crate::compress`].
+    pub(crate) fn allreduce_narrow(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        wire: DType,
+    ) -> Result<()> {
+        let n = self.size();
+        let count = buf.len();
+        let check = if reduce::is_wire16(wire) {
+            Ok(())
+        } else {
+            Err(format!("{wire} is not a 16-bit wire format"))
         };
-        let call = self.call::<T>("allreduce", coll::ALLREDUCE, op, 0, count);
-        self.run(call, &sched, &[], as_bytes_mut(buf), Ok(()))?;
+        let algo = self.allreduce_algo(std::mem::size_of_val(buf));
+        let sched = self.allreduce_schedule(algo, count, 4);
+        let mut call = self.call::<f32>("allreduce", coll::ALLREDUCE_NARROW, op, 0, count);
+        if check.is_ok() {
+            call.wire = wire;
+            call.desc.dtype = wire.code();
+        }
+        self.run(call, &sched, &[], as_bytes_mut(buf), check)?;
         if op == ReduceOp::Avg {
             reduce::divide(buf, n);
         }
         Ok(())
+    }
+
+    /// Allreduce of f32 values with gradient compression (see [`crate::compress`]):
+    /// fp16/bf16 on the wire with f32 accumulation, or top-k sparsification with
+    /// error feedback. `state` belongs to this tensor (it keeps the top-k residual
+    /// between calls; give each tensor its own). Every rank must pass the same
+    /// compression and op; every rank ends with the same bits. Returns what the
+    /// call cost on the wire and what it did.
+    ///
+    /// ```no_run
+    /// use kolo::compress::{Compression, CompressState, TopKConfig};
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// let mut state = CompressState::new();
+    /// let mut grad = vec![0.1f32; 1 << 20];
+    /// let c = Compression::TopK(TopKConfig::default());
+    /// let stats = comm.allreduce_compressed(&mut grad, kolo::ReduceOp::Avg, &c, &mut state)?;
+    /// println!("sent {} bytes, {} values", stats.bytes_sent, stats.nnz);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce_compressed(
+        &self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        compression: &crate::compress::Compression,
+        state: &mut crate::compress::CompressState,
+    ) -> Result<crate::compress::Stats> {
+        crate::compress::allreduce(self, buf, op, compression, state)
+    }
+
+    /// Fail the next collective on this rank with `msg` as an invalid argument
+    /// and tell every peer, so none waits for a call this rank will not make.
+    pub(crate) fn fail_call(&self, name: &'static str, msg: String) -> Error {
+        let call = self.call::<u8>(name, coll::ALLGATHER, ReduceOp::Sum, 0, 0);
+        match self.run(call, &Schedule::default(), &[], &mut [], Err(msg)) {
+            Err(e) => e,
+            Ok(()) => Error::InvalidArgument(format!("{name}: failed")),
+        }
     }
 
     /// Copy `root`'s buffer to every rank.
@@ -511,7 +589,10 @@ impl Communicator {
         root: usize,
         count: usize,
     ) -> Call {
-        let reduces = matches!(code, coll::ALLREDUCE | coll::REDUCE_SCATTER);
+        let reduces = matches!(
+            code,
+            coll::ALLREDUCE | coll::REDUCE_SCATTER | coll::ALLREDUCE_NARROW
+        );
         Call {
             desc: Desc {
                 coll: code,
@@ -522,6 +603,7 @@ impl Communicator {
             },
             seq: 0,
             dtype: T::DTYPE,
+            wire: T::DTYPE,
             op,
             name,
         }

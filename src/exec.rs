@@ -6,6 +6,15 @@
 //! while the kernel keeps receiving the next one. When nothing can move, the
 //! executor spins briefly (small messages arrive within microseconds), then
 //! sleeps in epoll until a socket is ready or the deadline passes.
+//!
+//! **Narrowing.** When [`Call::wire`] is a 16-bit float format and the buffers
+//! hold `f32` ([`Call::dtype`]), values travel at half the size: a send encodes
+//! its region (and rounds it in place to the values sent, so the sender keeps
+//! exactly what its peer receives), a receive decodes, and every reduction,
+//! whether on receive or in a `Combine`, computes in f32 and rounds its result
+//! to the wire format. A rank therefore only ever holds, for a value that has
+//! travelled or been reduced, the bits it would send, and every schedule that
+//! is bitwise reproducible for plain dtypes stays so.
 
 use crate::algo::{Apply, Buf, Op, Region, Schedule};
 use crate::element::DType;
@@ -22,8 +31,11 @@ pub struct Call {
     pub desc: Desc,
     /// Sequence number of this call on the communicator.
     pub seq: u64,
-    /// Element type.
+    /// Element type of the buffers.
     pub dtype: DType,
+    /// Element type on the wire: `dtype`, or `F16`/`BF16` for `F32` buffers
+    /// (narrowing, see the module docs).
+    pub wire: DType,
     /// Reduction, for collectives that reduce.
     pub op: ReduceOp,
     /// Human name, e.g. "allreduce".
@@ -55,6 +67,8 @@ pub struct Workspace {
     segments: Vec<Vec<u64>>,
     /// The schedule's `Buf::Scratch`.
     scratch: Vec<u64>,
+    /// Encoded send payloads when narrowing, one per send of a round.
+    stages: Vec<Vec<u64>>,
 }
 
 fn words(bytes: usize) -> usize {
@@ -70,6 +84,8 @@ struct Mem {
     output: (*mut u8, usize),
     scratch: (*mut u8, usize),
     elem: usize,
+    /// Bytes per element on the wire.
+    wire: usize,
 }
 
 impl Mem {
@@ -104,18 +120,29 @@ impl Mem {
 struct SendState {
     out: Outgoing,
     from: Region,
+    /// When narrowing: index into `Workspace::stages` of the encoded payload.
+    stage: Option<usize>,
     done: bool,
+}
+
+impl SendState {
+    fn payload<'a>(&self, mem: &'a Mem, stages: &'a [Vec<u64>]) -> &'a [u8] {
+        match self.stage {
+            Some(k) => &bytes_ref(&stages[k])[..self.from.len * mem.wire],
+            None => mem.slice(&self.from),
+        }
+    }
 }
 
 struct RecvState {
     inc: Incoming,
     into: Region,
     apply: Apply,
-    /// Bytes of `into` completed (copied or reduced).
+    /// Wire bytes of `into` completed (copied or reduced).
     pos: usize,
-    /// Bytes buffered in the segment awaiting reduction.
+    /// Bytes buffered in the segment awaiting reduction (or decoding).
     fill: usize,
-    /// Index into `Workspace::segments` for reductions.
+    /// Index into `Workspace::segments` for reductions and decoding.
     seg: usize,
     done: bool,
 }
@@ -152,6 +179,16 @@ fn run_rounds(
     clean: &mut [bool],
 ) -> Result<()> {
     let elem = call.dtype.size();
+    let narrow = call.wire != call.dtype;
+    if narrow && (call.dtype != DType::F32 || !reduce::is_wire16(call.wire)) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {} buffers cannot travel as {}",
+            call.label(),
+            call.dtype,
+            call.wire
+        )));
+    }
+    let wire = call.wire.size();
     let seg_bytes = (opts.segment_bytes / 8 * 8).max(8);
     let scratch_bytes = sched.scratch_len() * elem;
     if ws.scratch.len() < words(scratch_bytes) {
@@ -162,6 +199,7 @@ fn run_rounds(
         output: (output.as_mut_ptr(), output.len()),
         scratch: (ws.scratch.as_mut_ptr().cast(), scratch_bytes),
         elem,
+        wire,
     };
     // An inactivity deadline: a huge buffer on a slow link may legitimately
     // take longer than the timeout, but never that long without a byte moving.
@@ -187,20 +225,44 @@ fn run_rounds(
                     let src = mem.slice(&from);
                     mem.slice_mut(&to).copy_from_slice(src);
                 }
-                Op::Send { peer, from } => sends.push(SendState {
-                    out: Outgoing::new(peer, header(from.len * elem).encode()),
-                    from,
-                    done: false,
-                }),
+                Op::Send { peer, from } => {
+                    let stage = narrow.then(|| {
+                        let k = sends.iter().filter(|s| s.stage.is_some()).count();
+                        if ws.stages.len() <= k {
+                            ws.stages.resize_with(k + 1, Vec::new);
+                        }
+                        let st = &mut ws.stages[k];
+                        if st.len() < words(from.len * wire) {
+                            st.resize(words(from.len * wire), 0);
+                        }
+                        let dst = &mut bytes_of(st)[..from.len * wire];
+                        match from.buf {
+                            // Read-only: encoded as is.
+                            Buf::Input => reduce::narrow(call.wire, dst, f32s(mem.slice(&from))),
+                            _ => reduce::narrow_rounding(
+                                call.wire,
+                                dst,
+                                f32s_mut(mem.slice_mut(&from)),
+                            ),
+                        }
+                        k
+                    });
+                    sends.push(SendState {
+                        out: Outgoing::new(peer, header(from.len * wire).encode()),
+                        from,
+                        stage,
+                        done: false,
+                    })
+                }
                 Op::Recv { peer, into, apply } => {
-                    let seg = if matches!(apply, Apply::Reduce { .. }) {
+                    let seg = if narrow || matches!(apply, Apply::Reduce { .. }) {
                         nseg += 1;
                         nseg - 1
                     } else {
                         usize::MAX
                     };
                     recvs.push(RecvState {
-                        inc: Incoming::new(peer, header(into.len * elem)),
+                        inc: Incoming::new(peer, header(into.len * wire)),
                         into,
                         apply,
                         pos: 0,
@@ -225,7 +287,7 @@ fn run_rounds(
             let mut moved = false;
             // Sends first: a peer may be waiting for exactly this message.
             for s in sends.iter_mut().filter(|s| !s.done) {
-                let payload = mem.slice(&s.from);
+                let payload = s.payload(&mem, &ws.stages);
                 let before = s.out.remaining(payload);
                 match s.out.progress(t, payload) {
                     Ok(done) => {
@@ -285,7 +347,15 @@ fn run_rounds(
             // to wake us, so look before sleeping.
             check_bystanders(t, call, &recvs)?;
             if !t.wait(deadline)? {
-                return Err(timeout(t, call, opts.timeout, &sends, &recvs, &mem));
+                return Err(timeout(
+                    t,
+                    call,
+                    opts.timeout,
+                    &sends,
+                    &recvs,
+                    &mem,
+                    &ws.stages,
+                ));
             }
             idle_since = None;
         }
@@ -296,13 +366,11 @@ fn run_rounds(
                 incoming_first,
             } = *op
             {
-                reduce::reduce_bytes(
-                    call.dtype,
-                    call.op,
-                    mem.slice_mut(&into),
-                    mem.slice(&from),
-                    incoming_first,
-                );
+                let acc = mem.slice_mut(&into);
+                reduce::reduce_bytes(call.dtype, call.op, acc, mem.slice(&from), incoming_first);
+                if narrow {
+                    reduce::round_to(call.wire, f32s_mut(acc));
+                }
             }
         }
     }
@@ -378,8 +446,33 @@ fn progress_recv(
     call: &Call,
 ) -> std::result::Result<bool, RecvError> {
     let dest = mem.slice_mut(&r.into);
+    // When narrowing, wire bytes are half the f32 bytes of `dest`.
+    let narrow = call.wire != call.dtype;
+    let wire_len = r.into.len * mem.wire;
     let mut moved = false;
     match r.apply {
+        Apply::Copy if narrow => loop {
+            // Decode segment by segment.
+            let seg_len = seg_bytes.min(wire_len - r.pos);
+            let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
+            let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
+            r.fill += n;
+            moved |= n > 0;
+            if r.fill == seg_len && seg_len > 0 {
+                let out = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
+                reduce::widen(call.wire, f32s_mut(out), &buf[..seg_len]);
+                r.pos += seg_len;
+                r.fill = 0;
+                continue;
+            }
+            if r.inc.is_done() {
+                r.done = true;
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+        },
         Apply::Copy => loop {
             let n = r.inc.progress(t, &mut dest[r.pos..])?;
             r.pos += n;
@@ -393,19 +486,30 @@ fn progress_recv(
             }
         },
         Apply::Reduce { incoming_first } => loop {
-            let seg_len = seg_bytes.min(dest.len() - r.pos);
+            let seg_len = seg_bytes.min(wire_len - r.pos);
             let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
             let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
             r.fill += n;
             moved |= n > 0;
             if r.fill == seg_len && seg_len > 0 {
-                reduce::reduce_bytes(
-                    call.dtype,
-                    call.op,
-                    &mut dest[r.pos..r.pos + seg_len],
-                    &buf[..seg_len],
-                    incoming_first,
-                );
+                if narrow {
+                    let acc = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
+                    reduce::reduce_widened(
+                        call.wire,
+                        call.op,
+                        f32s_mut(acc),
+                        &buf[..seg_len],
+                        incoming_first,
+                    );
+                } else {
+                    reduce::reduce_bytes(
+                        call.dtype,
+                        call.op,
+                        &mut dest[r.pos..r.pos + seg_len],
+                        &buf[..seg_len],
+                        incoming_first,
+                    );
+                }
                 r.pos += seg_len;
                 r.fill = 0;
                 continue;
@@ -425,6 +529,24 @@ fn progress_recv(
 fn bytes_of(v: &mut [u64]) -> &mut [u8] {
     // SAFETY: u64 has no padding and every byte pattern is valid for it.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len() * 8) }
+}
+
+fn bytes_ref(v: &[u64]) -> &[u8] {
+    // SAFETY: as in `bytes_of`, shared.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 8) }
+}
+
+/// The f32 view of a narrowing call's buffer bytes.
+fn f32s(b: &[u8]) -> &[f32] {
+    assert!(b.len() % 4 == 0 && b.as_ptr().cast::<f32>().is_aligned());
+    // SAFETY: length and alignment checked; every bit pattern is an f32.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), b.len() / 4) }
+}
+
+fn f32s_mut(b: &mut [u8]) -> &mut [f32] {
+    assert!(b.len() % 4 == 0 && b.as_ptr().cast::<f32>().is_aligned());
+    // SAFETY: as in `f32s`, and the exclusive borrow moves into the result.
+    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), b.len() / 4) }
 }
 
 fn peer_lost(t: &Transport, call: &Call, peer: usize, detail: &str) -> Error {
@@ -501,6 +623,7 @@ fn timeout(
     sends: &[SendState],
     recvs: &[RecvState],
     mem: &Mem,
+    stages: &[Vec<u64>],
 ) -> Error {
     let mut parts: Vec<String> = recvs
         .iter()
@@ -510,8 +633,8 @@ fn timeout(
                 "receiving from rank {} ({}): {} of {} bytes",
                 r.inc.peer(),
                 t.host(r.inc.peer()),
-                r.into.len * mem.elem - r.inc.remaining(),
-                r.into.len * mem.elem
+                r.into.len * mem.wire - r.inc.remaining(),
+                r.into.len * mem.wire
             )
         })
         .collect();
@@ -520,7 +643,7 @@ fn timeout(
             "sending to rank {} ({}): {} bytes left",
             s.out.peer(),
             t.host(s.out.peer()),
-            s.out.remaining(mem.slice(&s.from))
+            s.out.remaining(s.payload(mem, stages))
         )
     }));
     Error::Timeout {

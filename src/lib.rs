@@ -17,6 +17,7 @@
 
 pub mod algo;
 pub mod comm;
+pub mod compress;
 pub mod config;
 pub mod element;
 pub mod engine;

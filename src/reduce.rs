@@ -302,8 +302,9 @@ fn divide_portable(dtype: DType, buf: &mut [u8], n: usize) {
 mod x86 {
     use super::*;
     use core::arch::x86_64::{
-        __m128i, __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_cmp_ps, _mm256_cvtph_ps,
-        _mm256_cvtps_ph, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm_loadu_si128,
+        __m128i, __m256, _mm256_add_ps, _mm256_blendv_ps, _mm256_castps_si256, _mm256_cmp_ps,
+        _mm256_cmpeq_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_max_ps,
+        _mm256_min_ps, _mm256_movemask_epi8, _mm256_mul_ps, _mm256_storeu_ps, _mm_loadu_si128,
         _mm_storeu_si128, _CMP_UNORD_Q, _MM_FROUND_TO_NEAREST_INT,
     };
 
@@ -409,6 +410,146 @@ mod x86 {
             }
             ReduceOp::Min => f16_zip!(acc, inc, first, |a, b| vmin(a, b), f32::min),
             ReduceOp::Max => f16_zip!(acc, inc, first, |a, b| vmax(a, b), f32::max),
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn narrow_rounding(wire: DType, dst: &mut [u8], src: &mut [f32]) {
+        if wire != DType::F16 {
+            return narrow_rounding_portable(wire, dst, src);
+        }
+        let dst: &mut [f16] = cast_mut(dst);
+        let n = src.len().min(dst.len());
+        let (ps, pd) = (src.as_mut_ptr(), dst.as_mut_ptr().cast::<u16>());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so all 8 lanes are in bounds of both slices.
+            unsafe {
+                let x = _mm256_loadu_ps(ps.add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                _mm_storeu_si128(pd.add(i).cast::<__m128i>(), h);
+                let back = _mm256_cvtph_ps(h);
+                let same = _mm256_cmpeq_epi32(_mm256_castps_si256(x), _mm256_castps_si256(back));
+                if _mm256_movemask_epi8(same) != -1 {
+                    _mm256_storeu_ps(ps.add(i), back);
+                }
+            }
+            i += 8;
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&mut src[i..n]) {
+            *d = f16::from_f32(*s);
+            *s = d.to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f16_round(buf: &mut [f32]) {
+        let n = buf.len();
+        let p = buf.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so all 8 lanes are in bounds.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p.add(i)));
+                _mm256_storeu_ps(p.add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for x in &mut buf[i..] {
+            *x = f16::from_f32(*x).to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn widen(wire: DType, dst: &mut [f32], src: &[u8]) {
+        if wire != DType::F16 {
+            return widen_portable(wire, dst, src);
+        }
+        let src: &[f16] = cast(src);
+        let n = src.len().min(dst.len());
+        let (ps, pd) = (src.as_ptr().cast::<u16>(), dst.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so all 8 lanes are in bounds of both slices.
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(ps.add(i).cast::<__m128i>()));
+                _mm256_storeu_ps(pd.add(i), x);
+            }
+            i += 8;
+        }
+        for (d, s) in dst[i..n].iter_mut().zip(&src[i..n]) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// `acc[i] = round16(op(acc[i], widen(inc[i])))` (swapped when `$first`), 8 lanes
+    /// at a time through F16C, the tail through half's scalar conversions.
+    macro_rules! widened_zip {
+        ($acc:expr, $inc:expr, $first:expr, $vop:expr, $sop:expr) => {{
+            let (acc, inc): (&mut [f32], &[f16]) = ($acc, $inc);
+            let n = acc.len().min(inc.len());
+            let (pa, pb) = (acc.as_mut_ptr(), inc.as_ptr().cast::<u16>());
+            let mut i = 0;
+            while i + 8 <= n {
+                // SAFETY: i + 8 <= n, so all 8 lanes are in bounds of both slices.
+                unsafe {
+                    let x = _mm256_loadu_ps(pa.add(i));
+                    let y = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(i).cast::<__m128i>()));
+                    let r = if $first { $vop(y, x) } else { $vop(x, y) };
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r);
+                    _mm256_storeu_ps(pa.add(i), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+            for (a, b) in acc[i..n].iter_mut().zip(&inc[i..n]) {
+                let (x, y) = (*a, b.to_f32());
+                let r = if $first { $sop(y, x) } else { $sop(x, y) };
+                *a = f16::from_f32(r).to_f32();
+            }
+        }};
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C (see [`wide`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn reduce_widened(
+        wire: DType,
+        op: ReduceOp,
+        acc: &mut [f32],
+        inc: &[u8],
+        first: bool,
+    ) {
+        if wire != DType::F16 {
+            return reduce_widened_portable(wire, op, acc, inc, first);
+        }
+        let inc: &[f16] = cast(inc);
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => {
+                widened_zip!(
+                    acc,
+                    inc,
+                    first,
+                    |a, b| _mm256_add_ps(a, b),
+                    |a: f32, b: f32| a + b
+                )
+            }
+            ReduceOp::Prod => {
+                widened_zip!(
+                    acc,
+                    inc,
+                    first,
+                    |a, b| _mm256_mul_ps(a, b),
+                    |a: f32, b: f32| a * b
+                )
+            }
+            ReduceOp::Min => widened_zip!(acc, inc, first, |a, b| vmin(a, b), f32::min),
+            ReduceOp::Max => widened_zip!(acc, inc, first, |a, b| vmax(a, b), f32::max),
         }
     }
 
@@ -574,11 +715,13 @@ const BLOCK: usize = 256;
 /// 16-bit float formats that convert to/from f32 slices exactly as their scalar
 /// `to_f32`/`from_f32` do (so block and scalar results agree bitwise).
 trait Half: Element {
+    const ZERO: Self;
     fn widen(src: &[Self], dst: &mut [f32]);
     fn narrow(dst: &mut [Self], src: &[f32]);
 }
 
 impl Half for f16 {
+    const ZERO: f16 = f16::ZERO;
     #[inline(always)]
     fn widen(src: &[f16], dst: &mut [f32]) {
         // half picks F16C at runtime where available.
@@ -591,6 +734,7 @@ impl Half for f16 {
 }
 
 impl Half for bf16 {
+    const ZERO: bf16 = bf16::ZERO;
     // half's bf16 slice conversions are per-element loops with branches and bounds
     // checks; these branch-free versions vectorize and are bit-identical to
     // `bf16::to_f32` / `bf16::from_f32` (checked exhaustively / by sweep in tests).
@@ -661,6 +805,213 @@ macro_rules! half_kernel {
     )*};
 }
 half_kernel!(f16, bf16);
+
+// ---------------------------------------------------------------------------
+// Mixed precision: f32 buffers whose values travel as f16/bf16 ("narrowing").
+// The executor encodes what it sends, decodes what it receives, and rounds
+// every reduction result to the wire format, so a rank always holds exactly
+// the bits it would send (see `crate::exec`).
+
+/// Whether f32 buffers can travel as `wire`: the 16-bit float formats.
+///
+/// ```
+/// use kolo::DType;
+/// assert!(kolo::reduce::is_wire16(DType::F16) && kolo::reduce::is_wire16(DType::BF16));
+/// assert!(!kolo::reduce::is_wire16(DType::F32));
+/// ```
+pub fn is_wire16(wire: DType) -> bool {
+    matches!(wire, DType::F16 | DType::BF16)
+}
+
+fn check_mixed(wire: DType, f32s: usize, wire_bytes: usize) {
+    assert!(is_wire16(wire), "{wire:?} is not a 16-bit wire format");
+    assert_eq!(
+        f32s * 2,
+        wire_bytes,
+        "mixed precision: slice lengths differ"
+    );
+}
+
+/// Encode `src` as `wire` (f16 or bf16, round to nearest-even) into `dst`, the
+/// raw bytes of `src.len()` 16-bit values.
+///
+/// # Panics
+/// If `wire` is not 16-bit, the lengths differ, or `dst` is not 2-aligned.
+///
+/// ```
+/// use kolo::{element::as_bytes_mut, reduce::narrow, DType};
+/// let mut h = [half::f16::ZERO; 2];
+/// narrow(DType::F16, as_bytes_mut(&mut h), &[1.0, 1.0 + 1e-4]);
+/// assert_eq!(h[1].to_f32(), 1.0); // below f16 resolution
+/// ```
+pub fn narrow(wire: DType, dst: &mut [u8], src: &[f32]) {
+    check_mixed(wire, src.len(), dst.len());
+    match wire {
+        DType::F16 => f16::narrow(cast_mut(dst), src),
+        _ => bf16::narrow(cast_mut(dst), src),
+    }
+}
+
+/// [`narrow`], and round `src` in place to the values sent, so the sender keeps
+/// exactly the bits its peer receives. Only blocks that change are written back.
+///
+/// # Panics
+/// As [`narrow`].
+///
+/// ```
+/// use kolo::{element::as_bytes_mut, reduce::narrow_rounding, DType};
+/// let mut h = [half::bf16::ZERO; 1];
+/// let mut v = [1.0f32 + 1e-3];
+/// narrow_rounding(DType::BF16, as_bytes_mut(&mut h), &mut v);
+/// assert_eq!(v[0], 1.0);
+/// ```
+pub fn narrow_rounding(wire: DType, dst: &mut [u8], src: &mut [f32]) {
+    check_mixed(wire, src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::narrow_rounding(wire, dst, src) };
+    }
+    narrow_rounding_portable(wire, dst, src)
+}
+
+/// Decode `src`, the raw bytes of `dst.len()` values of `wire`, into `dst`.
+///
+/// # Panics
+/// As [`narrow`].
+///
+/// ```
+/// use kolo::{element::as_bytes, reduce::widen, DType};
+/// let h = [half::f16::from_f32(0.5), half::f16::MAX];
+/// let mut v = [0f32; 2];
+/// widen(DType::F16, &mut v, as_bytes(&h));
+/// assert_eq!(v, [0.5, 65504.0]);
+/// ```
+pub fn widen(wire: DType, dst: &mut [f32], src: &[u8]) {
+    check_mixed(wire, dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::widen(wire, dst, src) };
+    }
+    widen_portable(wire, dst, src)
+}
+
+/// One hop of a mixed-precision reduction: decode the incoming `wire` values,
+/// combine them with the local f32 values in f32 (`acc (op) inc`, or
+/// `inc (op) acc` when `incoming_first`), and round the result to `wire`
+/// precision in place: `acc = round(acc (op) widen(inc))`. The local operand is
+/// used at full precision, so only the partial result is ever rounded.
+///
+/// # Panics
+/// As [`narrow`].
+///
+/// ```
+/// use kolo::{element::as_bytes, reduce::reduce_widened, DType, ReduceOp};
+/// let inc = [half::f16::from_f32(1.0)];
+/// // 2^-11 + 2^-20 rounded to f16 first would tie and round down to 1.0.
+/// let mut acc = [2f32.powi(-11) + 2f32.powi(-20)];
+/// reduce_widened(DType::F16, ReduceOp::Sum, &mut acc, as_bytes(&inc), false);
+/// assert_eq!(acc[0], 1.0 + 2f32.powi(-10));
+/// ```
+pub fn reduce_widened(wire: DType, op: ReduceOp, acc: &mut [f32], inc: &[u8], first: bool) {
+    check_mixed(wire, acc.len(), inc.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::reduce_widened(wire, op, acc, inc, first) };
+    }
+    reduce_widened_portable(wire, op, acc, inc, first)
+}
+
+/// Round every value to the nearest `wire` value, in place (`widen(narrow(x))`).
+///
+/// # Panics
+/// If `wire` is not 16-bit.
+///
+/// ```
+/// let mut v = [70000.0f32, 0.1];
+/// kolo::reduce::round_to(kolo::DType::F16, &mut v);
+/// assert_eq!(v[0], f32::INFINITY);
+/// assert_eq!(v[1], half::f16::from_f32(0.1).to_f32());
+/// ```
+pub fn round_to(wire: DType, buf: &mut [f32]) {
+    check_mixed(wire, buf.len(), 2 * buf.len());
+    #[cfg(target_arch = "x86_64")]
+    if wire == DType::F16 && x86::wide() {
+        // SAFETY: the CPU supports the features this copy was compiled for.
+        return unsafe { x86::f16_round(buf) };
+    }
+    match wire {
+        DType::F16 => round_impl::<f16>(buf),
+        _ => round_impl::<bf16>(buf),
+    }
+}
+
+#[inline(always)]
+fn narrow_rounding_portable(wire: DType, dst: &mut [u8], src: &mut [f32]) {
+    match wire {
+        DType::F16 => narrow_rounding_impl::<f16>(cast_mut(dst), src),
+        _ => narrow_rounding_impl::<bf16>(cast_mut(dst), src),
+    }
+}
+
+#[inline(always)]
+fn widen_portable(wire: DType, dst: &mut [f32], src: &[u8]) {
+    match wire {
+        DType::F16 => f16::widen(cast(src), dst),
+        _ => bf16::widen(cast(src), dst),
+    }
+}
+
+#[inline(always)]
+fn reduce_widened_portable(wire: DType, op: ReduceOp, acc: &mut [f32], inc: &[u8], first: bool) {
+    match wire {
+        DType::F16 => reduce_widened_impl::<f16>(op, acc, cast(inc), first),
+        _ => reduce_widened_impl::<bf16>(op, acc, cast(inc), first),
+    }
+}
+
+#[inline(always)]
+fn narrow_rounding_impl<H: Half>(dst: &mut [H], src: &mut [f32]) {
+    let mut back = [0f32; BLOCK];
+    for (d, s) in dst.chunks_mut(BLOCK).zip(src.chunks_mut(BLOCK)) {
+        H::narrow(d, s);
+        let b = &mut back[..s.len()];
+        H::widen(d, b);
+        let diff = s
+            .iter()
+            .zip(b.iter())
+            .fold(0u32, |a, (x, y)| a | (x.to_bits() ^ y.to_bits()));
+        if diff != 0 {
+            s.copy_from_slice(b);
+        }
+    }
+}
+
+#[inline(always)]
+fn reduce_widened_impl<H: Half>(op: ReduceOp, acc: &mut [f32], inc: &[H], first: bool) {
+    let mut wide = [0f32; BLOCK];
+    let mut h = [H::ZERO; BLOCK];
+    for (a, i) in acc.chunks_mut(BLOCK).zip(inc.chunks(BLOCK)) {
+        let w = &mut wide[..a.len()];
+        H::widen(i, w);
+        float_reduce(op, a, w, first);
+        let h = &mut h[..a.len()];
+        H::narrow(h, a);
+        H::widen(h, a);
+    }
+}
+
+#[inline(always)]
+fn round_impl<H: Half>(buf: &mut [f32]) {
+    let mut h = [H::ZERO; BLOCK];
+    for a in buf.chunks_mut(BLOCK) {
+        let h = &mut h[..a.len()];
+        H::narrow(h, a);
+        H::widen(h, a);
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -1133,6 +1484,136 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Scalar definitions of the mixed-precision kernels, through half's
+    /// scalar conversions.
+    fn to16(wire: DType, x: f32) -> u16 {
+        match wire {
+            DType::F16 => f16::from_f32(x).to_bits(),
+            _ => bf16::from_f32(x).to_bits(),
+        }
+    }
+    fn from16(wire: DType, h: u16) -> f32 {
+        match wire {
+            DType::F16 => f16::from_bits(h).to_f32(),
+            _ => bf16::from_bits(h).to_f32(),
+        }
+    }
+
+    #[test]
+    fn mixed_precision_kernels_match_scalar() {
+        let mut r = Rng(0x2545_F491_4F6C_DD1D);
+        for wire in [DType::F16, DType::BF16] {
+            for len in LENS {
+                for off in [0, 1] {
+                    let xs: Vec<f32> = (0..len + off).map(|_| gen_f32(&mut r)).collect();
+                    let hs: Vec<u16> = (0..len + off).map(|_| r.next() as u16).collect();
+                    let xs = &xs[off..];
+                    let hs = &hs[off..];
+                    // narrow / narrow_rounding
+                    let want: Vec<u16> = xs.iter().map(|&x| to16(wire, x)).collect();
+                    let mut got = vec![0u16; len];
+                    narrow(wire, as_bytes_mut(cast_u16(&mut got)), xs);
+                    assert_eq!(got, want, "{wire:?} narrow len={len}");
+                    for portable in [false, true] {
+                        let mut src = xs.to_vec();
+                        let mut got = vec![0u16; len];
+                        let dst = as_bytes_mut(cast_u16(&mut got));
+                        if portable {
+                            narrow_rounding_portable(wire, dst, &mut src);
+                        } else {
+                            narrow_rounding(wire, dst, &mut src);
+                        }
+                        assert_eq!(got, want, "{wire:?} narrow_rounding len={len}");
+                        for (i, (&s, &w)) in src.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                s.to_bits(),
+                                from16(wire, w).to_bits(),
+                                "{wire:?} rounded source i={i} of {:#010x}",
+                                xs[i].to_bits()
+                            );
+                        }
+                    }
+                    // widen
+                    let want: Vec<u32> = hs.iter().map(|&h| from16(wire, h).to_bits()).collect();
+                    for portable in [false, true] {
+                        let mut got = vec![0f32; len];
+                        let src = as_bytes(cast_u16_ref(hs));
+                        if portable {
+                            widen_portable(wire, &mut got, src);
+                        } else {
+                            widen(wire, &mut got, src);
+                        }
+                        let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+                        assert_eq!(got, want, "{wire:?} widen len={len}");
+                    }
+                    // reduce_widened: acc = round(acc (op) widen(inc)), f32 in between.
+                    for op in ReduceOp::ALL {
+                        for first in [false, true] {
+                            for portable in [false, true] {
+                                let mut acc = xs.to_vec();
+                                let inc = as_bytes(cast_u16_ref(hs));
+                                if portable {
+                                    reduce_widened_portable(wire, op, &mut acc, inc, first);
+                                } else {
+                                    reduce_widened(wire, op, &mut acc, inc, first);
+                                }
+                                for i in 0..len {
+                                    let (a, b) = (xs[i], from16(wire, hs[i]));
+                                    if a.is_nan() && b.is_nan() {
+                                        assert!(acc[i].is_nan());
+                                        continue;
+                                    }
+                                    let (x, y) = if first { (b, a) } else { (a, b) };
+                                    let v = f32::reference(op, x, y);
+                                    let want = from16(wire, to16(wire, v));
+                                    let zeros = matches!(op, ReduceOp::Min | ReduceOp::Max)
+                                        && a == 0.0
+                                        && b == 0.0;
+                                    assert!(
+                                        acc[i].to_bits() == want.to_bits()
+                                            || (zeros && acc[i] == 0.0),
+                                        "{wire:?} {op} first={first} portable={portable} \
+                                         {a:?} (op) {b:?}: got {:?} want {want:?}",
+                                        acc[i]
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    // round_to
+                    let mut v = xs.to_vec();
+                    round_to(wire, &mut v);
+                    for (i, x) in v.iter().enumerate() {
+                        assert_eq!(x.to_bits(), from16(wire, to16(wire, xs[i])).to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_widen_exhaustive() {
+        let src: Vec<u16> = (0..=u16::MAX).collect();
+        let mut dst = vec![0f32; src.len()];
+        widen(DType::F16, &mut dst, as_bytes(cast_u16_ref(&src)));
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(
+                d.to_bits(),
+                f16::from_bits(*s).to_f32().to_bits(),
+                "{s:#06x}"
+            );
+        }
+    }
+
+    fn cast_u16(v: &mut [u16]) -> &mut [f16] {
+        // SAFETY: f16 is a transparent u16.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+    }
+    fn cast_u16_ref(v: &[u16]) -> &[f16] {
+        // SAFETY: f16 is a transparent u16.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
     }
 
     #[test]

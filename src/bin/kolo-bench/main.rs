@@ -11,6 +11,15 @@
 //! `/work/shared/baselines/compare_table.py` parses the rows (10 fields, time at 5, p50 at 8,
 //! iters at 9).
 //!
+//! With `--compression none|fp16|bf16|topk[:DENSITY]` (float allreduce only), each call is
+//! `Communicator::allreduce_compressed` on one tensor whose compression state lives across
+//! the calls of a size, its input restored (untimed) before every call, and the rows get
+//! two more columns: `wire(B)`, bytes sent per rank per call counted at the socket (mean
+//! over ranks), and `ratio`, the dense ring's payload bytes over `wire(B)`. Inputs are then
+//! multiples of 2^-20 in [-1, 1]; `#wrong` counts, for `none`, elements that differ from the
+//! exact sum, for fp16/bf16, elements off the exact sum by more than the format allows
+//! (N roundings), and for top-k, ranks whose result is not bitwise equal to rank 0's.
+//!
 //! With `--json`, rank 0 prints only JSON instead: one object per size on its own line
 //! (`coll algo dtype op nranks bytes count time_us p50_us algbw_gbps busbw_gbps iters wrong`)
 //! and a last summary object (`"summary": true`, with the totals of the footer).
@@ -19,6 +28,7 @@ mod fusion;
 
 use half::{bf16, f16};
 use kolo::algo::cost::Algo;
+use kolo::compress::{dense_ring_bytes, CompressState, Compression};
 use kolo::{Communicator, DType, Element, ReduceOp};
 use serde::Serialize;
 use std::process::ExitCode;
@@ -40,6 +50,9 @@ usage: kolo-bench [options]   (run under a launcher, e.g. kolorun -np 4 kolo-ben
   -r, --root R           root rank of broadcast (default 0)
   -a, --algo A           allreduce algorithm: auto, ring, tree, rhd, rd, binomial
                          (default auto: KOLO_ALGO, else chosen by size)
+      --compression C    none, fp16, bf16, topk or topk:DENSITY: compressed float
+                         allreduce; adds the columns wire(B) (bytes sent per rank per
+                         call) and ratio (dense ring bytes / wire bytes)
       --json             print only JSON lines: one object per size, then a summary object
       --fusion SET       instead of the size sweep: a training step's gradients (SET =
                          resnet50: ResNet-50's 161 tensors, 25.6 M floats; small: 1000
@@ -154,6 +167,8 @@ struct Opts {
     fusion: Option<fusion::Set>,
     /// Steps per mode of the fusion benchmark.
     steps: usize,
+    /// `--compression`: compressed f32 allreduce, with the wire columns.
+    compression: Option<Compression>,
 }
 
 impl Default for Opts {
@@ -173,6 +188,7 @@ impl Default for Opts {
             json: false,
             fusion: None,
             steps: 20,
+            compression: None,
         }
     }
 }
@@ -245,6 +261,7 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "algo" => "a",
                 "fusion" => "fusion",
                 "steps" => "steps",
+                "compression" => "compression",
                 _ => return Err(format!("unknown option {a:?}")),
             };
             (short, val)
@@ -315,6 +332,14 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 })?)
             }
             "steps" => o.steps = parse_num(&shown, &val)?,
+            "compression" => {
+                o.compression = Some(Compression::parse(&val).ok_or_else(|| {
+                    format!(
+                        "{shown}: unknown compression {val:?} \
+                         (none, fp16, bf16, topk or topk:DENSITY with DENSITY in (0, 1])"
+                    )
+                })?)
+            }
             "a" => {
                 o.algo = match val.trim() {
                     "auto" => None,
@@ -345,6 +370,11 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
     }
     if o.iters == Some(0) {
         return Err("-n: need at least one timed iteration".into());
+    }
+    if o.compression.is_some() && (o.coll != Coll::AllReduce || o.dtype != DType::F32) {
+        return Err(
+            "--compression: only for the float allreduce (-d float --coll allreduce)".into(),
+        );
     }
     Ok(Parsed::Run(o))
 }
@@ -397,6 +427,8 @@ struct Row {
     /// Wrong elements summed over ranks; `None` when not checked.
     wrong: Option<u64>,
     bus_factor: f64,
+    /// With `--compression`: bytes sent per rank per call and the dense ring's payload.
+    wire: Option<(f64, u64)>,
 }
 
 impl Row {
@@ -409,6 +441,11 @@ impl Row {
     }
     fn busbw(&self) -> f64 {
         self.algbw() * self.bus_factor
+    }
+    /// Dense ring bytes over wire bytes (`None` for one rank, which sends nothing).
+    fn ratio(&self) -> Option<f64> {
+        self.wire
+            .and_then(|(w, dense)| (w > 0.0 && dense > 0).then(|| dense as f64 / w))
     }
 }
 
@@ -429,7 +466,7 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
     };
     format!(
         "# nThread 1 nranks={n} minBytes {} maxBytes {} step: {}(factor) warmup iters: {} \
-         iters: {iters} validation: {} coll: {} type: {} redop: {op} root: {root} algo: {} kolo {}\n\
+         iters: {iters} validation: {} coll: {} type: {} redop: {op} root: {root} algo: {}{} kolo {}\n\
          # init: Communicator::from_env {init_ms:.1} ms (max over ranks)\n{}",
         o.min_bytes,
         o.max_bytes,
@@ -439,14 +476,22 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
         o.coll.name(),
         o.dtype.name(),
         algo_name(o),
+        o.compression
+            .as_ref()
+            .map_or(String::new(), |c| format!(" compression: {c}")),
         kolo::VERSION,
-        column_header()
+        column_header(o.compression.is_some())
     )
 }
 
-fn column_header() -> String {
+fn column_header(wire: bool) -> String {
+    let extra = if wire {
+        format!(" {:>12} {:>8}", "wire(B)", "ratio")
+    } else {
+        String::new()
+    };
     format!(
-        "# {:>12} {:>15} {:>8} {:>6} {:>12} {:>11} {:>11} {:>10} {:>6} {:>6}",
+        "# {:>12} {:>15} {:>8} {:>6} {:>12} {:>11} {:>11} {:>10} {:>6} {:>6}{extra}",
         "size(B)",
         "count(elements)",
         "type",
@@ -465,8 +510,13 @@ fn format_row(r: &Row) -> String {
         Some(w) => w.to_string(),
         None => "N/A".to_string(),
     };
+    let extra = match (r.wire, r.ratio()) {
+        (Some((w, _)), Some(q)) => format!(" {w:>12.0} {q:>8.2}"),
+        (Some((w, _)), None) => format!(" {w:>12.0} {:>8}", "-"),
+        _ => String::new(),
+    };
     format!(
-        "{:>14} {:>15} {:>8} {:>6} {:>12.2} {:>11.3} {:>11.3} {:>10.2} {:>6} {:>6}",
+        "{:>14} {:>15} {:>8} {:>6} {:>12.2} {:>11.3} {:>11.3} {:>10.2} {:>6} {:>6}{extra}",
         r.bytes,
         r.count,
         r.dtype.name(),
@@ -511,6 +561,13 @@ struct JsonRow<'a> {
     iters: usize,
     /// `null` when not checked (`-c 0`).
     wrong: Option<u64>,
+    /// With `--compression`: its name, bytes sent per rank per call, and the ratio.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compression: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wire_bytes: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
 }
 
 /// The last JSON line (`--json`): what the table's header and footer say.
@@ -551,6 +608,9 @@ fn json_row(o: &Opts, n: usize, r: &Row) -> String {
         busbw_gbps: r.busbw(),
         iters: r.iters,
         wrong: r.wrong,
+        compression: o.compression.as_ref().map(|c| c.to_string()),
+        wire_bytes: r.wire.map(|w| w.0),
+        ratio: r.ratio(),
     })
     .expect("a struct of numbers and strings serializes")
 }
@@ -941,6 +1001,89 @@ fn run_size<T: Val>(comm: &Communicator, o: &Opts, bytes: u64) -> kolo::Result<R
         iters,
         wrong,
         bus_factor: o.coll.bus_factor(n),
+        wire: None,
+    })
+}
+
+/// One size with `--compression` (see the module docs): one checked call, warmup, then
+/// timed calls on one tensor (one `CompressState`), each on the restored input.
+fn run_size_compressed(
+    comm: &Communicator,
+    o: &Opts,
+    c: &Compression,
+    bytes: u64,
+) -> kolo::Result<Row> {
+    let (rank, n) = (comm.rank(), comm.size());
+    let count = (bytes / 4) as usize;
+    // Integers in [-2^20, 2^20] (fewer for more than 16 ranks) times 2^-20: every f32
+    // sum of them is exact.
+    let gen = Gen::new::<f32>(Some(ReduceOp::Sum), n, SEED ^ bytes);
+    let val = |r: usize, g: usize| gen.value(r, g) as f32 * (1.0 / (1 << 20) as f32);
+    let input: Vec<f32> = (0..count).map(|g| val(rank, g)).collect();
+    let mut buf = input.clone();
+    let mut state = CompressState::new();
+    let mut wrong = 0u64;
+    if o.check {
+        comm.allreduce_compressed(&mut buf, o.op, c, &mut state)?;
+        let (u, tiny) = match c {
+            Compression::Fp16 => (2f64.powi(-11), 2f64.powi(-24)),
+            _ => (2f64.powi(-8), 2f64.powi(-133)),
+        };
+        let nf = n as f64;
+        for (g, &got) in buf.iter().enumerate() {
+            let vals = (0..n).map(|r| val(r, g) as f64);
+            let (sum, mag) = vals.fold((0f64, 0f64), |(s, m), v| (s + v, m + v.abs()));
+            let (want, mag) = if o.op == ReduceOp::Avg {
+                ((sum as f32 / n as f32) as f64, mag / nf)
+            } else {
+                (sum, mag)
+            };
+            wrong += u64::from(match c {
+                Compression::None => got.to_bits() != (want as f32).to_bits(),
+                Compression::Fp16 | Compression::Bf16 => {
+                    (got as f64 - want).abs() > nf * (u * mag + tiny) * 1.0001
+                }
+                Compression::TopK(_) => false,
+            });
+        }
+        // Every rank must hold rank 0's bits.
+        let print = buf.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            splitmix64(h ^ x.to_bits() as u64)
+        });
+        let mut all = vec![0i64; n];
+        comm.allgather(&[print as i64], &mut all)?;
+        wrong += u64::from(all[rank] != all[0]);
+    }
+    for _ in 0..o.warmup {
+        buf.copy_from_slice(&input);
+        comm.allreduce_compressed(&mut buf, o.op, c, &mut state)?;
+    }
+    let iters = o.iters.unwrap_or_else(|| auto_iters(bytes));
+    let mut times = Vec::with_capacity(iters);
+    let mut sent = 0u64;
+    comm.barrier()?;
+    for _ in 0..iters {
+        buf.copy_from_slice(&input);
+        let t = Instant::now();
+        let st = comm.allreduce_compressed(&mut buf, o.op, c, &mut state)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        sent += st.bytes_sent;
+    }
+    let mut stats = [mean(&times), median(&times)];
+    comm.allreduce(&mut stats, ReduceOp::Max)?;
+    let mut w = [sent as f64 / iters as f64, wrong as f64];
+    comm.allreduce(&mut w, ReduceOp::Sum)?;
+    Ok(Row {
+        bytes,
+        count: count as u64,
+        dtype: DType::F32,
+        op: Some(o.op),
+        time_us: stats[0],
+        p50_us: stats[1],
+        iters,
+        wrong: o.check.then_some(w[1] as u64),
+        bus_factor: o.coll.bus_factor(n),
+        wire: Some((w[0] / n as f64, dense_ring_bytes(count, n))),
     })
 }
 
@@ -955,7 +1098,10 @@ fn bench<T: Val>(comm: &Communicator, o: &Opts, init_ms: f64, start: Instant) ->
     }
     let mut rows = Vec::new();
     for bytes in row_sizes(o, n) {
-        let row = run_size::<T>(comm, o, bytes)?;
+        let row = match &o.compression {
+            Some(c) => run_size_compressed(comm, o, c, bytes)?,
+            None => run_size::<T>(comm, o, bytes)?,
+        };
         if root {
             if o.json {
                 println!("{}", json_row(o, n, &row));
@@ -1011,7 +1157,13 @@ fn main() -> ExitCode {
         }
     };
     let t = Instant::now();
-    let comm = match Communicator::from_env() {
+    // -a applies to the compressed calls through the communicator's configuration.
+    let comm = match kolo::Config::from_env().and_then(|mut cfg| {
+        if opts.compression.is_some() && opts.algo.is_some() {
+            cfg.algo = opts.algo;
+        }
+        Communicator::init(cfg)
+    }) {
         Ok(c) => c,
         Err(e) => {
             let r = env_rank.map_or_else(|| "?".to_string(), |r| r.to_string());
@@ -1162,6 +1314,31 @@ mod tests {
     }
 
     #[test]
+    fn compression_flag() {
+        assert_eq!(parsed("-b 8").compression, None);
+        assert_eq!(
+            parsed("--compression fp16").compression,
+            Some(Compression::Fp16)
+        );
+        assert_eq!(
+            parsed("--compression=bf16").compression,
+            Some(Compression::Bf16)
+        );
+        match parsed("--compression topk:0.05").compression {
+            Some(Compression::TopK(c)) => assert_eq!(c.density, 0.05),
+            other => panic!("{other:?}"),
+        }
+        let o = parsed("--compression none");
+        assert!(header_lines(&o, 4, 1.0).contains("compression: none"));
+        assert!(header_lines(&o, 4, 1.0).contains("wire(B)"));
+        let mut r = sample_row(1 << 20, 100.0, 90.0, Some(0));
+        r.wire = Some((50_000.0, 1_500_000));
+        let line = format_row(&r);
+        assert!(line.ends_with("50000    30.00"), "{line}");
+        assert_eq!(line.split_whitespace().count(), 12);
+    }
+
+    #[test]
     fn bad_flags_are_errors_not_panics() {
         for bad in [
             "-x",
@@ -1187,6 +1364,12 @@ mod tests {
             "-",
             "--",
             "-é",
+            "--compression",
+            "--compression zip",
+            "--compression topk:0",
+            "--compression topk:1.5",
+            "--compression fp16 -d half",
+            "--compression fp16 --coll allgather",
         ] {
             let r = parse_args(&args(bad));
             assert!(r.is_err(), "{bad:?} -> {r:?}");
@@ -1255,6 +1438,7 @@ mod tests {
             iters: auto_iters(bytes),
             wrong,
             bus_factor: Coll::AllReduce.bus_factor(4),
+            wire: None,
         }
     }
 
@@ -1287,7 +1471,7 @@ mod tests {
             .unwrap()
             .starts_with("# nThread 1 nranks=4 "));
         assert_eq!(h.matches("nranks=").count(), 1);
-        let hdr = column_header();
+        let hdr = column_header(false);
         let cols: Vec<&str> = hdr.split_whitespace().skip(1).collect();
         assert_eq!(
             cols,
@@ -1305,7 +1489,7 @@ mod tests {
             ]
         );
         // Columns line up with the header.
-        assert_eq!(column_header().len(), line.len());
+        assert_eq!(column_header(false).len(), line.len());
     }
 
     #[test]
