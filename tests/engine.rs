@@ -495,3 +495,74 @@ fn shutdown_hands_back_a_working_communicator() {
         assert_eq!(s, [3, 3, 3, 3, 3, 3]);
     }
 }
+
+#[test]
+fn compressed_tensors_per_name() {
+    use kolo::compress::Compression;
+    let n = 3;
+    let res = run_ranks(n, |comm| {
+        let rank = comm.rank();
+        let e = Engine::start(comm).unwrap();
+        let fp16 = Compression::Fp16;
+        let topk = Compression::parse("topk:0.01").unwrap();
+        // Small fp16 tensors fuse; values are small integers.
+        let hs: Vec<_> = (0..5)
+            .map(|i| {
+                let v: Vec<f32> = (0..300).map(|j| ((rank + i + j) % 7) as f32).collect();
+                e.submit(Op::allreduce(&format!("h{i}"), v, ReduceOp::Sum).compression(&fp16))
+                    .unwrap()
+            })
+            .collect();
+        // Top-k: each rank has 40 spikes (k = 1% of 4096 = 40) over tiny noise.
+        let spikes: Vec<f32> = (0..4096)
+            .map(|j| {
+                if j % 100 == rank {
+                    100.0 + rank as f32
+                } else {
+                    1e-3
+                }
+            })
+            .collect();
+        let t = e
+            .submit(Op::allreduce("spiky", spikes, ReduceOp::Avg).compression(&topk))
+            .unwrap();
+        // Ranks disagreeing on compression fail on both sides.
+        let c = if rank == 0 {
+            Compression::None
+        } else {
+            fp16.clone()
+        };
+        let bad = e
+            .submit(Op::allreduce("bad", vec![1.0f32; 8], ReduceOp::Sum).compression(&c))
+            .unwrap()
+            .wait();
+        let refused = e
+            .submit(Op::allreduce("ints", vec![1i32; 8], ReduceOp::Sum).compression(&fp16))
+            .err();
+        let h: Vec<Vec<f32>> = hs.into_iter().map(|h| h.wait().unwrap()).collect();
+        (h, t.wait().unwrap(), bad, refused)
+    });
+    for (rank, (h, t, bad, refused)) in res.iter().enumerate() {
+        for (i, v) in h.iter().enumerate() {
+            for (j, x) in v.iter().enumerate() {
+                let want: f32 = (0..n).map(|r| ((r + i + j) % 7) as f32).sum();
+                assert!(
+                    (x - want).abs() <= want * 2e-3,
+                    "rank {rank} h{i}[{j}]: {x} vs {want}"
+                );
+            }
+            assert_eq!(v, &res[0].0[i], "fp16 results bitwise equal");
+        }
+        for (j, x) in t.iter().enumerate() {
+            let want = if j % 100 < n {
+                (100.0 + (j % 100) as f32) / n as f32
+            } else {
+                0.0
+            };
+            assert_eq!(*x, want, "rank {rank} spiky[{j}]");
+        }
+        let e = bad.as_ref().expect_err("compression mismatch").to_string();
+        assert!(e.contains("compression"), "{e}");
+        assert!(refused.as_ref().unwrap().to_string().contains("float32"));
+    }
+}

@@ -32,7 +32,7 @@ pub fn wire_op(op: ReduceOp) -> ReduceOp {
 /// let batches = plan(&ready, 64 << 20, 1 << 20);
 /// ```
 pub fn plan(ready: &[Ready], threshold: usize, inplace: usize) -> Vec<Batch> {
-    let mut open: Vec<((u8, ReduceOp), Batch)> = Vec::new();
+    let mut open: Vec<((u8, ReduceOp, &str), Batch)> = Vec::new();
     let mut done: Vec<Batch> = Vec::new();
     for (i, r) in ready.iter().enumerate() {
         let s = r.spec();
@@ -44,8 +44,10 @@ pub fn plan(ready: &[Ready], threshold: usize, inplace: usize) -> Vec<Batch> {
         let key = (
             s.dtype,
             wire_op(ReduceOp::from_code(s.op).unwrap_or(ReduceOp::Sum)),
+            s.compression.as_str(),
         );
-        if bytes >= threshold || bytes >= inplace {
+        // Top-k keeps error feedback per tensor, so it never shares a buffer.
+        if bytes >= threshold || bytes >= inplace || s.compression.starts_with("topk") {
             done.push(Batch {
                 members: vec![i],
                 bytes,
@@ -98,6 +100,7 @@ mod tests {
                 root: 0,
                 shape: vec![len],
                 group: None,
+                compression: String::new(),
             })]),
             contributors: 1,
         }

@@ -283,6 +283,7 @@ impl<T: Element + Default> Op<T> {
                 root: root as u32,
                 shape: vec![buf.len() as u64],
                 group: None,
+                compression: String::new(),
             },
             buf,
         }
@@ -307,6 +308,17 @@ impl<T: Element + Default> Op<T> {
     /// Block j of `buf` to rank j (its length a multiple of the size).
     pub fn alltoall(name: &str, buf: Vec<T>) -> Op<T> {
         Op::new(name, Coll::Alltoall, buf, None, 0)
+    }
+
+    /// Compress this allreduce on the wire (f32 tensors only): fp16/bf16
+    /// batches fuse like plain tensors; top-k runs per tensor, with its error
+    /// feedback kept under the tensor's name across steps. Ranks must agree.
+    pub fn compression(mut self, c: &crate::compress::Compression) -> Op<T> {
+        self.spec.compression = match c {
+            crate::compress::Compression::None => String::new(),
+            c => c.to_string(),
+        };
+        self
     }
 
     /// Declare the tensor's dimensions (checked against the length, and
@@ -471,6 +483,14 @@ impl Engine {
                 spec.shape,
                 spec.count()
             ))
+        } else if !spec.compression.is_empty()
+            && (spec.coll != Coll::Allreduce || buf.dtype() != DType::F32)
+        {
+            Err("compression applies to float32 allreduces only".to_string())
+        } else if !spec.compression.is_empty()
+            && crate::compress::Compression::parse(&spec.compression).is_none()
+        {
+            Err(format!("unknown compression {:?}", spec.compression))
         } else if spec.name.is_empty() || spec.name == negotiate::JOIN {
             Err(format!("{:?} is not a valid tensor name", spec.name))
         } else if !self
@@ -618,6 +638,42 @@ impl Engine {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<Handle<()>> {
+        self.allreduce_async_raw_compressed(
+            name,
+            ptr,
+            count,
+            dtype,
+            op,
+            &crate::compress::Compression::None,
+        )
+    }
+
+    /// [`Engine::allreduce_async_raw`] with compression on the wire (see
+    /// [`Op::compression`]; float32 only).
+    ///
+    /// # Safety
+    /// As for [`Engine::allreduce_async_raw`].
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let mut g = vec![0.5f32; 1 << 16];
+    /// let fp16 = kolo::compress::Compression::Fp16;
+    /// let h = unsafe {
+    ///     engine.allreduce_async_raw_compressed("g", g.as_mut_ptr().cast(), g.len(),
+    ///         kolo::DType::F32, kolo::ReduceOp::Avg, &fp16)?
+    /// };
+    /// h.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub unsafe fn allreduce_async_raw_compressed(
+        &self,
+        name: &str,
+        ptr: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        compression: &crate::compress::Compression,
+    ) -> Result<Handle<()>> {
         let bad = |m: &str| {
             Err(Error::InvalidArgument(format!(
                 "rank {}: engine tensor {name:?}: {m}",
@@ -646,6 +702,10 @@ impl Engine {
             root: 0,
             shape: vec![count as u64],
             group: None,
+            compression: match compression {
+                crate::compress::Compression::None => String::new(),
+                c => c.to_string(),
+            },
         };
         let (req, h) = self.prepare(spec, Box::new(Raw { ptr, len, dtype }), |_| ());
         self.send(Msg::Submit(vec![req?])).inspect_err(|_| {

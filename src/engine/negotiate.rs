@@ -62,6 +62,10 @@ pub struct Spec {
     pub shape: Vec<u64>,
     /// Group name and member count: members run only together.
     pub group: Option<(String, u32)>,
+    /// Compression of an f32 allreduce ([`crate::compress::Compression`]'s
+    /// text form); empty for none.
+    #[serde(default)]
+    pub compression: String,
 }
 
 impl Spec {
@@ -82,6 +86,9 @@ impl Spec {
         }
         if let Some((g, n)) = &self.group {
             s += &format!(" group {g:?}/{n}");
+        }
+        if !self.compression.is_empty() {
+            s += &format!(" compression {}", self.compression);
         }
         s
     }
@@ -112,6 +119,9 @@ impl Spec {
         }
         if self.group != other.group {
             return Some("group");
+        }
+        if self.compression != other.compression {
+            return Some("compression");
         }
         None
     }
@@ -592,6 +602,7 @@ mod tests {
             root: 0,
             shape: vec![len],
             group: None,
+            compression: String::new(),
         }
     }
 

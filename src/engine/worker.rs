@@ -5,6 +5,7 @@ use super::fusion::{self, wire_op};
 use super::negotiate::{Coll, Contribution, Failure, Local, Ready, Spec, State, JOIN};
 use super::timeline::Timeline;
 use super::{Buffer, Msg, Request, Shared, IDLE_SLEEP};
+use crate::compress::{CompressState, Compression, Prescale};
 use crate::element::{as_bytes_mut, cast, cast_mut, with_dtype, DType};
 use crate::error::{Error, Result};
 use crate::reduce::{self, ReduceOp};
@@ -60,6 +61,8 @@ pub(crate) struct Worker {
     timeline: Option<Timeline>,
     /// Fusion buffer, in words so any dtype is aligned.
     fusion: Vec<i64>,
+    /// Error-feedback state of top-k compressed tensors, by name.
+    compress: HashMap<String, CompressState>,
     /// Something local that the other ranks have not heard about yet.
     dirty: bool,
     /// When the first news since the last round arrived (for the cycle time).
@@ -100,6 +103,7 @@ impl Worker {
             stall_shutdown: cfg.stall_shutdown,
             timeline,
             fusion: Vec::new(),
+            compress: HashMap::new(),
             dirty: false,
             news_since: None,
             wants_census: false,
@@ -654,7 +658,16 @@ impl Worker {
                     s
                 }
             };
-            run_allreduce(&self.comm, dtype, bytes, wire)?;
+            let name = it.ready.spec().name.as_str();
+            reduce_maybe_compressed(
+                &self.comm,
+                &mut self.compress,
+                dtype,
+                bytes,
+                wire,
+                &first.compression,
+                Some(name),
+            )?;
             if op == ReduceOp::Avg {
                 reduce::divide_bytes(dtype, bytes, it.ready.contributors.max(1));
             }
@@ -676,7 +689,15 @@ impl Worker {
                 at += len;
             }
             let copied = Instant::now();
-            run_allreduce(&self.comm, dtype, fusion, wire)?;
+            reduce_maybe_compressed(
+                &self.comm,
+                &mut self.compress,
+                dtype,
+                fusion,
+                wire,
+                &first.compression,
+                None,
+            )?;
             let reduced = Instant::now();
             let mut at = 0;
             for &i in &b.members {
@@ -834,6 +855,36 @@ fn misaligned() -> Error {
 fn dtype_of(s: &Spec) -> Result<DType> {
     DType::from_code(s.dtype)
         .ok_or_else(|| Error::InvalidArgument(format!("unknown dtype code {}", s.dtype)))
+}
+
+/// A plain allreduce, or a compressed one: top-k keeps its state under the
+/// tensor's name; a fused fp16/bf16 batch uses a fresh state. Sums are
+/// pre-scaled by 1/N on the 16-bit wire (and scaled back in f32), so N large
+/// values cannot overflow it; averages are divided afterwards.
+fn reduce_maybe_compressed(
+    comm: &Communicator,
+    states: &mut HashMap<String, CompressState>,
+    dtype: DType,
+    bytes: &mut [u8],
+    op: ReduceOp,
+    compression: &str,
+    name: Option<&str>,
+) -> Result<()> {
+    if compression.is_empty() {
+        return run_allreduce(comm, dtype, bytes, op);
+    }
+    let c = Compression::parse(compression)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown compression {compression:?}")))?;
+    let vals = cast_mut::<f32>(bytes).ok_or_else(misaligned)?;
+    let mut fresh = CompressState::new();
+    let state = match name {
+        Some(n) => states
+            .entry(n.to_string())
+            .or_insert_with(CompressState::new),
+        None => &mut fresh,
+    };
+    state.prescale = Prescale::On;
+    comm.allreduce_compressed(vals, op, &c, state).map(|_| ())
 }
 
 fn run_allreduce(comm: &Communicator, dtype: DType, bytes: &mut [u8], op: ReduceOp) -> Result<()> {
