@@ -878,9 +878,7 @@ fn reduce_maybe_compressed(
     let vals = cast_mut::<f32>(bytes).ok_or_else(misaligned)?;
     let mut fresh = CompressState::new();
     let state = match name {
-        Some(n) => states
-            .entry(n.to_string())
-            .or_insert_with(CompressState::new),
+        Some(n) => states.entry(n.to_string()).or_default(),
         None => &mut fresh,
     };
     state.prescale = Prescale::On;
