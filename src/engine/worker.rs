@@ -72,7 +72,6 @@ pub(crate) struct Worker {
     stop: bool,
     /// A coordinated shutdown was asked for: (reply, told the others yet).
     shutdown: Option<(Sender<()>, bool)>,
-    stats: (u64, u64, f64, f64),
 }
 
 impl Worker {
@@ -110,13 +109,11 @@ impl Worker {
             cancel: Vec::new(),
             stop: false,
             shutdown: None,
-            stats: (0, 0, 0.0, 0.0),
         })
     }
 
     /// The thread body: returns the communicator when stopped.
     pub(crate) fn run(mut self) -> Communicator {
-        let t0 = Instant::now();
         if let Err(e) = self.main_loop() {
             *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             self.fail_everything(&e);
@@ -131,17 +128,6 @@ impl Worker {
         self.shared.exited.store(true, Ordering::SeqCst);
         self.shared.notify();
         self.timeline.take();
-        if std::env::var_os("KOLO_ENGINE_STATS").is_some() {
-            eprintln!(
-                "[{}] rounds={} exchanges={} round_s={:.4} exec_s={:.4} total_s={:.4}",
-                self.me,
-                self.stats.0,
-                self.stats.1,
-                self.stats.2,
-                self.stats.3,
-                t0.elapsed().as_secs_f64()
-            );
-        }
         self.comm
     }
 
@@ -355,7 +341,6 @@ impl Worker {
 
     /// One negotiation round, then run what became ready.
     fn round(&mut self) -> Result<()> {
-        let round_t0 = Instant::now();
         let held: BTreeSet<usize> = self
             .pending
             .values()
@@ -428,9 +413,6 @@ impl Worker {
         self.wants_census = false;
         let out = self.state.apply(&v, contribs.as_deref());
         let decided = Instant::now();
-        self.stats.0 += 1;
-        self.stats.1 += contribs.is_some() as u64;
-        self.stats.2 += decided.duration_since(round_t0).as_secs_f64();
 
         for name in &out.evicted {
             if let Some(p) = self.pending.get_mut(name) {
@@ -479,7 +461,6 @@ impl Worker {
         let ran = self.execute(out.ready, decided);
         self.shared.notify();
         ran?;
-        self.stats.3 += decided.elapsed().as_secs_f64();
         if let Some(last) = out.join_done {
             if let Some(j) = self.join.take() {
                 let _ = j.reply.send(Ok(last));
