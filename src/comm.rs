@@ -45,6 +45,9 @@ pub fn coll_name(code: u8) -> &'static str {
     }
 }
 
+/// Up to this many ranks, a small allgather sends every block directly.
+const DIRECT_MAX_RANKS: usize = 16;
+
 struct Inner {
     transport: Transport,
     seq: u64,
@@ -379,6 +382,18 @@ impl Communicator {
         crate::compress::allreduce(self, buf, op, compression, state)
     }
 
+    /// Small gathers among few ranks go direct (one step, every rank sending
+    /// to every other); the rest round the ring (N-1 steps, bandwidth-optimal).
+    fn allgather_schedule(&self, counts: &[usize], elem: usize) -> Schedule {
+        let (r, n) = (self.rank(), self.size());
+        let bytes = counts.iter().sum::<usize>() * elem;
+        if n <= DIRECT_MAX_RANKS && bytes <= self.cfg.small_bytes {
+            algo::direct::allgatherv(r, n, counts)
+        } else {
+            algo::ring::allgatherv(r, n, counts)
+        }
+    }
+
     /// Fail the next collective on this rank with `msg` as an invalid argument
     /// and tell every peer, so none waits for a call this rank will not make.
     pub(crate) fn fail_call(&self, name: &'static str, msg: String) -> Error {
@@ -438,7 +453,7 @@ impl Communicator {
             Ok(())
         };
         let sched = match check {
-            Ok(()) => algo::ring::allgatherv(self.rank(), n, &vec![send.len(); n]),
+            Ok(()) => self.allgather_schedule(&vec![send.len(); n], T::DTYPE.size()),
             Err(_) => Schedule::default(),
         };
         let call = self.call::<T>("allgather", coll::ALLGATHER, ReduceOp::Sum, 0, send.len());
@@ -484,7 +499,7 @@ impl Communicator {
             Ok(())
         };
         let sched = match check {
-            Ok(()) => algo::ring::allgatherv(r, n, counts),
+            Ok(()) => self.allgather_schedule(counts, T::DTYPE.size()),
             Err(_) => Schedule::default(),
         };
         let call = self.call::<T>("allgatherv", coll::ALLGATHERV, ReduceOp::Sum, 0, total);

@@ -11,6 +11,7 @@
 pub mod alltoall;
 pub mod broadcast;
 pub mod cost;
+pub mod direct;
 pub mod doubling;
 pub mod halving;
 pub mod ring;
