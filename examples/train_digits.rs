@@ -7,15 +7,17 @@
 //! Every rank builds the model (each from its own seed), rank 0's parameters are broadcast,
 //! and each global batch of `--batch-size` images is split across the ranks; each rank's loss
 //! is its share of the global batch's mean loss, so the averaged gradient is exactly the one
-//! a single process would compute on the whole batch. Rank 0 prints the loss, the test
+//! a single process would compute on the whole batch. The gradients are averaged through
+//! kolo's engine (`DistributedOptimizer` owns it), each under its variable's name, fused
+//! into buffers of up to `--fusion-mb` (`KOLO_FUSION_THRESHOLD`). Rank 0 prints the loss, the test
 //! accuracy, the time and the throughput per epoch, and ends with `final_accuracy=<fraction>`.
 
 #[path = "data/digits.rs"]
 mod digits;
 
 use kolo::torch::tch::{self, nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
-use kolo::torch::{allreduce_tensor, DistributedOptimizer};
-use kolo::{Communicator, ReduceOp};
+use kolo::torch::{engine_allreduce_tensor, DistributedOptimizer};
+use kolo::{Communicator, Config, ReduceOp};
 use std::time::Instant;
 
 const USAGE: &str = "\
@@ -29,7 +31,8 @@ usage: train_digits [options]     (run it under kolorun, e.g. kolorun -np 4 trai
   --device cpu|cuda   where each rank trains (cuda: cuda:(local_rank % devices)) (default cpu)
   --compression none  gradient compression (fp16 and topk:<fraction> are not yet available)
   --threads N         libtorch intra-op threads per rank (default 1)
-  --bucket-mb N       gradient bucket size in MiB (default 64)";
+  --fusion-mb N       the engine's fusion buffer size in MiB, for the gradients
+                      (default: KOLO_FUSION_THRESHOLD, else 64)";
 
 struct Args {
     epochs: usize,
@@ -40,7 +43,7 @@ struct Args {
     device: String,
     model: String,
     threads: Option<usize>,
-    bucket_mb: usize,
+    fusion_mb: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,7 +56,7 @@ fn parse_args() -> Result<Args, String> {
         device: "cpu".into(),
         model: "cnn".into(),
         threads: None,
-        bucket_mb: 64,
+        fusion_mb: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,7 +84,7 @@ fn parse_args() -> Result<Args, String> {
             "--hidden" => a.hidden = num(&name, value()?)?,
             "--seed" => a.seed = num(&name, value()?)?,
             "--threads" => a.threads = Some(num(&name, value()?)?),
-            "--bucket-mb" => a.bucket_mb = num(&name, value()?)?,
+            "--fusion-mb" => a.fusion_mb = Some(num(&name, value()?)?),
             "--device" => {
                 a.device = value()?;
                 if a.device != "cpu" && a.device != "cuda" {
@@ -107,9 +110,14 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
-    if a.epochs == 0 || a.batch == 0 || a.hidden <= 0 || a.bucket_mb == 0 || a.threads == Some(0) {
+    if a.epochs == 0
+        || a.batch == 0
+        || a.hidden <= 0
+        || a.fusion_mb == Some(0)
+        || a.threads == Some(0)
+    {
         return Err(
-            "--epochs, --batch-size, --hidden, --bucket-mb and --threads must be positive".into(),
+            "--epochs, --batch-size, --hidden, --fusion-mb and --threads must be positive".into(),
         );
     }
     if !(a.lr.is_finite() && a.lr > 0.0) {
@@ -194,7 +202,12 @@ fn to_tensors(s: &digits::Split, device: Device) -> Result<(Tensor, Tensor), tch
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let comm = Communicator::from_env()?;
+    let mut cfg = Config::from_env()?;
+    if let Some(mb) = args.fusion_mb {
+        cfg.fusion_threshold = mb << 20;
+    }
+    let fusion_threshold = cfg.fusion_threshold;
+    let comm = Communicator::init(cfg)?;
     let (rank, size) = (comm.rank(), comm.size());
     // One libtorch thread per rank unless asked: its default (every core in each rank)
     // oversubscribes the host when ranks share it, and its OpenMP threads slow down badly
@@ -227,15 +240,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     }
     .build(&vs, args.lr)?;
-    let mut dopt = DistributedOptimizer::new(&comm, vs, opt)?;
-    dopt.set_bucket_bytes(args.bucket_mb << 20)?;
+    // From here on the optimizer's engine owns the communicator: collectives go through it.
+    let mut dopt = DistributedOptimizer::new(comm, vs, opt)?;
     dopt.broadcast_parameters(0)?;
 
     if rank == 0 {
         println!(
             "train_digits: {size} rank(s), device {}, {} ({nparams} parameters), \
              {} train / {} test images, global batch {}, SGD lr {} (cosine decay) momentum 0.9, \
-             {} epochs, compression none, {threads} thread(s) per rank",
+             {} epochs, compression none, {threads} thread(s) per rank, gradients through the \
+             engine (fusion buffers of {} KiB)",
             args.device,
             match args.model.as_str() {
                 "cnn" => format!("CNN conv32-conv64-pool-fc{}", args.hidden),
@@ -246,6 +260,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.batch,
             args.lr,
             args.epochs,
+            fusion_threshold >> 10,
         );
     }
 
@@ -260,7 +275,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             * 0.5
             * (1.0 + (std::f64::consts::PI * epoch as f64 / args.epochs as f64).cos());
         dopt.optimizer_mut().set_lr(lr);
-        comm.barrier()?;
+        // Start the clock together (a one-element allreduce as a barrier).
+        let mut sync = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        engine_allreduce_tensor(dopt.engine(), "epoch_start", &mut sync, ReduceOp::Sum)?;
         let t0 = Instant::now();
         let order = shuffled(train.len(), mix(args.seed ^ ((epoch as u64) << 32)));
         let mut loss_sum = 0.0f64;
@@ -292,7 +309,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .and_then(|c| c.f_double_value(&[]))
         })?;
         let mut stats = Tensor::from_slice(&[loss_sum, correct]);
-        allreduce_tensor(&comm, &mut stats, ReduceOp::Sum)?;
+        engine_allreduce_tensor(dopt.engine(), "epoch_stats", &mut stats, ReduceOp::Sum)?;
         let loss = stats.f_double_value(&[0])? / train.len() as f64;
         accuracy = stats.f_double_value(&[1])? / test.len() as f64;
         times.push(train_time);
@@ -330,6 +347,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         println!("final_accuracy={accuracy:.4}");
     }
+    // Every rank stops the engine together and gets the communicator back.
+    let (_comm, _vs, _opt) = dopt.shutdown()?;
     Ok(())
 }
 

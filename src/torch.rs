@@ -1,11 +1,14 @@
 //! Data-parallel training of [`tch`] (libtorch) models: collectives on tensors and a
-//! [`DistributedOptimizer`] that averages gradients across ranks. Behind the `torch`
-//! feature (`tch = "=0.24.0"`, PyTorch 2.11.0; `scripts/setup-libtorch.sh` sets it up).
+//! [`DistributedOptimizer`] that averages gradients across ranks through kolo's
+//! [`Engine`]. Behind the `torch` feature (`tch = "=0.24.0"`, PyTorch 2.11.0;
+//! `scripts/setup-libtorch.sh` sets it up).
 //!
 //! Every rank builds the same model, [`DistributedOptimizer::broadcast_parameters`]
 //! makes the parameters equal, and each [`DistributedOptimizer::backward_step`] averages
 //! the gradients of all ranks before the optimizer step, so all ranks stay bitwise
-//! identical and train as one process would on the union of their batches.
+//! identical and train as one process would on the union of their batches. The gradients
+//! go through the engine, each under its variable's name: the ranks may produce them in
+//! any order, and the engine fuses them into buffers of up to `KOLO_FUSION_THRESHOLD`.
 //!
 //! ```
 //! use kolo::torch::tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
@@ -16,7 +19,8 @@
 //! let vs = nn::VarStore::new(Device::Cpu);
 //! let net = nn::linear(vs.root() / "fc", 64, 10, Default::default());
 //! let opt = nn::Sgd { momentum: 0.9, ..Default::default() }.build(&vs, 0.1).unwrap();
-//! let mut dopt = DistributedOptimizer::new(&comm, vs, opt)?;
+//! // Starts an engine on the communicator (given back by shutdown).
+//! let mut dopt = DistributedOptimizer::new(comm, vs, opt)?;
 //! dopt.broadcast_parameters(0)?;
 //! for _step in 0..10 {
 //!     // This rank's shard of the batch.
@@ -26,28 +30,27 @@
 //!     dopt.backward_step(&loss)?; // zero_grad, backward, average gradients, step
 //! }
 //! assert!(dopt.parameters_in_sync()?);
+//! let (comm, vs, opt) = dopt.shutdown()?;
 //! # Ok::<(), kolo::Error>(())
 //! ```
 //!
 //! Supported tensor kinds are those kolo reduces ([`DType`]): `Uint8`, `Int`, `Int64`,
-//! `Half`, `BFloat16`, `Float` and `Double`; devices are the CPU and CUDA. CUDA tensors
-//! are staged through pinned host memory (one device-to-host and one host-to-device copy
-//! per bucket). Anything else gives [`Error::InvalidArgument`].
+//! `Half`, `BFloat16`, `Float` and `Double`; devices are the CPU and CUDA. Contiguous CPU
+//! gradients are reduced in their own memory; CUDA gradients are staged through pinned
+//! host memory (one device-to-host and one host-to-device copy per kind and device per
+//! step). Anything else gives [`Error::InvalidArgument`].
+//!
+//! [`allreduce_tensor`], [`broadcast_tensor`] and [`allgather_tensor`] are blocking
+//! collectives on a [`Communicator`] (not one an engine owns);
+//! [`engine_allreduce_tensor`] reduces a tensor through an engine.
 
+use crate::engine::{Engine, Handle};
 use crate::{Communicator, DType, Element, Error, ReduceOp, Result};
 use half::{bf16, f16};
 /// The `tch` crate this module is built against (0.24.0); using it through `kolo::torch::tch`
 /// keeps a program's tensors the same type as kolo's.
 pub use tch;
 use tch::{nn, Device, Kind, Tensor};
-
-/// Default size of a gradient bucket: gradients of one kind are packed into flat
-/// buffers of up to this many bytes, one allreduce each.
-///
-/// ```no_run
-/// assert_eq!(kolo::torch::DEFAULT_BUCKET_BYTES, 64 << 20);
-/// ```
-pub const DEFAULT_BUCKET_BYTES: usize = 64 << 20;
 
 /// The kolo [`DType`] of a tensor kind, or an error naming the supported kinds.
 ///
@@ -306,131 +309,249 @@ pub fn allgather_tensor(comm: &Communicator, t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The collective [`fused`] runs on each bucket.
-#[derive(Clone, Copy)]
-enum Fused {
-    Allreduce(ReduceOp),
-    Broadcast(usize),
-}
+/// Prefix of the engine names this module uses for its own operations (parameter
+/// broadcasts, the sync check); gradients go under their variable names.
+const RESERVED: &str = "kolo.torch/";
 
-/// Run `coll` over `tensors` (in place) in fused buckets: tensors of one kind and device are
-/// flattened into contiguous buffers of up to `bucket_bytes` (a larger tensor gets a bucket
-/// of its own), each bucket is staged to the host once (pinned memory for CUDA, kept in
-/// `staging` for reuse), reduced or broadcast with one collective, and copied back.
-///
-/// This is the one place the gradient traffic goes through, kept small so it can be
-/// replaced by kolo's engine (asynchronous named operations with fusion) and compression.
-/// Every rank must pass the same list of kinds and shapes in the same order.
-fn fused(
-    comm: &Communicator,
-    tensors: &mut [Tensor],
-    coll: Fused,
-    bucket_bytes: usize,
-    staging: &mut Vec<Tensor>,
-) -> Result<()> {
-    let what = "fused collective";
-    let e = torch_err(what);
-    // Group indices by (kind, device), keeping the order inside each group.
-    let mut groups: Vec<((DType, Device), Vec<usize>)> = Vec::new();
-    for (i, t) in tensors.iter().enumerate() {
-        let key = (check(t, what)?, t.device());
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.push(i),
-            None => groups.push((key, vec![i])),
-        }
-    }
-    let _guard = tch::no_grad_guard();
-    for ((dt, device), idx) in groups {
-        let elem = dt.size();
-        let mut start = 0;
-        while start < idx.len() {
-            // Take tensors while they fit; always at least one.
-            let mut end = start + 1;
-            let mut bytes = tensors[idx[start]].numel() * elem;
-            while end < idx.len() && bytes + tensors[idx[end]].numel() * elem <= bucket_bytes {
-                bytes += tensors[idx[end]].numel() * elem;
-                end += 1;
-            }
-            let members = &idx[start..end];
-            start = end;
-            let numel: usize = members.iter().map(|&i| tensors[i].numel()).sum();
-            // One flat contiguous buffer on the tensors' device.
-            let flat = if members.len() == 1 {
-                tensors[members[0]].f_reshape([-1]).map_err(&e)?
-            } else {
-                let views: Vec<Tensor> = members
-                    .iter()
-                    .map(|&i| tensors[i].f_reshape([-1]))
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(&e)?;
-                Tensor::f_cat(&views, 0).map_err(&e)?
-            };
-            let flat = flat.f_contiguous().map_err(&e)?;
-            let mut host = match device {
-                Device::Cpu => flat.shallow_clone(),
-                _ => {
-                    let buf = staging_buffer(staging, dt, device, numel)?;
-                    let mut host = buf.f_narrow(0, 0, numel as i64).map_err(&e)?;
-                    host.f_copy_(&flat).map_err(&e)?;
-                    host
-                }
-            };
-            // SAFETY: `host` is a contiguous CPU tensor of kind `dt` that only this code uses.
-            with_elem!(dt, T => {
-                let s = unsafe { host_slice_mut::<T>(&mut host) };
-                match coll {
-                    Fused::Allreduce(op) => comm.allreduce(s, op),
-                    Fused::Broadcast(root) => comm.broadcast(s, root),
-                }
-            })?;
-            let mut flat = flat;
-            if device != Device::Cpu {
-                flat.f_copy_(&host).map_err(&e)?;
-            }
-            // Unpack (a no-op copy when the flat buffer is the tensor itself, i.e. a single
-            // contiguous tensor: reshape returned a view of it).
-            let mut off = 0i64;
-            for &i in members {
-                let t = &mut tensors[i];
-                let n = t.numel() as i64;
-                if members.len() > 1 || !same_storage(t, &flat) {
-                    let src = flat
-                        .f_narrow(0, off, n)
-                        .and_then(|s| s.f_view(t.size().as_slice()))
-                        .map_err(&e)?;
-                    t.f_copy_(&src).map_err(&e)?;
-                }
-                off += n;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn same_storage(a: &Tensor, b: &Tensor) -> bool {
-    a.numel() == 0 || a.data_ptr() == b.data_ptr()
-}
-
-/// A pinned host buffer of at least `numel` elements of `dt` for `device`, reused across calls.
+/// A pinned host buffer of at least `numel` elements of `dt` for `device`, reused across
+/// calls (one per kind and device, so that groups of one call never share one).
 fn staging_buffer(
-    staging: &mut Vec<Tensor>,
+    staging: &mut Vec<(Device, Tensor)>,
     dt: DType,
     device: Device,
     numel: usize,
 ) -> Result<Tensor> {
     let kind = kind_of(dt);
     let e = torch_err("pinned staging buffer");
-    if let Some(pos) = staging.iter().position(|b| b.kind() == kind) {
-        if staging[pos].numel() >= numel {
-            return Ok(staging[pos].shallow_clone());
+    if let Some(pos) = staging
+        .iter()
+        .position(|(d, b)| *d == device && b.kind() == kind)
+    {
+        if staging[pos].1.numel() >= numel {
+            return Ok(staging[pos].1.shallow_clone());
         }
         drop(staging.remove(pos));
     }
-    let buf = Tensor::f_empty([numel as i64], (kind, Device::Cpu))
+    let buf = Tensor::f_empty([numel.max(1) as i64], (kind, Device::Cpu))
         .and_then(|b| b.f_pin_memory(device))
         .map_err(e)?;
-    staging.push(buf.shallow_clone());
+    staging.push((device, buf.shallow_clone()));
     Ok(buf)
+}
+
+fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    a.numel() == 0 || a.data_ptr() == b.data_ptr()
+}
+
+/// Reduce `items` (engine name, tensor) in place through `engine`: every tensor is handed
+/// to the engine with [`Engine::allreduce_async_raw`], in the order given, and only then
+/// are the handles awaited, so the engine can negotiate them with the other ranks (which may
+/// submit them in another order) and fuse them into buffers of up to
+/// `KOLO_FUSION_THRESHOLD` bytes.
+///
+/// Where the engine reads and writes:
+/// - a contiguous CPU tensor: its own memory (no copy);
+/// - a non-contiguous CPU tensor: a contiguous copy, copied back afterwards;
+/// - CUDA tensors: the tensors of one kind and device are packed into one flat device
+///   buffer, copied to a pinned host buffer (`staging`, reused across calls) in one
+///   device-to-host copy, each tensor's slice of it submitted, and the whole buffer copied
+///   back in one host-to-device copy.
+///
+/// Every buffer the engine touches is held (`keep`) until all handles have completed, also
+/// when a submission or the exchange fails.
+fn engine_allreduce_many(
+    engine: &Engine,
+    items: &[(String, Tensor)],
+    op: ReduceOp,
+    staging: &mut Vec<(Device, Tensor)>,
+) -> Result<()> {
+    let e = torch_err("engine allreduce");
+    let _guard = tch::no_grad_guard();
+    // Check everything before submitting anything.
+    let dtypes: Vec<DType> = items
+        .iter()
+        .map(|(name, t)| check(t, name))
+        .collect::<Result<_>>()?;
+    // Memory the engine works on, per item: (address, elements).
+    let mut at: Vec<(*mut u8, usize)> = vec![(std::ptr::null_mut(), 0); items.len()];
+    let mut keep: Vec<Tensor> = Vec::new();
+    // CPU copies to write back: (tensor, its contiguous copy).
+    let mut cpu_back: Vec<(Tensor, Tensor)> = Vec::new();
+    // CUDA tensors by (kind, device), in order.
+    let mut groups: Vec<((DType, Device), Vec<usize>)> = Vec::new();
+    for (i, ((_, t), &dt)) in items.iter().zip(&dtypes).enumerate() {
+        match t.device() {
+            Device::Cpu => {
+                let host = if t.is_contiguous() {
+                    t.shallow_clone()
+                } else {
+                    let c = t.f_contiguous().map_err(&e)?;
+                    cpu_back.push((t.shallow_clone(), c.shallow_clone()));
+                    c
+                };
+                at[i] = (host.data_ptr().cast(), host.numel());
+                keep.push(host);
+            }
+            d => match groups.iter_mut().find(|(k, _)| *k == (dt, d)) {
+                Some((_, v)) => v.push(i),
+                None => groups.push(((dt, d), vec![i])),
+            },
+        }
+    }
+    // CUDA back copies: (flat device buffer, its pinned host copy, members).
+    let mut cuda_back: Vec<(Tensor, Tensor, Vec<usize>)> = Vec::new();
+    for ((dt, device), members) in groups {
+        let numel: usize = members.iter().map(|&i| items[i].1.numel()).sum();
+        let flat = if members.len() == 1 {
+            items[members[0]].1.f_reshape([-1]).map_err(&e)?
+        } else {
+            let views: Vec<Tensor> = members
+                .iter()
+                .map(|&i| items[i].1.f_reshape([-1]))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(&e)?;
+            Tensor::f_cat(&views, 0).map_err(&e)?
+        };
+        let flat = flat.f_contiguous().map_err(&e)?;
+        let mut host = staging_buffer(staging, dt, device, numel)?
+            .f_narrow(0, 0, numel as i64)
+            .map_err(&e)?;
+        host.f_copy_(&flat).map_err(&e)?;
+        let base: *mut u8 = host.data_ptr().cast();
+        let mut off = 0;
+        for &i in &members {
+            let n = items[i].1.numel();
+            at[i] = (base.wrapping_add(off * dt.size()), n);
+            off += n;
+        }
+        keep.push(host.shallow_clone());
+        cuda_back.push((flat, host, members));
+    }
+
+    let mut handles: Vec<Handle<()>> = Vec::with_capacity(items.len());
+    let mut failed = None;
+    for (((name, _), &dt), &(ptr, count)) in items.iter().zip(&dtypes).zip(&at) {
+        // SAFETY: `ptr` addresses `count` contiguous elements of `dt` in a CPU tensor held in
+        // `keep`, aligned for `dt` (tensor storage is), and distinct items never overlap.
+        // Nothing reads or writes that memory until every handle submitted here has
+        // completed: this function waits for all of them below before it touches the
+        // tensors again or returns, whatever fails.
+        match unsafe { engine.allreduce_async_raw(name, ptr, count, dt, op) } {
+            Ok(h) => handles.push(h),
+            Err(err) => {
+                failed = Some(err);
+                break;
+            }
+        }
+    }
+    for h in handles {
+        if let Err(err) = h.wait() {
+            failed.get_or_insert(err);
+        }
+    }
+    if let Some(err) = failed {
+        return Err(err);
+    }
+    drop(keep);
+    for (mut t, c) in cpu_back {
+        t.f_copy_(&c).map_err(&e)?;
+    }
+    for (mut flat, host, members) in cuda_back {
+        flat.f_copy_(&host).map_err(&e)?;
+        // Unpack (nothing to do when the flat buffer is a view of the single tensor).
+        let mut off = 0i64;
+        for &i in &members {
+            let mut t = items[i].1.shallow_clone();
+            let n = t.numel() as i64;
+            if members.len() > 1 || !same_storage(&t, &flat) {
+                let src = flat
+                    .f_narrow(0, off, n)
+                    .and_then(|s| s.f_view(t.size().as_slice()))
+                    .map_err(&e)?;
+                t.f_copy_(&src).map_err(&e)?;
+            }
+            off += n;
+        }
+    }
+    Ok(())
+}
+
+/// Elementwise reduction of a tensor across ranks, in place, through an [`Engine`] (which
+/// owns the communicator, so [`allreduce_tensor`] cannot be used meanwhile). Every rank
+/// must submit a tensor under the same `name`, of the same kind and number of elements;
+/// the call blocks until the result is in `t`. CPU and CUDA tensors, any strides.
+///
+/// ```
+/// use kolo::torch::{engine_allreduce_tensor, tch::{Device, Kind, Tensor}};
+/// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+/// let engine = kolo::engine::Engine::start(comm)?;
+/// let mut t = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+/// engine_allreduce_tensor(&engine, "stats", &mut t, kolo::ReduceOp::Sum)?;
+/// assert_eq!(t.double_value(&[0, 0]), 1.0);
+/// engine.shutdown()?;
+/// # Ok::<(), kolo::Error>(())
+/// ```
+pub fn engine_allreduce_tensor(
+    engine: &Engine,
+    name: &str,
+    t: &mut Tensor,
+    op: ReduceOp,
+) -> Result<()> {
+    engine_allreduce_many(
+        engine,
+        &[(name.to_string(), t.shallow_clone())],
+        op,
+        &mut Vec::new(),
+    )
+}
+
+/// Broadcast `items` (engine name, tensor) from `root` through `engine`, in place: every
+/// tensor is copied into a `Vec` and submitted, then all are awaited and copied back.
+fn engine_broadcast_many(engine: &Engine, items: &[(String, Tensor)], root: usize) -> Result<()> {
+    type Finish = Box<dyn FnOnce() -> Result<()>>;
+    let dtypes: Vec<DType> = items
+        .iter()
+        .map(|(name, t)| check(t, name))
+        .collect::<Result<_>>()?;
+    let mut hosts = Vec::with_capacity(items.len());
+    for (name, t) in items {
+        hosts.push(to_host(t, name)?);
+    }
+    let mut pending: Vec<Finish> = Vec::with_capacity(items.len());
+    let mut failed = None;
+    for (((name, t), &dt), (host, copied)) in items.iter().zip(&dtypes).zip(hosts) {
+        let (t, mut host) = (t.shallow_clone(), host);
+        let submitted: Result<Finish> = with_elem!(dt, T => {
+            // SAFETY: `host` is a contiguous CPU tensor of kind `dt`, read only here.
+            let v = unsafe { host_slice::<T>(&host) }.to_vec();
+            engine.broadcast_async(name, v, root).map(|h| {
+                Box::new(move || {
+                    let v = h.wait()?;
+                    // SAFETY: as above; nothing else uses `host` now.
+                    unsafe { host_slice_mut::<T>(&mut host) }.copy_from_slice(&v);
+                    if copied {
+                        let mut t = t;
+                        tch::no_grad(|| t.f_copy_(&host))
+                            .map_err(torch_err("broadcast_parameters"))?;
+                    }
+                    Ok(())
+                }) as Finish
+            })
+        });
+        match submitted {
+            Ok(f) => pending.push(f),
+            Err(err) => {
+                failed = Some(err);
+                break;
+            }
+        }
+    }
+    for finish in pending {
+        if let Err(err) = finish() {
+            failed.get_or_insert(err);
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// A 64-bit fingerprint of bytes (FNV-1a over 8-byte words, then a final mix).
@@ -454,12 +575,27 @@ fn first_disagreeing(comm: &Communicator, v: u64) -> Result<Option<usize>> {
     Ok(all.iter().position(|&x| x != all[0]))
 }
 
-/// Wraps a [`nn::VarStore`] and its [`nn::Optimizer`] for data-parallel training: each
-/// [`backward_step`](Self::backward_step) averages the gradients of all ranks (in fused
-/// buckets, [`DEFAULT_BUCKET_BYTES`] each) before the optimizer step.
+/// Wraps a [`nn::VarStore`] and its [`nn::Optimizer`] for data-parallel training, with a
+/// kolo [`Engine`] running on the communicator: each
+/// [`backward_step`](Self::backward_step) averages the gradients of all ranks through the
+/// engine before the optimizer step.
 ///
-/// Every rank must build the same model (same variable names, shapes and kinds, created in
-/// the same order); [`new`](Self::new) checks this across ranks.
+/// Every gradient is submitted to the engine under its variable's name in the
+/// [`nn::VarStore`] (`"fc1.weight"`, ...), with [`ReduceOp::Avg`]. The engine agrees with
+/// the other ranks on which names are ready (so the ranks may produce them in any order),
+/// fuses the ready gradients of one kind into buffers of up to `KOLO_FUSION_THRESHOLD`
+/// bytes ([`crate::Config::fusion_threshold`], 64 MiB by default; gradients of
+/// `KOLO_FUSION_INPLACE_BYTES` and more are reduced alone, in place), and caches the
+/// negotiation so that repeated steps are cheap. Set those in the environment, or in the
+/// [`crate::Config`] the communicator is built from.
+///
+/// The engine owns the communicator from [`new`](Self::new) until
+/// [`shutdown`](Self::shutdown) gives it back; meanwhile other collectives go through
+/// [`engine`](Self::engine) (e.g. [`engine_allreduce_tensor`]). Names starting with
+/// `kolo.torch/` and the variable names are taken by this type.
+///
+/// Every rank must build the same model (same variable names, shapes and kinds; the
+/// creation order may differ); [`new`](Self::new) checks this across ranks.
 ///
 /// ```no_run
 /// use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
@@ -467,49 +603,52 @@ fn first_disagreeing(comm: &Communicator, v: u64) -> Result<Option<usize>> {
 /// let vs = nn::VarStore::new(Device::Cpu);
 /// let _net = nn::linear(vs.root(), 8, 2, Default::default());
 /// let opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
-/// let mut dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+/// let mut dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
 /// dopt.broadcast_parameters(0)?;
+/// // ... training ...
+/// let (comm, vs, opt) = dopt.shutdown()?;
 /// # Ok::<(), kolo::Error>(())
 /// ```
-pub struct DistributedOptimizer<'c> {
-    comm: &'c Communicator,
+pub struct DistributedOptimizer {
+    engine: Engine,
     vs: nn::VarStore,
     opt: nn::Optimizer,
-    bucket_bytes: usize,
-    staging: Vec<Tensor>,
+    /// Pinned host buffers for CUDA gradients, one per kind and device.
+    staging: Vec<(Device, Tensor)>,
 }
 
-impl std::fmt::Debug for DistributedOptimizer<'_> {
+impl std::fmt::Debug for DistributedOptimizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DistributedOptimizer")
-            .field("rank", &self.comm.rank())
-            .field("size", &self.comm.size())
+            .field("rank", &self.engine.rank())
+            .field("size", &self.engine.size())
             .field("variables", &self.vs.len())
-            .field("bucket_bytes", &self.bucket_bytes)
             .finish()
     }
 }
 
-impl<'c> DistributedOptimizer<'c> {
-    /// Wrap `vs` and `opt` (built from `vs`). A collective: every rank calls it, and all
-    /// get an error when the ranks' variables differ in names, shapes or kinds, or when a
-    /// variable has an unsupported kind or device.
+impl DistributedOptimizer {
+    /// Wrap `vs` and `opt` (built from `vs`) and start an [`Engine`] on `comm`. A
+    /// collective: every rank calls it, and all get an error when the ranks' variables
+    /// differ in names, shapes, kinds or trainability, or when a variable has an
+    /// unsupported kind or device (the communicator is then dropped).
     ///
     /// ```no_run
     /// use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
     /// let comm = kolo::Communicator::from_env()?;
     /// let vs = nn::VarStore::new(Device::Cpu);
     /// let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+    /// let dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn new(
-        comm: &'c Communicator,
+        comm: Communicator,
         vs: nn::VarStore,
         opt: nn::Optimizer,
-    ) -> Result<DistributedOptimizer<'c>> {
-        // Describe the layout: named variables sorted by name, then the trainable ones in
-        // optimizer order.
+    ) -> Result<DistributedOptimizer> {
+        // Describe the layout: named variables sorted by name, with shape, kind and whether
+        // they train. (The order they were created in does not matter: the engine matches
+        // gradients by name.)
         let mut desc = String::new();
         let mut bad = None;
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -518,10 +657,12 @@ impl<'c> DistributedOptimizer<'c> {
             if let Err(e) = check(t, name) {
                 bad.get_or_insert(e);
             }
-            desc += &format!("{name}:{:?}:{:?};", t.size(), t.f_kind().ok());
-        }
-        for t in vs.trainable_variables() {
-            desc += &format!("{:?}:{:?};", t.size(), t.f_kind().ok());
+            desc += &format!(
+                "{name}:{:?}:{:?}:{};",
+                t.size(),
+                t.f_kind().ok(),
+                t.requires_grad()
+            );
         }
         // Every rank takes part in the check even when its own variables are bad, so no
         // rank is left waiting.
@@ -529,7 +670,7 @@ impl<'c> DistributedOptimizer<'c> {
             Some(_) => u64::MAX - comm.rank() as u64,
             None => hash_bytes(0xcbf2_9ce4_8422_2325, desc.as_bytes()),
         };
-        let differs = first_disagreeing(comm, local)?;
+        let differs = first_disagreeing(&comm, local)?;
         if let Some(e) = bad {
             return Err(e);
         }
@@ -538,33 +679,45 @@ impl<'c> DistributedOptimizer<'c> {
                 rank: comm.rank(),
                 peer,
                 op: "DistributedOptimizer::new".into(),
-                detail: "ranks built different models (variable names, shapes or kinds differ, \
-                         or a rank has an unsupported variable)"
+                detail: "ranks built different models (variable names, shapes, kinds or \
+                         trainability differ, or a rank has an unsupported variable)"
                     .into(),
             });
         }
         Ok(DistributedOptimizer {
-            comm,
+            engine: Engine::start(comm)?,
             vs,
             opt,
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
             staging: Vec::new(),
         })
     }
 
-    /// The communicator.
+    /// The engine that owns the communicator, for other collectives during training (see
+    /// [`engine_allreduce_tensor`]). Avoid the names of the variables and names starting
+    /// with `kolo.torch/`.
     ///
     /// ```no_run
-    /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
+    /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device, Tensor};
     /// # let comm = kolo::Communicator::from_env()?;
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
-    /// assert_eq!(dopt.comm().size(), comm.size());
+    /// let dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
+    /// let mut loss = Tensor::from(0.25f64);
+    /// kolo::torch::engine_allreduce_tensor(dopt.engine(), "loss", &mut loss, kolo::ReduceOp::Avg)?;
     /// # Ok::<(), kolo::Error>(())
     /// ```
-    pub fn comm(&self) -> &'c Communicator {
-        self.comm
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.engine.rank()
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.engine.size()
     }
 
     /// The wrapped variable store (for saving, or building more of the model).
@@ -574,8 +727,8 @@ impl<'c> DistributedOptimizer<'c> {
     /// # let comm = kolo::Communicator::from_env()?;
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
-    /// if comm.rank() == 0 {
+    /// let dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
+    /// if dopt.rank() == 0 {
     ///     dopt.var_store().save("model.safetensors").unwrap();
     /// }
     /// # Ok::<(), kolo::Error>(())
@@ -591,7 +744,7 @@ impl<'c> DistributedOptimizer<'c> {
     /// # let comm = kolo::Communicator::from_env()?;
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let mut dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+    /// let mut dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
     /// dopt.optimizer_mut().set_lr(0.01);
     /// # Ok::<(), kolo::Error>(())
     /// ```
@@ -599,77 +752,80 @@ impl<'c> DistributedOptimizer<'c> {
         &mut self.opt
     }
 
-    /// Size limit of a gradient bucket in bytes.
+    /// Copy every variable (trainable or not) from rank `root` to all ranks, through the
+    /// engine. Call it once after building the model, so all ranks start from the same
+    /// parameters.
     ///
     /// ```no_run
     /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
     /// # let comm = kolo::Communicator::from_env()?;
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
-    /// assert_eq!(dopt.bucket_bytes(), kolo::torch::DEFAULT_BUCKET_BYTES);
-    /// # Ok::<(), kolo::Error>(())
-    /// ```
-    pub fn bucket_bytes(&self) -> usize {
-        self.bucket_bytes
-    }
-
-    /// Set the bucket size limit (must be positive, and the same on every rank).
-    ///
-    /// ```no_run
-    /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
-    /// # let comm = kolo::Communicator::from_env()?;
-    /// # let vs = nn::VarStore::new(Device::Cpu);
-    /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let mut dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
-    /// dopt.set_bucket_bytes(4 << 20)?;
-    /// # Ok::<(), kolo::Error>(())
-    /// ```
-    pub fn set_bucket_bytes(&mut self, bytes: usize) -> Result<()> {
-        if bytes == 0 {
-            return Err(Error::InvalidArgument(
-                "torch: bucket size must be positive".into(),
-            ));
-        }
-        self.bucket_bytes = bytes;
-        Ok(())
-    }
-
-    /// Copy every variable (trainable or not) from rank `root` to all ranks. Call it once
-    /// after building the model, so all ranks start from the same parameters.
-    ///
-    /// ```no_run
-    /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
-    /// # let comm = kolo::Communicator::from_env()?;
-    /// # let vs = nn::VarStore::new(Device::Cpu);
-    /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let mut dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+    /// let mut dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
     /// dopt.broadcast_parameters(0)?;
     /// assert!(dopt.parameters_in_sync()?);
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn broadcast_parameters(&mut self, root: usize) -> Result<()> {
-        if root >= self.comm.size() {
+        if root >= self.size() {
             return Err(Error::InvalidArgument(format!(
                 "torch: broadcast_parameters: root {root} is not below size {}",
-                self.comm.size()
+                self.size()
             )));
         }
-        let mut vars = self.sorted_variables();
-        fused(
-            self.comm,
-            &mut vars,
-            Fused::Broadcast(root),
-            self.bucket_bytes,
-            &mut self.staging,
-        )
+        let items: Vec<(String, Tensor)> = self
+            .sorted_variables()
+            .into_iter()
+            .map(|(name, t)| (format!("{RESERVED}broadcast/{name}"), t))
+            .collect();
+        engine_broadcast_many(&self.engine, &items, root)
     }
 
-    /// Average the gradients of the trainable variables across ranks, in place. A variable
-    /// without a gradient on this rank (unused in the forward pass) gets a zero gradient so
-    /// that all ranks reduce the same buckets; frozen variables are skipped (freeze the same
-    /// ones on every rank). Called by [`backward_step`](Self::backward_step);
-    /// public for loops that call `backward` and `step` themselves.
+    /// The trainable, unfrozen variables with their names, in creation order.
+    fn trainable_named(&self) -> Result<Vec<(String, Tensor)>> {
+        let vars = self.vs.variables_.lock().unwrap_or_else(|p| p.into_inner());
+        // Names by storage address (variables of no elements may share one).
+        let mut by_addr: std::collections::HashMap<usize, Vec<(&String, &Tensor)>> =
+            std::collections::HashMap::new();
+        for (name, t) in &vars.named_variables {
+            by_addr
+                .entry(t.data_ptr() as usize)
+                .or_default()
+                .push((name, t));
+        }
+        let mut out = Vec::new();
+        for v in &vars.trainable_variables {
+            let p = &v.tensor;
+            if !p.requires_grad() {
+                continue; // frozen (VarStore::freeze): no gradient, on every rank
+            }
+            let cands = by_addr
+                .get(&(p.data_ptr() as usize))
+                .map_or(&[][..], |c| &c[..]);
+            let name = match cands {
+                [(name, _)] => (*name).clone(),
+                _ => cands
+                    .iter()
+                    .find(|(_, t)| t.f_is_set_to(p).unwrap_or(false))
+                    .map(|(name, _)| (*name).clone())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "torch: a trainable variable has no name in the VarStore".into(),
+                        )
+                    })?,
+            };
+            out.push((name, p.shallow_clone()));
+        }
+        Ok(out)
+    }
+
+    /// Average the gradients of the trainable variables across ranks, in place, through
+    /// the engine: every gradient is submitted under its variable's name, then all are
+    /// awaited (see the type's documentation). A variable without a gradient on this rank
+    /// (unused in the forward pass) gets a zero gradient, so that every rank submits every
+    /// name; frozen variables are skipped (freeze the same ones on every rank). Called by
+    /// [`backward_step`](Self::backward_step); public for loops that call `backward` and
+    /// `step` themselves.
     ///
     /// ```no_run
     /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device, Tensor};
@@ -677,7 +833,7 @@ impl<'c> DistributedOptimizer<'c> {
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
     /// # let loss = Tensor::from(0.0);
-    /// let mut dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+    /// let mut dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
     /// dopt.optimizer_mut().zero_grad();
     /// loss.backward();
     /// dopt.allreduce_gradients()?;
@@ -687,10 +843,7 @@ impl<'c> DistributedOptimizer<'c> {
     pub fn allreduce_gradients(&mut self) -> Result<()> {
         let e = torch_err("gradients");
         let mut grads = Vec::new();
-        for p in self.vs.trainable_variables() {
-            if !p.requires_grad() {
-                continue; // frozen (VarStore::freeze): no gradient, on every rank
-            }
+        for (name, p) in self.trainable_named()? {
             let mut g = p.f_grad().map_err(&e)?;
             if !g.defined() {
                 // d(sum(p * 0))/dp = 0 defines p's gradient as zeros.
@@ -700,21 +853,15 @@ impl<'c> DistributedOptimizer<'c> {
                     .map_err(&e)?;
                 g = p.f_grad().map_err(&e)?;
             }
-            grads.push(g);
+            grads.push((name, g));
         }
-        fused(
-            self.comm,
-            &mut grads,
-            Fused::Allreduce(ReduceOp::Avg),
-            self.bucket_bytes,
-            &mut self.staging,
-        )
+        engine_allreduce_many(&self.engine, &grads, ReduceOp::Avg, &mut self.staging)
     }
 
     /// One training step on this rank's shard: zero the gradients, run `loss.backward()`,
-    /// average the gradients across ranks, and step the optimizer. With the mean loss over
-    /// each rank's equal-sized shard, this is the step one process would take on the
-    /// whole global batch.
+    /// average the gradients across ranks through the engine, and step the optimizer.
+    /// With the mean loss over each rank's equal-sized shard, this is the step one process
+    /// would take on the whole global batch.
     ///
     /// ```no_run
     /// # use kolo::torch::tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
@@ -722,7 +869,7 @@ impl<'c> DistributedOptimizer<'c> {
     /// let vs = nn::VarStore::new(Device::Cpu);
     /// let net = nn::linear(vs.root(), 4, 1, Default::default());
     /// let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let mut dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+    /// let mut dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
     /// let x = Tensor::ones([8, 4], (Kind::Float, Device::Cpu));
     /// let loss = net.forward(&x).square().mean(Kind::Float);
     /// dopt.backward_step(&loss)?;
@@ -737,49 +884,57 @@ impl<'c> DistributedOptimizer<'c> {
     }
 
     /// Whether every variable is bitwise equal on all ranks (compares a 64-bit hash of
-    /// each rank's variables). A collective: every rank gets the same answer.
+    /// each rank's variables, gathered through the engine). A collective: every rank gets
+    /// the same answer.
     ///
     /// ```no_run
     /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
     /// # let comm = kolo::Communicator::from_env()?;
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
+    /// let dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
     /// assert!(dopt.parameters_in_sync()?);
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn parameters_in_sync(&self) -> Result<bool> {
         let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for t in self.sorted_variables() {
-            let dt = check(&t, "parameters_in_sync")?;
+        for (name, t) in self.sorted_variables() {
+            let dt = check(&t, &name)?;
             let (host, _) = to_host(&t, "parameters_in_sync")?;
             // SAFETY: a contiguous CPU tensor of kind `dt`, read only here.
             h = with_elem!(dt, T => {
                 hash_bytes(h, crate::element::as_bytes(unsafe { host_slice::<T>(&host) }))
             });
         }
-        Ok(first_disagreeing(self.comm, h)?.is_none())
+        let all = self
+            .engine
+            .allgather_async(&format!("{RESERVED}parameters_in_sync"), vec![h as i64])?
+            .wait()?;
+        Ok(all.iter().all(|&x| x == all[0]))
     }
 
-    /// Take the variable store and the optimizer back.
+    /// Stop the engine and take the communicator, the variable store and the optimizer
+    /// back. A collective: every rank must call it (it returns once all have).
     ///
     /// ```no_run
     /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
     /// # let comm = kolo::Communicator::from_env()?;
     /// # let vs = nn::VarStore::new(Device::Cpu);
     /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
-    /// let dopt = kolo::torch::DistributedOptimizer::new(&comm, vs, opt)?;
-    /// let (vs, opt) = dopt.into_parts();
+    /// let dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
+    /// let (comm, vs, opt) = dopt.shutdown()?;
+    /// comm.barrier()?; // blocking collectives work again
     /// # Ok::<(), kolo::Error>(())
     /// ```
-    pub fn into_parts(self) -> (nn::VarStore, nn::Optimizer) {
-        (self.vs, self.opt)
+    pub fn shutdown(self) -> Result<(Communicator, nn::VarStore, nn::Optimizer)> {
+        let comm = self.engine.shutdown()?;
+        Ok((comm, self.vs, self.opt))
     }
 
-    /// All variables, sorted by name (the same order on every rank).
-    fn sorted_variables(&self) -> Vec<Tensor> {
+    /// All variables with their names, sorted by name (the same order on every rank).
+    fn sorted_variables(&self) -> Vec<(String, Tensor)> {
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        named.into_iter().map(|(_, t)| t).collect()
+        named
     }
 }

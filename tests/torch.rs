@@ -1,17 +1,22 @@
-//! kolo::torch (feature `torch`): data-parallel training is equivalent to one process on
-//! the whole batch, parameters broadcast and stay in sync, every supported tensor kind
-//! round-trips through the collectives, bad input gives errors, the CUDA path (when a GPU
-//! is present), and the train_digits example reaches 95% on 4 ranks under kolorun.
+//! kolo::torch (feature `torch`): data-parallel training (gradients averaged through the
+//! engine) is equivalent to one process on the whole batch, also when the ranks create
+//! their variables, and so submit their gradients, in different orders; parameters
+//! broadcast and stay in sync, every supported tensor kind round-trips through the
+//! collectives (blocking and through the engine), bad input gives errors, the CUDA path
+//! (when a GPU is present), and the train_digits example reaches 95% on 4 ranks under
+//! kolorun.
 //!
 //! Ranks are threads in this process (tests/common), each with its own VarStore.
 mod common;
 
-use common::{mix, run_ranks};
+use common::{mix, run_ranks, run_ranks_with};
+use kolo::engine::Engine;
 use kolo::torch::tch::{self, nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 use kolo::torch::{
-    allgather_tensor, allreduce_tensor, broadcast_tensor, dtype_of, DistributedOptimizer,
+    allgather_tensor, allreduce_tensor, broadcast_tensor, dtype_of, engine_allreduce_tensor,
+    DistributedOptimizer,
 };
-use kolo::{Communicator, Error, ReduceOp};
+use kolo::{Communicator, Config, Error, ReduceOp};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,12 +43,26 @@ const STEPS: u64 = 30;
 /// A two-layer tanh MLP in f64 with fixed initial weights (the same on every rank unless
 /// `init_seed` differs).
 fn model(vs: &mut nn::VarStore, init_seed: u64) -> impl Module {
+    model_in_order(vs, init_seed, [0, 1, 2, 3])
+}
+
+/// [`model`] with its four variables (w1, b1, w2, b2) created in `order`: the order of
+/// `VarStore::trainable_variables`, in which `DistributedOptimizer` submits the gradients.
+fn model_in_order(vs: &mut nn::VarStore, init_seed: u64, order: [usize; 4]) -> impl Module {
     vs.set_kind(Kind::Double);
     let root = vs.root();
-    let w1 = root.var_copy("w1", &tensor(init_seed, &[HIDDEN, IN]));
-    let b1 = root.var_copy("b1", &tensor(init_seed + 1, &[HIDDEN]));
-    let w2 = root.var_copy("w2", &tensor(init_seed + 2, &[OUT, HIDDEN]));
-    let b2 = root.var_copy("b2", &tensor(init_seed + 3, &[OUT]));
+    let spec: [(&str, Vec<i64>); 4] = [
+        ("w1", vec![HIDDEN, IN]),
+        ("b1", vec![HIDDEN]),
+        ("w2", vec![OUT, HIDDEN]),
+        ("b2", vec![OUT]),
+    ];
+    let mut vars: [Option<Tensor>; 4] = Default::default();
+    for i in order {
+        let (name, shape) = &spec[i];
+        vars[i] = Some(root.var_copy(name, &tensor(init_seed + i as u64, shape)));
+    }
+    let [w1, b1, w2, b2] = vars.map(|v| v.expect("every variable created"));
     nn::func(move |x| (x.matmul(&w1.tr()) + &b1).tanh().matmul(&w2.tr()) + &b2)
 }
 
@@ -85,14 +104,14 @@ fn reference() -> Vec<f64> {
     params(&vs)
 }
 
-/// Rank `comm.rank()` trains on its shard of each global batch.
-fn data_parallel(comm: Communicator, bucket_bytes: usize) -> Vec<f64> {
+/// Rank `comm.rank()` trains on its shard of each global batch, with its variables
+/// created in `order(rank)`.
+fn data_parallel(comm: Communicator, order: impl Fn(usize) -> [usize; 4]) -> Vec<f64> {
     let (r, n) = (comm.rank() as i64, comm.size() as i64);
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let net = model(&mut vs, 7);
+    let net = model_in_order(&mut vs, 7, order(comm.rank()));
     let opt = sgd().build(&vs, 0.1).unwrap();
-    let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
-    dopt.set_bucket_bytes(bucket_bytes).unwrap();
+    let mut dopt = DistributedOptimizer::new(comm, vs, opt).unwrap();
     let per = GLOBAL_BATCH / n;
     for step in 0..STEPS {
         let (x, y) = batch(step);
@@ -101,14 +120,21 @@ fn data_parallel(comm: Communicator, bucket_bytes: usize) -> Vec<f64> {
         dopt.backward_step(&loss).unwrap();
     }
     assert!(dopt.parameters_in_sync().unwrap());
-    params(dopt.var_store())
+    let (_comm, vs, _opt) = dopt.shutdown().unwrap();
+    params(&vs)
 }
 
-fn check_equivalence(bucket_bytes: usize) {
+/// Training on N = 1, 2, 4 ranks ends within 1e-10 of one process and bitwise equal on
+/// every rank. `tweak` sets the engine's fusion settings; `order` the variables' creation
+/// (and gradient submission) order on each rank.
+fn check_equivalence(
+    tweak: impl Fn(&mut Config) + Sync,
+    order: impl Fn(usize) -> [usize; 4] + Sync,
+) {
     tch::set_num_threads(1);
     let want = reference();
     for n in [1, 2, 4] {
-        let got = run_ranks(n, |c| data_parallel(c, bucket_bytes));
+        let got = run_ranks_with(n, &tweak, |c| data_parallel(c, &order));
         for (r, p) in got.iter().enumerate() {
             assert_eq!(p.len(), want.len());
             let worst = p
@@ -139,15 +165,33 @@ fn check_equivalence(bucket_bytes: usize) {
     }
 }
 
+const CREATION_ORDER: fn(usize) -> [usize; 4] = |_| [0, 1, 2, 3];
+
 #[test]
-fn equivalence_with_one_process_default_buckets() {
-    check_equivalence(kolo::torch::DEFAULT_BUCKET_BYTES);
+fn equivalence_with_one_process_default_fusion() {
+    check_equivalence(|_| {}, CREATION_ORDER);
 }
 
 #[test]
-fn equivalence_with_one_process_small_buckets() {
-    // 100 bytes: several buckets, and tensors larger than a bucket.
-    check_equivalence(100);
+fn equivalence_with_one_process_small_fusion_buffers() {
+    // Fusion buffers of 100 bytes: several per step, and tensors larger than a buffer;
+    // tensors of 128 bytes and more (w1, 320 bytes) reduced alone in place.
+    check_equivalence(
+        |c| {
+            c.fusion_threshold = 100;
+            c.fusion_inplace_bytes = 128;
+        },
+        CREATION_ORDER,
+    );
+}
+
+#[test]
+fn equivalence_with_rank_dependent_gradient_order() {
+    // Each rank creates its variables in another order, so it submits its gradients to
+    // the engine in another order; the engine matches them by name.
+    let order = |rank: usize| [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]][rank % 4];
+    check_equivalence(|_| {}, order);
+    check_equivalence(|c| c.fusion_threshold = 100, order);
 }
 
 #[test]
@@ -161,12 +205,13 @@ fn broadcast_parameters_makes_ranks_identical() {
             .root()
             .add("stats", tensor(200 + comm.rank() as u64, &[4]), false);
         let opt = sgd().build(&vs, 0.1).unwrap();
-        let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
+        let mut dopt = DistributedOptimizer::new(comm, vs, opt).unwrap();
         let before = dopt.parameters_in_sync().unwrap();
         dopt.broadcast_parameters(1).unwrap();
         let after = dopt.parameters_in_sync().unwrap();
         let root_bad = dopt.broadcast_parameters(3);
-        (before, after, params(dopt.var_store()), root_bad)
+        let (_comm, vs, _opt) = dopt.shutdown().unwrap();
+        (before, after, params(&vs), root_bad)
     });
     let want = {
         let mut vs = nn::VarStore::new(Device::Cpu);
@@ -269,6 +314,24 @@ fn every_supported_kind_round_trips() {
         if s.int64_value(&[]) != 3 {
             errs.push(format!("rank {r}: scalar"));
         }
+        // The same through the engine: every kind, contiguous and through a view.
+        let engine = Engine::start(comm).unwrap();
+        for kind in KINDS {
+            let mut t = int_tensor(r, kind, &shape);
+            engine_allreduce_tensor(&engine, &format!("{kind:?}"), &mut t, ReduceOp::Sum).unwrap();
+            if t.kind() != kind || !t.equal(&sum_of(kind)) {
+                errs.push(format!("rank {r} {kind:?}: engine allreduce sum"));
+            }
+            let base = int_tensor(r, kind, &shape);
+            let mut view = base.tr();
+            engine_allreduce_tensor(&engine, "view", &mut view, ReduceOp::Sum).unwrap();
+            if !base.equal(&sum_of(kind)) {
+                errs.push(format!(
+                    "rank {r} {kind:?}: engine allreduce through a view"
+                ));
+            }
+        }
+        engine.shutdown().unwrap();
         errs
     });
     let errs: Vec<String> = errs.into_iter().flatten().collect();
@@ -293,6 +356,24 @@ fn unsupported_input_is_an_error() {
         let mut ok = Tensor::ones([2], (Kind::Float, Device::Cpu));
         allreduce_tensor(&comm, &mut ok, ReduceOp::Sum).unwrap();
         assert_eq!(ok.double_value(&[0]), 2.0);
+        // Through the engine: refused before anything is submitted; the engine still works.
+        let engine = Engine::start(comm).unwrap();
+        let mut t = Tensor::zeros([3], (Kind::Bool, Device::Cpu));
+        out.push(engine_allreduce_tensor(
+            &engine,
+            "bool",
+            &mut t,
+            ReduceOp::Sum,
+        ));
+        out.push(engine_allreduce_tensor(
+            &engine,
+            "undefined",
+            &mut undefined,
+            ReduceOp::Sum,
+        ));
+        engine_allreduce_tensor(&engine, "ok", &mut ok, ReduceOp::Sum).unwrap();
+        assert_eq!(ok.double_value(&[0]), 4.0);
+        engine.shutdown().unwrap();
         out
     });
     for (r, results) in got.iter().enumerate() {
@@ -313,7 +394,7 @@ fn different_models_are_a_mismatch_on_every_rank() {
         let width = if comm.rank() == 2 { 5 } else { 4 };
         let _ = nn::linear(vs.root(), 3, width, Default::default());
         let opt = sgd().build(&vs, 0.1).unwrap();
-        DistributedOptimizer::new(&comm, vs, opt).map(|_| ())
+        DistributedOptimizer::new(comm, vs, opt).map(|_| ())
     });
     for (r, res) in got.iter().enumerate() {
         assert!(
@@ -325,7 +406,7 @@ fn different_models_are_a_mismatch_on_every_rank() {
 
 #[test]
 fn unused_parameters_get_zero_gradients() {
-    // Rank 0 never uses `spare`; rank 1 does. Both must reduce the same buckets.
+    // Rank 0 never uses `spare`; rank 1 does. Both must submit every gradient.
     tch::set_num_threads(1);
     let got = run_ranks(2, |comm| {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -341,13 +422,15 @@ fn unused_parameters_get_zero_gradients() {
             .var_copy("frozen", &Tensor::ones([2], (Kind::Float, Device::Cpu)))
             .set_requires_grad(false);
         let opt = nn::Sgd::default().build(&vs, 1.0).unwrap();
-        let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
-        let loss = match comm.rank() {
+        let rank = comm.rank();
+        let mut dopt = DistributedOptimizer::new(comm, vs, opt).unwrap();
+        let loss = match rank {
             1 => w.sum(Kind::Float) + spare.sum(Kind::Float) * 2.0,
             _ => w.sum(Kind::Float),
         };
         dopt.backward_step(&loss).unwrap();
         assert!(dopt.parameters_in_sync().unwrap());
+        dopt.shutdown().unwrap();
         assert_eq!(Vec::<f32>::try_from(&frozen).unwrap(), [1.0; 2]);
         (
             Vec::<f32>::try_from(&w).unwrap(),
@@ -370,7 +453,9 @@ fn cuda_tensors_and_training() {
     tch::set_num_threads(1);
     let n = 2;
     let want = reference();
-    let got = run_ranks(n, |comm| {
+    // Small fusion buffers: several per step.
+    let tweak = |c: &mut Config| c.fusion_threshold = 100;
+    let got = run_ranks_with(n, tweak, |comm| {
         let dev = kolo::torch::cuda_device(&comm).unwrap();
         assert_eq!(
             dev,
@@ -405,8 +490,16 @@ fn cuda_tensors_and_training() {
         let net =
             nn::func(move |x| (x.matmul(&w[0].tr()) + &w[1]).tanh().matmul(&w[2].tr()) + &w[3]);
         let opt = sgd().build(&vs, 0.1).unwrap();
-        let mut dopt = DistributedOptimizer::new(&comm, vs, opt).unwrap();
-        dopt.set_bucket_bytes(100).unwrap();
+        let mut dopt = DistributedOptimizer::new(comm, vs, opt).unwrap();
+        // Through the engine's staging path too (a transposed view).
+        for kind in KINDS {
+            let base = int_tensor(r as usize, kind, &[5, 7]).to_device(dev);
+            let mut view = base.tr();
+            engine_allreduce_tensor(dopt.engine(), "cuda", &mut view, ReduceOp::Sum).unwrap();
+            let sum = (int_tensor(0, Kind::Int64, &[5, 7]) + int_tensor(1, Kind::Int64, &[5, 7]))
+                .to_kind(kind);
+            assert!(base.to_device(Device::Cpu).equal(&sum), "engine {kind:?}");
+        }
         let per = GLOBAL_BATCH / size;
         for step in 0..STEPS {
             let (x, y) = batch(step);
@@ -416,9 +509,10 @@ fn cuda_tensors_and_training() {
             dopt.backward_step(&loss).unwrap();
         }
         assert!(dopt.parameters_in_sync().unwrap());
+        let (_comm, trained, _opt) = dopt.shutdown().unwrap();
         let mut vs = nn::VarStore::new(Device::Cpu);
         let _ = model(&mut vs, 7);
-        vs.copy(dopt.var_store()).unwrap();
+        vs.copy(&trained).unwrap();
         params(&vs)
     });
     for p in got {
