@@ -15,6 +15,7 @@
 #[path = "data/digits.rs"]
 mod digits;
 
+use kolo::compress::Compression;
 use kolo::torch::tch::{self, nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 use kolo::torch::{engine_allreduce_tensor, DistributedOptimizer};
 use kolo::{Communicator, Config, ReduceOp};
@@ -29,7 +30,8 @@ usage: train_digits [options]     (run it under kolorun, e.g. kolorun -np 4 trai
   --hidden N          width of the hidden layers (default 128)
   --seed N            seed of the data order and of the model (default 1)
   --device cpu|cuda   where each rank trains (cuda: cuda:(local_rank % devices)) (default cpu)
-  --compression none  gradient compression (fp16 and topk:<fraction> are not yet available)
+  --compression C     gradient compression: none, fp16, bf16, topk or topk:<density>
+                      (top-k with error feedback; default none)
   --threads N         libtorch intra-op threads per rank (default 1)
   --fusion-mb N       the engine's fusion buffer size in MiB, for the gradients
                       (default: KOLO_FUSION_THRESHOLD, else 64)";
@@ -44,6 +46,7 @@ struct Args {
     model: String,
     threads: Option<usize>,
     fusion_mb: Option<usize>,
+    compression: Compression,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         model: "cnn".into(),
         threads: None,
         fusion_mb: None,
+        compression: Compression::None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -97,16 +101,12 @@ fn parse_args() -> Result<Args, String> {
                     return Err(format!("--model: {:?} is not mlp or cnn", a.model));
                 }
             }
-            "--compression" => match value()?.as_str() {
-                "none" => {}
-                c if c == "fp16" || c.starts_with("topk:") => {
-                    return Err(format!(
-                        "--compression {c}: gradient compression is not yet available in \
-                         kolo::torch; use --compression none"
-                    ))
-                }
-                c => return Err(format!("--compression: unknown scheme {c:?}")),
-            },
+            "--compression" => {
+                let v = value()?;
+                a.compression = Compression::parse(&v).ok_or_else(|| {
+                    format!("--compression: {v:?} is not none, fp16, bf16, topk or topk:<density>")
+                })?;
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -242,13 +242,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .build(&vs, args.lr)?;
     // From here on the optimizer's engine owns the communicator: collectives go through it.
     let mut dopt = DistributedOptimizer::new(comm, vs, opt)?;
+    dopt.set_compression(args.compression.clone());
     dopt.broadcast_parameters(0)?;
 
     if rank == 0 {
         println!(
             "train_digits: {size} rank(s), device {}, {} ({nparams} parameters), \
              {} train / {} test images, global batch {}, SGD lr {} (cosine decay) momentum 0.9, \
-             {} epochs, compression none, {threads} thread(s) per rank, gradients through the \
+             {} epochs, compression {}, {threads} thread(s) per rank, gradients through the \
              engine (fusion buffers of {} KiB)",
             args.device,
             match args.model.as_str() {
@@ -260,6 +261,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             args.batch,
             args.lr,
             args.epochs,
+            args.compression,
             fusion_threshold >> 10,
         );
     }

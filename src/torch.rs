@@ -44,6 +44,7 @@
 //! collectives on a [`Communicator`] (not one an engine owns);
 //! [`engine_allreduce_tensor`] reduces a tensor through an engine.
 
+use crate::compress::Compression;
 use crate::engine::{Engine, Handle};
 use crate::{Communicator, DType, Element, Error, ReduceOp, Result};
 use half::{bf16, f16};
@@ -364,6 +365,7 @@ fn engine_allreduce_many(
     items: &[(String, Tensor)],
     op: ReduceOp,
     staging: &mut Vec<(Device, Tensor)>,
+    compression: &Compression,
 ) -> Result<()> {
     let e = torch_err("engine allreduce");
     let _guard = tch::no_grad_guard();
@@ -436,7 +438,13 @@ fn engine_allreduce_many(
         // Nothing reads or writes that memory until every handle submitted here has
         // completed: this function waits for all of them below before it touches the
         // tensors again or returns, whatever fails.
-        match unsafe { engine.allreduce_async_raw(name, ptr, count, dt, op) } {
+        // Compression applies to float32 gradients; other kinds go as they are.
+        let c = if dt == DType::F32 {
+            compression
+        } else {
+            &Compression::None
+        };
+        match unsafe { engine.allreduce_async_raw_compressed(name, ptr, count, dt, op, c) } {
             Ok(h) => handles.push(h),
             Err(err) => {
                 failed = Some(err);
@@ -502,6 +510,7 @@ pub fn engine_allreduce_tensor(
         &[(name.to_string(), t.shallow_clone())],
         op,
         &mut Vec::new(),
+        &Compression::None,
     )
 }
 
@@ -615,6 +624,8 @@ pub struct DistributedOptimizer {
     opt: nn::Optimizer,
     /// Pinned host buffers for CUDA gradients, one per kind and device.
     staging: Vec<(Device, Tensor)>,
+    /// How float32 gradients travel (top-k keeps its error feedback per variable).
+    compression: Compression,
 }
 
 impl std::fmt::Debug for DistributedOptimizer {
@@ -689,6 +700,7 @@ impl DistributedOptimizer {
             vs,
             opt,
             staging: Vec::new(),
+            compression: Compression::None,
         })
     }
 
@@ -819,6 +831,28 @@ impl DistributedOptimizer {
         Ok(out)
     }
 
+    /// Compress float32 gradients on the wire from now on (fp16/bf16 with f32
+    /// accumulation, or top-k with error feedback kept per variable by the engine).
+    /// Every rank must choose the same.
+    ///
+    /// ```no_run
+    /// # use kolo::torch::tch::{nn, nn::OptimizerConfig, Device};
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// # let vs = nn::VarStore::new(Device::Cpu);
+    /// # let opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+    /// let mut dopt = kolo::torch::DistributedOptimizer::new(comm, vs, opt)?;
+    /// dopt.set_compression(kolo::compress::Compression::Fp16);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn set_compression(&mut self, c: Compression) {
+        self.compression = c;
+    }
+
+    /// The compression set with [`DistributedOptimizer::set_compression`].
+    pub fn compression(&self) -> &Compression {
+        &self.compression
+    }
+
     /// Average the gradients of the trainable variables across ranks, in place, through
     /// the engine: every gradient is submitted under its variable's name, then all are
     /// awaited (see the type's documentation). A variable without a gradient on this rank
@@ -855,7 +889,13 @@ impl DistributedOptimizer {
             }
             grads.push((name, g));
         }
-        engine_allreduce_many(&self.engine, &grads, ReduceOp::Avg, &mut self.staging)
+        engine_allreduce_many(
+            &self.engine,
+            &grads,
+            ReduceOp::Avg,
+            &mut self.staging,
+            &self.compression,
+        )
     }
 
     /// One training step on this rank's shard: zero the gradients, run `loss.backward()`,

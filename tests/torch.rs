@@ -554,11 +554,20 @@ fn train_digits() -> PathBuf {
 
 #[test]
 fn train_digits_reaches_95_percent_on_4_ranks() {
+    train_digits_reaches_95_percent("none");
+}
+
+#[test]
+fn train_digits_with_fp16_gradients_reaches_95_percent_on_4_ranks() {
+    train_digits_reaches_95_percent("fp16");
+}
+
+fn train_digits_reaches_95_percent(compression: &str) {
     let exe = train_digits();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kolorun"))
         .args(["-np", "4", "--start-timeout", "60"])
         .arg(&exe)
-        .args(["--epochs", "20"])
+        .args(["--epochs", "20", "--compression", compression])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -605,5 +614,9 @@ fn train_digits_reaches_95_percent_on_4_ranks() {
         .trim()
         .parse()
         .expect("final_accuracy is a number");
+    assert!(
+        out.contains(&format!("compression {compression},")),
+        "the run used --compression {compression}:\n{out}"
+    );
     assert!(acc >= 0.95, "final accuracy {acc} < 0.95:\n{out}");
 }
