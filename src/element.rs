@@ -147,7 +147,7 @@ pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
 /// or not a whole number of elements.
 ///
 /// ```
-/// let mut v = vec![0u64; 2];
+/// let mut v = vec![0i64; 2];
 /// let b = kolo::element::as_bytes_mut(&mut v);
 /// assert_eq!(kolo::element::cast_mut::<f32>(b).map(|s| s.len()), Some(4));
 /// ```
@@ -160,7 +160,7 @@ pub fn cast_mut<T: Element>(b: &mut [u8]) -> Option<&mut [T]> {
 /// View bytes as elements of `T` (see [`cast_mut`]).
 ///
 /// ```
-/// let v = vec![0u64; 1];
+/// let v = vec![0i64; 1];
 /// assert_eq!(kolo::element::cast::<i32>(kolo::element::as_bytes(&v)), Some(&[0, 0][..]));
 /// ```
 pub fn cast<T: Element>(b: &[u8]) -> Option<&[T]> {
