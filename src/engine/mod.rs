@@ -551,7 +551,7 @@ impl Engine {
     ///
     /// ```no_run
     /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
-    /// let all = engine.allgather_async("ids", vec![engine.rank() as i64], )?.wait()?;
+    /// let all = engine.allgather_async("ids", vec![engine.rank() as i64])?.wait()?;
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn allgather_async<T: Element + Default>(

@@ -187,6 +187,10 @@ impl Worker {
         let Some(since) = self.news_since else {
             return Ok(());
         };
+        if self.n == 1 {
+            // Alone, a collective costs nothing: gathering more only adds latency.
+            return Ok(());
+        }
         // Submissions arriving meanwhile do not wake this wait (the sleeping
         // flag stays down); they are taken when it ends.
         let until = since + self.cycle_time;
