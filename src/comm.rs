@@ -73,6 +73,10 @@ struct Inner {
 /// ```
 pub struct Communicator {
     cfg: Config,
+    /// The α-β-γ model `auto` chooses by (see [`crate::calibrate`]).
+    model: algo::cost::Model,
+    /// `auto`'s allreduce algorithm per power-of-two size ([`algo::cost::table`]).
+    auto: Vec<Algo>,
     inner: Mutex<Inner>,
     /// Rank 0 serves the rendezvous store for the communicator's lifetime
     /// unless a launcher does.
@@ -193,8 +197,11 @@ impl Communicator {
                 store,
             )
         };
-        let comm = Communicator {
+        let model = crate::calibrate::configured(&cfg);
+        let mut comm = Communicator {
             cfg,
+            model,
+            auto: Vec::new(),
             inner: Mutex::new(Inner {
                 transport,
                 seq: 0,
@@ -205,6 +212,11 @@ impl Communicator {
         };
         // Nobody returns before everyone is connected, so the store may go away.
         comm.barrier()?;
+        if crate::calibrate::measures(&comm.cfg) {
+            comm.model = crate::calibrate::measure(&comm)?;
+        }
+        let one_host = comm.local_size() == comm.size();
+        comm.auto = algo::cost::table(&comm.model, comm.size(), one_host);
         Ok(comm)
     }
 
@@ -242,10 +254,46 @@ impl Communicator {
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn allreduce_algo(&self, bytes: usize) -> Algo {
-        self.cfg.algo.unwrap_or_else(|| {
-            let one_host = self.local_size() == self.size();
-            algo::cost::default_algo(bytes, self.cfg.small_bytes, self.size(), one_host)
-        })
+        self.cfg
+            .algo
+            .unwrap_or(self.auto[algo::cost::bucket(bytes)])
+    }
+
+    /// The α-β-γ model this communicator chose its `auto` algorithms with:
+    /// measured at start (the maximum over ranks, so every rank holds the
+    /// same), or configured (`KOLO_ALPHA_US`, `KOLO_BETA_GBPS`,
+    /// `KOLO_GAMMA_GBPS`).
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// assert_eq!(comm.cost_model(), kolo::algo::cost::Model::DEFAULT);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn cost_model(&self) -> algo::cost::Model {
+        self.model
+    }
+
+    /// Where `auto` changes allreduce algorithm: `(smallest size in bytes,
+    /// algorithm)` per run of sizes, in increasing size.
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// assert_eq!(comm.auto_crossovers()[0].0, 1);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn auto_crossovers(&self) -> Vec<(usize, Algo)> {
+        algo::cost::crossovers(&self.auto)
+    }
+
+    /// Run a hand-made schedule of bytes in `buf` (the calibration probes).
+    pub(crate) fn run_schedule(
+        &self,
+        name: &'static str,
+        sched: &Schedule,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let call = self.call::<u8>(name, coll::ALLGATHER, ReduceOp::Sum, 0, buf.len());
+        self.run(call, sched, &[], buf, Ok(()))
     }
 
     /// A waker that cuts [`Communicator::wait_incoming`] short from another thread.

@@ -24,8 +24,12 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_START_TIMEOUT", "60", "seconds to wait for every rank to arrive at rendezvous"),
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
-    ("KOLO_SMALL_BYTES", "65536", "allreduce of at most this many bytes uses recursive doubling instead of the ring"),
-    ("KOLO_ALGO", "auto", "allreduce algorithm: auto, ring, tree, rhd, rd or binomial (auto: rd up to KOLO_SMALL_BYTES; above, tree for up to 4 ranks on one host, else the sliced ring)"),
+    ("KOLO_SMALL_BYTES", "65536", "allgather of at most this many bytes on up to 16 ranks goes to every rank in one step instead of around the ring"),
+    ("KOLO_ALGO", "auto", "allreduce algorithm: auto, ring, tree, rhd, rd or binomial (auto: by the alpha-beta-gamma model measured at start, per message size and world size; kolo-bench prints the crossovers)"),
+    ("KOLO_CALIBRATE", "1", "measure alpha (latency per step), beta (bandwidth) and gamma (reduction speed) between neighbours at start, a few ms (0: use KOLO_ALPHA_US/KOLO_BETA_GBPS/KOLO_GAMMA_GBPS or built-in defaults 20 us, 1.5 GB/s, 5 GB/s)"),
+    ("KOLO_ALPHA_US", "measured", "latency of one step in microseconds, for the algorithm choice (set: not measured)"),
+    ("KOLO_BETA_GBPS", "measured", "bandwidth between neighbours in GB/s, for the algorithm choice (set: not measured)"),
+    ("KOLO_GAMMA_GBPS", "measured", "reduction throughput in GB/s, for the algorithm choice (set: not measured)"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
     ("KOLO_FUSION_THRESHOLD", "67108864", "engine: ready allreduces of one dtype are packed into fusion buffers of at most this many bytes (0: no fusion)"),
@@ -69,12 +73,21 @@ pub struct Config {
     pub segment_bytes: usize,
     /// How long to busy-poll before blocking in epoll.
     pub spin: Duration,
-    /// Allreduce up to this many bytes uses recursive doubling.
+    /// Allgather up to this many bytes (on up to 16 ranks) goes directly to every rank.
     pub small_bytes: usize,
     /// Ring allreduce works through the buffer in slices of this many bytes (0: whole buffer).
     pub slice_bytes: usize,
     /// Allreduce algorithm to force (`None`: choose by message size).
     pub algo: Option<crate::algo::cost::Algo>,
+    /// Measure the cost model at start ([`crate::algo::cost::Model`]) for
+    /// what `alpha_us`, `beta_gbps` and `gamma_gbps` leave unset.
+    pub calibrate: bool,
+    /// Latency of one step in microseconds (`None`: measured or default).
+    pub alpha_us: Option<f64>,
+    /// Bandwidth between neighbours in GB/s (`None`: measured or default).
+    pub beta_gbps: Option<f64>,
+    /// Reduction throughput in GB/s (`None`: measured or default).
+    pub gamma_gbps: Option<f64>,
     /// Socket buffer size for data connections (0: kernel autotuning, which
     /// starts sends at 16 KiB, far below what a bulk transfer needs).
     pub socket_buffer: usize,
@@ -114,6 +127,10 @@ impl Config {
             slice_bytes: 512 << 10,
             socket_buffer: 1 << 20,
             algo: None,
+            calibrate: true,
+            alpha_us: None,
+            beta_gbps: None,
+            gamma_gbps: None,
             fusion_threshold: 64 << 20,
             fusion_inplace_bytes: 1 << 20,
             cycle_time: Duration::from_millis(1),
@@ -332,6 +349,24 @@ impl Config {
         if let Some(v) = nonneg("KOLO_STALL_SHUTDOWN_S")? {
             cfg.stall_shutdown = (v > 0.0).then(|| Duration::from_secs_f64(v));
         }
+        cfg.calibrate = match get("KOLO_CALIBRATE").as_deref().map(str::trim) {
+            None | Some("") | Some("1") => true,
+            Some("0") => false,
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "KOLO_CALIBRATE={v:?}: expected 0 or 1"
+                )))
+            }
+        };
+        let positive = |k: &str| -> Result<Option<f64>> {
+            match nonneg(k)? {
+                Some(0.0) => Err(Error::Config(format!("{k} must be above 0"))),
+                v => Ok(v),
+            }
+        };
+        cfg.alpha_us = nonneg("KOLO_ALPHA_US")?;
+        cfg.beta_gbps = positive("KOLO_BETA_GBPS")?;
+        cfg.gamma_gbps = positive("KOLO_GAMMA_GBPS")?;
         cfg.timeline = get("KOLO_TIMELINE")
             .filter(|s| !s.trim().is_empty())
             .map(std::path::PathBuf::from);

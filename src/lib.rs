@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod algo;
+pub mod calibrate;
 pub mod comm;
 pub mod compress;
 pub mod config;

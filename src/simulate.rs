@@ -356,7 +356,8 @@ impl Plan {
 
     /// The plan [`crate::Communicator::allreduce`] picks for `count`
     /// elements of `elem` bytes under `cfg` (its size, ranks per host,
-    /// `small_bytes`, `slice_bytes` and `segment_bytes`).
+    /// configured cost model (see [`crate::calibrate::configured`]),
+    /// `slice_bytes` and `segment_bytes`).
     ///
     /// ```
     /// use kolo::simulate::Plan;
@@ -367,7 +368,8 @@ impl Plan {
     /// ```
     pub fn kolo(cfg: &crate::Config, count: usize, elem: usize) -> Plan {
         let one_host = cfg.local_size == cfg.size;
-        match crate::algo::cost::default_algo(count * elem, cfg.small_bytes, cfg.size, one_host) {
+        let model = crate::calibrate::configured(cfg);
+        match crate::algo::cost::select(&model, cfg.size, one_host, count * elem) {
             Algo::Ring if cfg.slice_bytes > 0 => Plan::RingSliced {
                 slice: ring::slice_len(cfg.slice_bytes, cfg.size, elem),
             },

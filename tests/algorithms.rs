@@ -117,3 +117,45 @@ worlds!(
     world_16 = 16,
     world_17 = 17
 );
+
+/// The model measured at start is the same bits on every rank, so `auto`
+/// picks the same algorithm everywhere; configured values are not measured.
+#[test]
+fn measured_cost_model_is_identical_on_every_rank() {
+    for n in [2usize, 3, 5] {
+        let seen = run_ranks(n, |c| {
+            let m = c.cost_model();
+            assert!(m.alpha_s > 0.0 && m.beta_s_per_byte > 0.0 && m.gamma_s_per_byte > 0.0);
+            // Measured, not the built-in guess.
+            assert_ne!(m, kolo::algo::cost::Model::DEFAULT);
+            let picks: Vec<Algo> = (0..=30).map(|k| c.allreduce_algo(1 << k)).collect();
+            // And auto runs what it says it picks: an 8-byte and a 1 MiB sum.
+            for count in [2usize, 1 << 18] {
+                let mut v = vec![1.0f32; count];
+                c.allreduce(&mut v, ReduceOp::Sum).unwrap();
+                assert!(v.iter().all(|&x| x == n as f32));
+            }
+            (
+                [m.alpha_s, m.beta_s_per_byte, m.gamma_s_per_byte].map(f64::to_bits),
+                picks,
+            )
+        });
+        assert!(seen.iter().all(|s| *s == seen[0]), "n={n}: {seen:?}");
+        // Latency-bound sizes never run the ring.
+        assert_ne!(seen[0].1[3], Algo::Ring, "n={n}");
+    }
+    let configured = run_ranks_with(
+        3,
+        |cfg| {
+            cfg.alpha_us = Some(1000.0);
+            cfg.beta_gbps = Some(2.0);
+            cfg.gamma_gbps = Some(4.0);
+        },
+        |c| c.cost_model(),
+    );
+    for m in configured {
+        assert_eq!(m.alpha_s, 1e-3);
+        assert_eq!(m.beta_s_per_byte, 1.0 / 2e9);
+        assert_eq!(m.gamma_s_per_byte, 1.0 / 4e9);
+    }
+}

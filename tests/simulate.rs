@@ -84,6 +84,8 @@ fn wire_bytes(n: usize, count: usize, small: usize, slice: usize, algo: Option<A
             cfg.small_bytes = small;
             cfg.slice_bytes = slice;
             cfg.algo = algo;
+            // The built-in model, as Plan::kolo uses for a config without one.
+            cfg.calibrate = false;
         },
         |comm| {
             let mut v = vec![1.0f32; count];

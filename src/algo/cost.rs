@@ -179,31 +179,115 @@ pub fn allreduce_schedule(
     }
 }
 
-/// The allreduce algorithm used when none is forced, from measurements
-/// (README § Performance): recursive doubling up to `small_bytes`
-/// (latency-bound: log2 N steps). Above that, with every rank on one host and
-/// at most 4 ranks, the double binary tree: its reduce and broadcast overlap
-/// segment by segment, while the ring waits between reduce-scatter and
-/// allgather, and on one host the CPU, not a link, is the bottleneck (measured
-/// 1.1-1.6x the ring's busbw at N = 2, 3, 4). Otherwise the ring, which is
-/// bandwidth-optimal per link (and what `kolo-sim` predicts is fastest across
-/// hosts).
+/// A model that leaves the ring only when another algorithm is predicted to
+/// be this much cheaper: the model ignores caches and the ring's slicing, so a
+/// near tie is not evidence.
+pub const SWITCH_MARGIN: f64 = 0.9;
+
+impl Model {
+    /// The model used when nothing was measured or configured (about a
+    /// 10 Gbit/s link): 20 µs per step, 1.5 GB/s, reductions at 5 GB/s.
+    ///
+    /// ```
+    /// let m = kolo::algo::cost::Model::DEFAULT;
+    /// assert_eq!(m.alpha_s, 20e-6);
+    /// ```
+    pub const DEFAULT: Model = Model {
+        alpha_s: 20e-6,
+        beta_s_per_byte: 1.0 / 1.5e9,
+        gamma_s_per_byte: 1.0 / 5e9,
+    };
+}
+
+/// The allreduce algorithm `auto` runs for a buffer of `bytes` on `size`
+/// ranks under `model`.
+///
+/// The model decides between latency and bandwidth: recursive doubling or
+/// halving-doubling replace the ring when [`predict`] says they are at least
+/// 10% faster ([`SWITCH_MARGIN`]). Where the ring stays, up to 4 ranks on one
+/// host run the double binary tree instead: measured 1.1-1.6x the ring's
+/// busbw there (README § Algorithms), because its reduce and broadcast overlap
+/// segment by segment, which a per-rank α-β-γ model cannot see (it flatters
+/// the tree at small sizes and undersells it on a CPU-bound host, so the tree
+/// is not ranked by the model).
 ///
 /// ```
-/// use kolo::algo::cost::{default_algo, Algo};
-/// assert_eq!(default_algo(8, 65536, 4, true), Algo::Rd);
-/// assert_eq!(default_algo(1 << 20, 65536, 4, true), Algo::Tree);
-/// assert_eq!(default_algo(1 << 20, 65536, 8, true), Algo::Ring);
-/// assert_eq!(default_algo(1 << 20, 65536, 4, false), Algo::Ring);
+/// use kolo::algo::cost::{select, Algo, Model};
+/// let m = Model::DEFAULT;
+/// assert_eq!(select(&m, 4, false, 8), Algo::Rd);
+/// assert_eq!(select(&m, 4, false, 256 << 20), Algo::Ring);
+/// assert_eq!(select(&m, 4, true, 256 << 20), Algo::Tree);
+/// assert_eq!(select(&m, 8, true, 256 << 20), Algo::Ring);
 /// ```
-pub fn default_algo(bytes: usize, small_bytes: usize, size: usize, one_host: bool) -> Algo {
-    if bytes <= small_bytes {
-        Algo::Rd
+pub fn select(model: &Model, size: usize, one_host: bool, bytes: usize) -> Algo {
+    if size <= 1 {
+        return Algo::Rd;
+    }
+    // Byte-sized elements: the choice depends on bytes, not on the dtype.
+    let count = bytes.max(1);
+    let ring = predict(model, Algo::Ring, size, count, 1, 1);
+    let (other, t) = [Algo::Rd, Algo::Rhd]
+        .into_iter()
+        .map(|a| (a, predict(model, a, size, count, 1, 1)))
+        .fold(
+            (Algo::Rd, f64::INFINITY),
+            |b, x| if x.1 < b.1 { x } else { b },
+        );
+    if t < SWITCH_MARGIN * ring {
+        other
     } else if one_host && size <= 4 {
         Algo::Tree
     } else {
         Algo::Ring
     }
+}
+
+/// [`select`] for every power of two from 1 byte to 2^40 bytes: entry `k`
+/// is the choice for buffers of `2^(k-1) + 1 ..= 2^k` bytes (see
+/// [`bucket`]). Built once per communicator so a call costs one lookup.
+///
+/// ```
+/// use kolo::algo::cost::{bucket, table, Algo, Model};
+/// let t = table(&Model::DEFAULT, 4, true);
+/// assert_eq!(t[bucket(8)], Algo::Rd);
+/// assert_eq!(t[bucket(64 << 20)], Algo::Tree);
+/// ```
+pub fn table(model: &Model, size: usize, one_host: bool) -> Vec<Algo> {
+    (0..=40)
+        .map(|k| select(model, size, one_host, 1usize << k))
+        .collect()
+}
+
+/// The [`table`] entry for a buffer of `bytes`: the smallest `k` with
+/// `2^k >= bytes` (capped at 40).
+///
+/// ```
+/// use kolo::algo::cost::bucket;
+/// assert_eq!((bucket(0), bucket(1), bucket(8), bucket(9)), (0, 0, 3, 4));
+/// ```
+pub fn bucket(bytes: usize) -> usize {
+    let k = usize::BITS - bytes.max(1).saturating_sub(1).leading_zeros();
+    (k as usize).min(40)
+}
+
+/// The crossovers of a [`table`]: `(first bucket's bytes, algorithm)` for
+/// each run of equal choices, for logs and the README.
+///
+/// ```
+/// use kolo::algo::cost::{crossovers, Algo};
+/// let c = crossovers(&[Algo::Rd, Algo::Rd, Algo::Ring]);
+/// assert_eq!(c, vec![(1, Algo::Rd), (3, Algo::Ring)]);
+/// ```
+pub fn crossovers(table: &[Algo]) -> Vec<(usize, Algo)> {
+    let mut out: Vec<(usize, Algo)> = Vec::new();
+    for (k, &a) in table.iter().enumerate() {
+        if out.last().map_or(true, |l| l.1 != a) {
+            // Bucket k covers 2^(k-1)+1 ..= 2^k.
+            let first = if k == 0 { 1 } else { (1usize << (k - 1)) + 1 };
+            out.push((first, a));
+        }
+    }
+    out
 }
 
 /// Ranks whose schedules [`predict`] evaluates: all of them up to 64 ranks,
@@ -366,6 +450,36 @@ mod tests {
                 "n={n} {a:?}"
             );
         }
+    }
+
+    #[test]
+    fn selector_under_the_default_model() {
+        let m = Model::DEFAULT;
+        // The issue's rule: ring for 256 MiB and a logarithmic algorithm for 8 B at N = 4.
+        assert_eq!(select(&m, 4, false, 256 << 20), Algo::Ring);
+        assert!(matches!(select(&m, 4, false, 8), Algo::Rd | Algo::Rhd));
+        // Latency-bound sizes leave the ring at every world size; large ones keep it.
+        for n in [2, 3, 5, 8, 16, 64, 1024] {
+            assert!(
+                matches!(select(&m, n, false, 8), Algo::Rd | Algo::Rhd),
+                "n={n}"
+            );
+            assert_eq!(select(&m, n, false, 1 << 30), Algo::Ring, "n={n}");
+        }
+        // One host, up to 4 ranks: the tree replaces the ring, nothing else.
+        for n in 2..=4 {
+            assert_eq!(select(&m, n, true, 256 << 20), Algo::Tree, "n={n}");
+            assert_eq!(select(&m, n, true, 8), select(&m, n, false, 8), "n={n}");
+        }
+        // A slower network per step moves the crossover up.
+        let slow = Model { alpha_s: 1e-3, ..m };
+        let t = table(&m, 8, false);
+        let ts = table(&slow, 8, false);
+        let first_ring = |t: &[Algo]| t.iter().position(|&a| a == Algo::Ring).unwrap();
+        assert!(first_ring(&ts) > first_ring(&t));
+        // The table is monotone in the sense that once the ring wins it keeps winning.
+        let k = first_ring(&t);
+        assert!(t[k..].iter().all(|&a| a == Algo::Ring));
     }
 
     #[test]

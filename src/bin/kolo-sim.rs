@@ -19,8 +19,9 @@ the predicted time, algbw and busbw like nccl-tests (no network is used).
                          host talk over the intra link, others over the inter
                          link and share their host's NIC
       --algo LIST        comma-separated: ring, tree, rhd, rd, binomial, kolo
-                         (what Communicator::allreduce runs: rd up to
-                         --small-bytes, else the sliced ring), or all
+                         (what Communicator::allreduce's auto choice runs
+                         with the inter-host link and --gamma-gbps as its
+                         cost model), or all
                          (= ring,tree,rhd,rd; the default)
   -b, --minbytes SIZE    smallest message size (default 8)
   -e, --maxbytes SIZE    largest message size (default 256M)
@@ -34,8 +35,7 @@ the predicted time, algbw and busbw like nccl-tests (no network is used).
       --gamma-gbps G     reduction throughput, GB/s (gigaBYTES; default 8)
       --seg SIZE         tree pipeline segment, bytes (default 512K, kolo's
                          KOLO_SEGMENT_BYTES default)
-      --small-bytes SIZE --slice-bytes SIZE
-                         thresholds of the kolo plan (defaults 64K, 512K)
+      --slice-bytes SIZE ring slice of the kolo plan (default 512K)
   -h, --help             this text
 
 SIZE takes an optional K, M or G suffix (powers of 1024). Sizes run from -b,
@@ -71,7 +71,6 @@ const FLAGS: &[&str] = &[
     "--intra-gbps",
     "--gamma-gbps",
     "--seg",
-    "--small-bytes",
     "--slice-bytes",
 ];
 
@@ -92,7 +91,6 @@ struct Opts {
     intra_gbps: f64,
     gamma_gbps: f64,
     seg: usize,
-    small: usize,
     slice: usize,
 }
 
@@ -131,7 +129,6 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
         intra_gbps: 50.0,
         gamma_gbps: 8.0,
         seg: 512 << 10,
-        small: 64 << 10,
         slice: 512 << 10,
     };
     let mut i = 0;
@@ -209,7 +206,6 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             "--intra-gbps" => o.intra_gbps = parse_pos_f64(&val, false).ok_or_else(bad)?,
             "--gamma-gbps" => o.gamma_gbps = parse_pos_f64(&val, false).ok_or_else(bad)?,
             "--seg" => o.seg = parse_size(&val).filter(|&s| s > 0).ok_or_else(bad)?,
-            "--small-bytes" => o.small = parse_size(&val).ok_or_else(bad)?,
             "--slice-bytes" => o.slice = parse_size(&val).ok_or_else(bad)?,
             _ => return Err(format!("unknown option {a:?}")),
         }
@@ -288,7 +284,9 @@ fn main() -> ExitCode {
             let plan = if name == "kolo" {
                 let mut cfg = kolo::Config::local(0, n, 0);
                 cfg.local_size = o.per_host.min(n);
-                cfg.small_bytes = o.small;
+                cfg.alpha_us = Some(o.alpha_us);
+                cfg.beta_gbps = Some(o.gbps / 8.0);
+                cfg.gamma_gbps = Some(o.gamma_gbps);
                 cfg.slice_bytes = o.slice;
                 cfg.segment_bytes = o.seg;
                 Plan::kolo(&cfg, count, elem)

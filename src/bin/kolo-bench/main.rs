@@ -484,6 +484,36 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
     )
 }
 
+/// The cost model `auto` chose by and where its choice changes, as a comment line.
+fn model_line(comm: &Communicator) -> String {
+    let m = comm.cost_model();
+    let c = comm.auto_crossovers();
+    let runs: Vec<String> = c
+        .iter()
+        .enumerate()
+        .map(|(i, (first, a))| match (c.get(i + 1), *first) {
+            (Some((next, _)), _) => format!("{} up to {}", a.name(), human_bytes(next - 1)),
+            (None, 1) => format!("{} at every size", a.name()),
+            (None, f) => format!("{} above {}", a.name(), human_bytes(f - 1)),
+        })
+        .collect();
+    format!(
+        "# cost model: alpha {:.1} us, beta {:.2} GB/s, gamma {:.2} GB/s; auto allreduce: {}",
+        m.alpha_s * 1e6,
+        1e-9 / m.beta_s_per_byte,
+        1e-9 / m.gamma_s_per_byte,
+        runs.join(", ")
+    )
+}
+
+fn human_bytes(b: usize) -> String {
+    match b {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
 fn column_header(wire: bool) -> String {
     let extra = if wire {
         format!(" {:>12} {:>8}", "wire(B)", "ratio")
@@ -1095,6 +1125,7 @@ fn bench<T: Val>(comm: &Communicator, o: &Opts, init_ms: f64, start: Instant) ->
     let n = comm.size();
     if root && !o.json {
         println!("{}", header_lines(o, n, init[0]));
+        println!("{}", model_line(comm));
     }
     let mut rows = Vec::new();
     for bytes in row_sizes(o, n) {
