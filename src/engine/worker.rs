@@ -182,7 +182,7 @@ impl Worker {
     }
 
     /// Wait up to the cycle time after the first news for more tensors, unless
-    /// a peer starts the round first.
+    /// a peer starts the round first or this rank's submissions pause.
     fn gather(&mut self) -> Result<()> {
         let Some(since) = self.news_since else {
             return Ok(());
@@ -192,12 +192,25 @@ impl Worker {
             return Ok(());
         }
         // Submissions arriving meanwhile do not wake this wait (the sleeping
-        // flag stays down); they are taken when it ends.
+        // flag stays down); it looks at the queue every `pause`, and a look
+        // that finds nothing new ends the gathering: a training step hands
+        // over its tensors in a burst, and waiting out the whole cycle after
+        // the burst only delays the round.
         let until = since + self.cycle_time;
-        while Instant::now() < until && !self.stop {
-            match self.comm.wait_incoming(until)? {
-                Activity::Peer(_) | Activity::Deadline => break,
-                Activity::Woken => self.drain(),
+        let pause = self.cycle_time / 8;
+        loop {
+            let now = Instant::now();
+            if now >= until || self.stop {
+                break;
+            }
+            match self.comm.wait_incoming(until.min(now + pause))? {
+                Activity::Peer(_) => break,
+                Activity::Woken | Activity::Deadline => {
+                    if self.rx.is_empty() {
+                        break;
+                    }
+                    self.drain();
+                }
             }
         }
         self.drain();
@@ -561,8 +574,7 @@ impl Worker {
             self.fusion_threshold,
             self.fusion_inplace,
         );
-        let mut results: Vec<Option<Result<Box<dyn Buffer>>>> =
-            (0..items.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Done>> = (0..items.len()).map(|_| None).collect();
         let mut fatal: Option<Error> = None;
         for b in &batches {
             if let Err(e) = self.run_batch(&mut items, b, decided) {
@@ -570,7 +582,7 @@ impl Worker {
                 break;
             }
             for &i in &b.members {
-                results[i] = Some(Ok(Box::new(())));
+                results[i] = Some(Done::InPlace);
             }
         }
         if fatal.is_none() {
@@ -579,7 +591,7 @@ impl Worker {
                     continue;
                 }
                 match self.run_other(&mut items[i], decided) {
-                    Ok(r) => results[i] = Some(r),
+                    Ok(r) => results[i] = Some(Done::Output(r)),
                     Err(e) => {
                         fatal = Some(e);
                         break;
@@ -597,9 +609,8 @@ impl Worker {
             let Some(p) = item.local else { continue };
             let name = &p.req.spec.name;
             let r = match (&fatal, results[i].take()) {
-                (_, Some(Ok(out))) if item.ready.spec().coll != Coll::Allreduce => Ok(out),
-                (_, Some(Ok(_))) => Ok(p.req.buf),
-                (_, Some(Err(e))) => Err(e),
+                (_, Some(Done::InPlace)) => Ok(p.req.buf),
+                (_, Some(Done::Output(r))) => r,
                 (Some(e), None) => Err(e.clone()),
                 (None, None) => Err(Error::Protocol {
                     rank: self.me,
@@ -822,6 +833,14 @@ impl Worker {
 struct Item {
     ready: Ready,
     local: Option<Pending>,
+}
+
+/// What running one item of a round produced.
+enum Done {
+    /// An allreduce: the result is in the submitted buffer.
+    InPlace,
+    /// Another collective: its output (or an argument error of the spec).
+    Output(Result<Box<dyn Buffer>>),
 }
 
 fn fail_items(shared: &Shared, items: Vec<Item>, e: &Error) {

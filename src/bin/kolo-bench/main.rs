@@ -123,29 +123,6 @@ impl Coll {
     }
 }
 
-// TODO use ReduceOp::parse / ReduceOp::name once they land in kolo::reduce.
-fn parse_op(s: &str) -> Option<ReduceOp> {
-    Some(match s.to_ascii_lowercase().as_str() {
-        "sum" => ReduceOp::Sum,
-        "prod" => ReduceOp::Prod,
-        "min" => ReduceOp::Min,
-        "max" => ReduceOp::Max,
-        "avg" => ReduceOp::Avg,
-        _ => return None,
-    })
-}
-
-// TODO use ReduceOp::name once it lands in kolo::reduce.
-fn op_name(op: ReduceOp) -> &'static str {
-    match op {
-        ReduceOp::Sum => "sum",
-        ReduceOp::Prod => "prod",
-        ReduceOp::Min => "min",
-        ReduceOp::Max => "max",
-        ReduceOp::Avg => "avg",
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 struct Opts {
     min_bytes: u64,
@@ -313,7 +290,7 @@ fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 })?
             }
             "o" => {
-                o.op = parse_op(val.trim()).ok_or_else(|| {
+                o.op = ReduceOp::parse(&val.trim().to_ascii_lowercase()).ok_or_else(|| {
                     format!("{shown}: unknown op {val:?} (sum, prod, min, max, avg)")
                 })?
             }
@@ -455,7 +432,7 @@ fn header_lines(o: &Opts, n: usize, init_ms: f64) -> String {
         None => "auto".to_string(),
     };
     let op = if o.coll.reduces() {
-        op_name(o.op)
+        o.op.name()
     } else {
         "none"
     };
@@ -550,7 +527,7 @@ fn format_row(r: &Row) -> String {
         r.bytes,
         r.count,
         r.dtype.name(),
-        r.op.map_or("none", op_name),
+        r.op.map_or("none", ReduceOp::name),
         r.time_us,
         r.algbw(),
         r.busbw(),
@@ -628,7 +605,7 @@ fn json_row(o: &Opts, n: usize, r: &Row) -> String {
         coll: o.coll.name(),
         algo: algo_name(o),
         dtype: r.dtype.name(),
-        op: r.op.map_or("none", op_name),
+        op: r.op.map_or("none", ReduceOp::name),
         nranks: n,
         bytes: r.bytes,
         count: r.count,
@@ -657,7 +634,7 @@ fn json_summary(o: &Opts, n: usize, rows: &[Row], init_ms: f64, wall_s: f64) -> 
         algo: algo_name(o),
         dtype: o.dtype.name(),
         op: if o.coll.reduces() {
-            op_name(o.op)
+            o.op.name()
         } else {
             "none"
         },
@@ -1338,7 +1315,7 @@ mod tests {
             assert_eq!(parsed(&format!("--coll {}", c.name())).coll, c);
         }
         for op in ["sum", "prod", "min", "max", "avg"] {
-            assert_eq!(op_name(parsed(&format!("-o {op}")).op), op);
+            assert_eq!(parsed(&format!("-o {op}")).op.name(), op);
         }
         assert_eq!(parse_args(&args("-h")), Ok(Parsed::Help));
         assert_eq!(parse_args(&args("-b 8 --help")), Ok(Parsed::Help));
@@ -1729,7 +1706,7 @@ mod tests {
                         "{:?} {} {} n={n}: {w:?}",
                         T::DTYPE,
                         coll.name(),
-                        op_name(op)
+                        op.name()
                     );
                 }
             }
