@@ -19,6 +19,7 @@ pub mod algo;
 pub mod comm;
 pub mod compress;
 pub mod config;
+pub mod elastic;
 pub mod element;
 pub mod engine;
 pub mod error;
