@@ -455,6 +455,72 @@ fn below_min_np_ends_the_job() {
     );
 }
 
+/// Options of in-process member `m` against the store at `port`.
+fn inproc_opts(m: u64, port: u16, min_np: usize) -> Options {
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("KOLO_RANK", m.to_string()),
+        ("KOLO_SIZE", "3".into()),
+        ("KOLO_MASTER_PORT", port.to_string()),
+        ("KOLO_STORE", "external".into()),
+        ("KOLO_MIN_NP", min_np.to_string()),
+        ("KOLO_ELASTIC_TIMEOUT", "5".into()),
+        ("KOLO_ELASTIC_CONNECT_TIMEOUT", "1.5".into()),
+        ("KOLO_TIMEOUT", "10".into()),
+    ]);
+    Options::from_vars(|k| vars.get(k).cloned()).unwrap()
+}
+
+/// In-process, without kolorun: when the launcher's live list falls below
+/// min-np, every survivor's run ends at once with an error that says so.
+#[test]
+fn survivors_below_min_np_fail_clearly() {
+    let store = StoreServer::bind("127.0.0.1:0").unwrap();
+    let port = store.local_addr().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut admin =
+        StoreClient::connect(&addr, 99, Instant::now() + Duration::from_secs(5)).unwrap();
+    admin.set(elastic::membership::ALIVE_KEY, b"0,1,2").unwrap();
+    let start = Instant::now();
+    let res: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3u64)
+            .map(|m| {
+                let o = inproc_opts(m, port, 3);
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let mut state = State::new();
+                    elastic::run_with(&o, &mut state, |comm, st| {
+                        for step in 0.. {
+                            if m == 2 && step == 5 {
+                                let mut c = StoreClient::connect(
+                                    &addr,
+                                    2,
+                                    Instant::now() + Duration::from_secs(5),
+                                )?;
+                                c.set(elastic::membership::ALIVE_KEY, b"0,1")?;
+                                return Err(kolo::Error::Config("member 2 dies".into()));
+                            }
+                            comm.barrier()?;
+                            st.commit(comm)?;
+                        }
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (m, r) in res.iter().enumerate().take(2) {
+        let e = r.as_ref().unwrap_err().to_string();
+        assert!(e.contains("below the minimum of 3"), "member {m}: {e}");
+    }
+    // Well before the 5 s registration window: the live list decides.
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 /// In-process: a member registers for the next epoch and dies before it
 /// connects (the store lists it, the mesh never forms); the others give up
 /// on that epoch within the connect timeout and form the one after.
@@ -466,19 +532,7 @@ fn member_lost_during_the_change() {
     let mut admin =
         StoreClient::connect(&addr, 99, Instant::now() + Duration::from_secs(5)).unwrap();
     admin.set(elastic::membership::ALIVE_KEY, b"0,1,2").unwrap();
-    let opts = |m: u64| {
-        let vars: HashMap<&str, String> = HashMap::from([
-            ("KOLO_RANK", m.to_string()),
-            ("KOLO_SIZE", "3".into()),
-            ("KOLO_MASTER_PORT", port.to_string()),
-            ("KOLO_STORE", "external".into()),
-            ("KOLO_MIN_NP", "2".into()),
-            ("KOLO_ELASTIC_TIMEOUT", "5".into()),
-            ("KOLO_ELASTIC_CONNECT_TIMEOUT", "1.5".into()),
-            ("KOLO_TIMEOUT", "10".into()),
-        ]);
-        Options::from_vars(|k| vars.get(k).cloned()).unwrap()
-    };
+    let opts = |m: u64| inproc_opts(m, port, 2);
     let (steps, len) = (60i64, 512usize);
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..3u64)
