@@ -1330,9 +1330,11 @@ fn run_elastic(opts: Opts) -> i32 {
                     String::new()
                 };
                 if finished {
-                    eprintln!("kolorun: member {id} (host {host}) exited with status {desc} after others finished; stopping the job");
-                    exit_code = Some(code);
-                    job.stop(libc::SIGTERM);
+                    // The training completed on other members (e.g. this one
+                    // joined too late): not a failure of the job.
+                    eprintln!(
+                        "kolorun: member {id} (host {host}) exited with status {desc} after others had finished; ignored"
+                    );
                 } else if left < el.min_np {
                     eprintln!(
                         "kolorun: member {id} (host {host}) exited with status {desc}; {left} {} left, below --min-np {}; stopping the job{banned}",

@@ -34,6 +34,8 @@ const POLL: Duration = Duration::from_millis(20);
 pub const ALIVE_KEY: &str = "kolo/elastic/alive";
 /// Store key of the newest closed epoch.
 pub const LATEST_KEY: &str = "kolo/elastic/latest";
+/// Store key set by members whose run finished: nobody may start the job over.
+pub const DONE_KEY: &str = "kolo/elastic/done";
 const JOB_KEY: &str = "kolo/elastic/job";
 const JOB_LOCK_KEY: &str = "kolo/elastic/job_lock";
 
@@ -170,6 +172,17 @@ pub fn form(
         let closed = loop {
             if let Some(v) = try_get(c, &members_key, Duration::ZERO) {
                 break v;
+            }
+            if let Some(by) = try_get(c, DONE_KEY, Duration::ZERO) {
+                return Err(rdv(
+                    who,
+                    format!(
+                        "member {}: the job already finished (member {} completed its run); \
+                         not starting it over",
+                        me.id,
+                        String::from_utf8_lossy(&by)
+                    ),
+                ));
             }
             let n = peek(c, &key(epoch, "count"))?;
             let regs = registrations(c, epoch, n, Duration::from_millis(200));

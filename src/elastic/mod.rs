@@ -30,6 +30,8 @@
 pub mod launch;
 pub mod membership;
 pub mod state;
+#[cfg(feature = "torch")]
+mod torch;
 
 pub use membership::{Member, Membership};
 pub use state::{State, SyncStats};
@@ -400,7 +402,11 @@ pub fn run_with<R>(
         } = ec;
         client = c.into_inner().unwrap_or_else(|p| p.into_inner());
         match res {
-            Ok(r) => return Ok(r),
+            Ok(r) => {
+                // A member started just now must not begin the job again alone.
+                let _ = client.set(membership::DONE_KEY, me.id.to_string().as_bytes());
+                return Ok(r);
+            }
             Err(e) if recoverable(&e) => {
                 changed_at = Some(Instant::now());
                 if opts.verbose {
