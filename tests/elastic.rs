@@ -339,8 +339,6 @@ fn epoch_members(out: &str, epoch: u64) -> Option<String> {
 #[test]
 fn kill_one_then_join() {
     let (steps, len) = (400, 1 << 16);
-    let dir_hosts = std::env::temp_dir().join(format!("kolo-elastic-kj-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir_hosts);
     let mut job = Job::start(
         &[
             "-np",
@@ -367,7 +365,8 @@ fn kill_one_then_join() {
     });
     // No slot for a replacement while the survivors go on alone.
     std::fs::write(&hosts, "localhost:3\n").unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Long enough for kolorun's discovery (every 0.5 s) to have read it.
+    std::thread::sleep(Duration::from_millis(1500));
     let killed = Instant::now();
     job.kill_member(2);
     let resumed = job.wait_line("3 survivors", Duration::from_secs(60), |l| {
@@ -633,6 +632,16 @@ fn old_epoch_frame_is_refused() {
         std::thread::spawn(move || Transport::establish(1, 2, new, l1, &a2, deadline, 0).unwrap());
     let mut t0 = Transport::establish(0, 2, new, l0, &addrs, deadline, 0).unwrap();
     let mut t1 = t.join().unwrap();
+    // The stale connection was closed without a reply.
+    stale
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut one = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut stale, &mut one).expect("closed, not timed out"),
+        0,
+        "the epoch-0 hello was not refused"
+    );
     // Rank 1 sends a frame stamped with the old epoch's id.
     let desc = Desc {
         coll: 1,
