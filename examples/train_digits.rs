@@ -34,7 +34,11 @@ usage: train_digits [options]     (run it under kolorun, e.g. kolorun -np 4 trai
                       (top-k with error feedback; default none)
   --threads N         libtorch intra-op threads per rank (default 1)
   --fusion-mb N       the engine's fusion buffer size in MiB, for the gradients
-                      (default: KOLO_FUSION_THRESHOLD, else 64)";
+                      (default: KOLO_FUSION_THRESHOLD, else 64)
+  --elastic           elastic training (run under kolorun --min-np A --max-np B): the model,
+                      epoch and batch are committed after every batch; ranks may be lost or
+                      join, and training goes on from the last commit (CPU; gradients averaged
+                      by blocking allreduces; momentum restarts after a membership change)";
 
 struct Args {
     epochs: usize,
@@ -47,6 +51,7 @@ struct Args {
     threads: Option<usize>,
     fusion_mb: Option<usize>,
     compression: Compression,
+    elastic: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -61,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
         threads: None,
         fusion_mb: None,
         compression: Compression::None,
+        elastic: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -101,6 +107,7 @@ fn parse_args() -> Result<Args, String> {
                     return Err(format!("--model: {:?} is not mlp or cnn", a.model));
                 }
             }
+            "--elastic" => a.elastic = true,
             "--compression" => {
                 let v = value()?;
                 a.compression = Compression::parse(&v).ok_or_else(|| {
@@ -354,6 +361,115 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `--elastic`: the same model, data order and loss under `kolo::elastic::run`. The state
+/// (parameters, epoch, batch) is committed after every batch; after a membership change
+/// every rank restores the last commit, new ranks receive it, and the batch is split over
+/// the ranks of the new group.
+fn run_elastic(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    use kolo::elastic::{self, State};
+    tch::set_num_threads(args.threads.unwrap_or(1) as i32);
+    let device = Device::Cpu;
+    let (train, test) = digits::train_test();
+    let (xtr, ytr) = to_tensors(&train, device)?;
+    let (xte, yte) = to_tensors(&test, device)?;
+    tch::manual_seed(args.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let net: Box<dyn Module> = match args.model.as_str() {
+        "cnn" => Box::new(cnn(vs.root(), args.hidden)),
+        _ => Box::new(mlp(vs.root(), args.hidden)),
+    };
+    let mut state = State::new();
+    state.put_var_store("model", &vs)?;
+    let opts = elastic::Options::from_env()?;
+    let started = Instant::now();
+    let accuracy = elastic::run_with(&opts, &mut state, |comm, st| {
+        let (rank, size) = (comm.rank(), comm.size());
+        st.load_var_store("model", &mut vs)?;
+        let terr = |e: tch::TchError| kolo::Error::InvalidArgument(e.to_string());
+        let mut opt = nn::Sgd {
+            momentum: 0.9,
+            ..Default::default()
+        }
+        .build(&vs, args.lr)
+        .map_err(terr)?;
+        if rank == 0 {
+            println!(
+                "train_digits --elastic: epoch {} of membership (members {:?}), {size} rank(s), resuming at epoch {} batch {}, {:.1} s since start",
+                comm.epoch(),
+                comm.members().iter().map(|m| m.id).collect::<Vec<_>>(),
+                st.counter("epoch") + 1,
+                st.counter("batch"),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let evaluate = |comm: &elastic::Comm| -> kolo::Result<f64> {
+            let p = part(test.len(), comm.rank(), comm.size());
+            let correct = tch::no_grad(|| {
+                net.forward(&xte.narrow(0, p.start as i64, p.len() as i64))
+                    .f_argmax(-1, false)
+                    .and_then(|y| y.f_eq_tensor(&yte.narrow(0, p.start as i64, p.len() as i64)))
+                    .and_then(|c| c.f_sum(Kind::Double))
+                    .and_then(|c| c.f_double_value(&[]))
+            })
+            .map_err(terr)?;
+            let mut c = [correct];
+            comm.allreduce(&mut c, ReduceOp::Sum)?;
+            Ok(c[0] / test.len() as f64)
+        };
+        while (st.counter("epoch") as usize) < args.epochs {
+            let epoch = st.counter("epoch") as usize;
+            let lr = args.lr
+                * 0.5
+                * (1.0 + (std::f64::consts::PI * epoch as f64 / args.epochs as f64).cos());
+            opt.set_lr(lr);
+            let order = shuffled(train.len(), mix(args.seed ^ ((epoch as u64) << 32)));
+            let batches: Vec<&[i64]> = order.chunks(args.batch).collect();
+            let t0 = Instant::now();
+            while (st.counter("batch") as usize) < batches.len() {
+                let b = st.counter("batch") as usize;
+                let batch = batches[b];
+                let mine = &batch[part(batch.len(), rank, size)];
+                let idx = Tensor::from_slice(mine);
+                let (x, y) = (xtr.index_select(0, &idx), ytr.index_select(0, &idx));
+                let loss = net
+                    .forward(&x)
+                    .f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Sum, -100, 0.0)
+                    .and_then(|l| l.f_mul_scalar(size as f64 / batch.len() as f64))
+                    .map_err(terr)?;
+                opt.zero_grad();
+                loss.backward();
+                for v in vs.trainable_variables() {
+                    let mut g = v.grad();
+                    kolo::torch::allreduce_tensor(comm, &mut g, ReduceOp::Avg)?;
+                }
+                opt.step();
+                st.set_counter("batch", b as i64 + 1);
+                st.set_counter("step", st.counter("step") + 1);
+                st.put_var_store("model", &vs)?;
+                st.commit(comm)?;
+            }
+            let acc = evaluate(comm)?;
+            if rank == 0 {
+                println!(
+                    "epoch {:>3}/{}  test_acc {acc:.4}  ranks {size}  time {:.3} s",
+                    epoch + 1,
+                    args.epochs,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            st.set_counter("epoch", epoch as i64 + 1);
+            st.set_counter("batch", 0);
+            st.commit(comm)?;
+        }
+        let acc = evaluate(comm)?;
+        Ok((acc, rank))
+    })?;
+    if accuracy.1 == 0 {
+        println!("final_accuracy={:.4}", accuracy.0);
+    }
+    Ok(())
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -362,7 +478,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(args) {
+    let res = if args.elastic {
+        run_elastic(args)
+    } else {
+        run(args)
+    };
+    if let Err(e) = res {
         eprintln!("train_digits: {e}");
         std::process::exit(1);
     }

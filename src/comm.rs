@@ -116,6 +116,15 @@ impl Communicator {
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn init(cfg: Config) -> Result<Communicator> {
+        Communicator::init_group(cfg, "kolo", None)
+    }
+
+    /// [`Communicator::init`] with the rendezvous keys under `prefix` and, when
+    /// given, a fixed communicator id (else rank 0 draws one). Elastic mode
+    /// ([`crate::elastic`]) forms one group per membership epoch this way: its
+    /// keys do not collide with earlier epochs', and its id, derived from the
+    /// epoch, makes every rank refuse frames and hellos of an older epoch.
+    pub fn init_group(cfg: Config, prefix: &str, comm_id: Option<u64>) -> Result<Communicator> {
         if cfg.size == 0 || cfg.rank >= cfg.size {
             return Err(Error::Config(format!(
                 "rank {} is not below size {}",
@@ -128,7 +137,7 @@ impl Communicator {
             let l = std::net::TcpListener::bind("127.0.0.1:0")
                 .map_err(|e| Error::Io(format!("bind: {e}")))?;
             (
-                Transport::establish(0, 1, random_id(), l, &[], deadline, 0)?,
+                Transport::establish(0, 1, comm_id.unwrap_or_else(random_id), l, &[], deadline, 0)?,
                 None,
             )
         } else {
@@ -153,23 +162,29 @@ impl Communicator {
             if cfg.serve_store && rank != 0 {
                 client.set_served_by("rank 0");
             }
-            let id_key = "kolo/comm_id";
-            if rank == 0 {
-                client.set(id_key, &random_id().to_le_bytes())?;
-            }
-            let raw = client.get(id_key, deadline)?;
-            let comm_id =
-                u64::from_le_bytes(raw.as_slice().try_into().map_err(|_| Error::Rendezvous {
-                    rank,
-                    detail: format!("malformed {id_key} in the store"),
-                })?);
+            let id_key = format!("{prefix}/comm_id");
+            let comm_id = match comm_id {
+                Some(id) => id,
+                None => {
+                    if rank == 0 {
+                        client.set(&id_key, &random_id().to_le_bytes())?;
+                    }
+                    let raw = client.get(&id_key, deadline)?;
+                    u64::from_le_bytes(raw.as_slice().try_into().map_err(|_| {
+                        Error::Rendezvous {
+                            rank,
+                            detail: format!("malformed {id_key} in the store"),
+                        }
+                    })?)
+                }
+            };
             let addrs = match &store {
                 // On timeout this tells the waiting ranks which ranks are missing
                 // and keeps the store up briefly so they can read it.
                 Some(server) => rendezvous::exchange_addresses_serving(
                     &mut client,
                     server,
-                    "kolo",
+                    prefix,
                     rank,
                     cfg.size,
                     mine,
@@ -177,7 +192,7 @@ impl Communicator {
                 )?,
                 None => rendezvous::exchange_addresses(
                     &mut client,
-                    "kolo",
+                    prefix,
                     rank,
                     cfg.size,
                     mine,

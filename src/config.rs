@@ -39,6 +39,10 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_STALL_WARNING_S", "60", "engine: log which ranks are missing which tensors once a tensor has waited this long"),
     ("KOLO_STALL_SHUTDOWN_S", "600", "engine: fail tensors that have waited this long for missing ranks (0: never)"),
     ("KOLO_TIMELINE", "-", "engine: write a Chrome-trace/Perfetto timeline to <path>.<rank>.json"),
+    ("KOLO_MEMBER_ID", "KOLO_RANK", "elastic: stable id of this member across membership epochs (kolorun --min-np sets it)"),
+    ("KOLO_MIN_NP", "1", "elastic: fewest members the job continues with"),
+    ("KOLO_ELASTIC_TIMEOUT", "30", "elastic: seconds an epoch's registration waits for live members that have not registered"),
+    ("KOLO_ELASTIC_CONNECT_TIMEOUT", "10", "elastic: seconds to connect an epoch's mesh (a member lost during the change is noticed within it)"),
 ];
 
 /// Everything a [`crate::Communicator`] needs to start.

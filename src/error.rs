@@ -83,6 +83,17 @@ pub enum Error {
     },
     /// An OS-level I/O error outside a collective (bind, connect, spawn).
     Io(String),
+    /// Elastic mode: the set of ranks changed (a peer was lost or new members
+    /// were announced), so the operation was abandoned; [`crate::elastic::run`]
+    /// re-forms the group under a new epoch and retries from the last commit.
+    MembershipChanged {
+        /// The rank reporting the error (its rank in the old epoch).
+        rank: usize,
+        /// The epoch whose communicator was abandoned.
+        epoch: u64,
+        /// What happened, in words (the underlying failure or announcement).
+        detail: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -127,6 +138,14 @@ impl fmt::Display for Error {
                 detail,
             } => write!(f, "rank {rank}: {op}: aborted by rank {origin}: {detail}"),
             Error::Io(m) => write!(f, "I/O error: {m}"),
+            Error::MembershipChanged {
+                rank,
+                epoch,
+                detail,
+            } => write!(
+                f,
+                "rank {rank}: membership changed in epoch {epoch}: {detail}"
+            ),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod calibrate;
 pub mod comm;
 pub mod compress;
 pub mod config;
+pub mod elastic;
 pub mod element;
 pub mod engine;
 pub mod error;

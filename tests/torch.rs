@@ -620,3 +620,128 @@ fn train_digits_reaches_95_percent(compression: &str) {
     );
     assert!(acc >= 0.95, "final accuracy {acc} < 0.95:\n{out}");
 }
+
+/// Pids of live processes whose environment holds every `KEY=VALUE` in `want`.
+fn pids_with_env(want: &[String]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if want.iter().all(|w| vars.contains(&w.as_bytes())) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `train_digits --elastic` under `kolorun -np 4 --min-np 2 --max-np 4`: member 2 is
+/// killed after epoch 5 and training goes on with 3 ranks; then the discovery script
+/// offers the fourth slot again, a new member joins, and the run still reaches 95%.
+#[test]
+fn train_digits_elastic_survives_a_kill_and_a_join() {
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+    let exe = train_digits();
+    let dir = std::env::temp_dir().join(format!("kolo-elastic-digits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "localhost:4\n").unwrap();
+    let tag = format!("KOLO_TEST_TAG={}", std::process::id());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kolorun"))
+        .args([
+            "-np",
+            "4",
+            "--min-np",
+            "2",
+            "--max-np",
+            "4",
+            "--max-host-failures",
+            "5",
+        ])
+        .args(["--discovery-interval", "0.5", "--host-discovery-script"])
+        .arg(format!("cat {}", hosts.display()))
+        .arg(&exe)
+        .args(["--elastic", "--epochs", "24"])
+        .env("KOLO_TEST_TAG", std::process::id().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kolorun");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|p| {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(p).lines().map_while(Result::ok) {
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+            }
+        })
+    })
+    .collect();
+    let text = |lines: &Arc<Mutex<Vec<String>>>| {
+        lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut wait_for = |what: &str, pred: &dyn Fn(&str) -> bool| loop {
+        if text(&lines).lines().any(pred) {
+            return;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            // SAFETY: kill(2) on our own child's pid; kolorun stops its ranks.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            panic!("waiting for {what}:\n{}", text(&lines));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    wait_for("epoch 5", &|l| l.contains("epoch   5/"));
+    std::fs::write(&hosts, "localhost:3\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let victims = pids_with_env(&[tag.clone(), "KOLO_MEMBER_ID=2".into()]);
+    assert_eq!(victims.len(), 1, "member 2: {victims:?}");
+    // SAFETY: kill(2) on a rank of the job this test started.
+    unsafe { libc::kill(victims[0], libc::SIGKILL) };
+    wait_for("an epoch on 3 ranks", &|l| l.contains("ranks 3 "));
+    std::fs::write(&hosts, "localhost:4\n").unwrap();
+    wait_for("the new member", &|l| l.contains("members [0, 1, 3, 4]"));
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ran past 300 s:\n{}",
+            text(&lines)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for r in readers {
+        r.join().unwrap();
+    }
+    let out = text(&lines);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "kolorun failed ({status}):\n{out}");
+    print!("{out}");
+    let acc: f64 = out
+        .lines()
+        .find_map(|l| l.split("final_accuracy=").nth(1))
+        .unwrap_or_else(|| panic!("no final_accuracy= line:\n{out}"))
+        .trim()
+        .parse()
+        .expect("final_accuracy is a number");
+    assert!(acc >= 0.95, "final accuracy {acc} < 0.95:\n{out}");
+    // The joined member received the model from several survivors.
+    assert!(
+        out.lines()
+            .any(|l| l.contains("member 4 is rank 3 of 4") && l.contains("from ranks [0, 1, 2]")),
+        "{out}"
+    );
+}

@@ -117,6 +117,8 @@ pub fn status_of(e: &Error) -> c_int {
         Error::Config(_) => KOLO_ERR_CONFIG,
         Error::Rendezvous { .. } => KOLO_ERR_RENDEZVOUS,
         Error::Io(_) => KOLO_ERR_IO,
+        // Only elastic Rust programs see it; for C it is a lost peer.
+        Error::MembershipChanged { .. } => KOLO_ERR_PEER_LOST,
     }
 }
 

@@ -36,9 +36,22 @@ struct Opts {
     master_addr: Option<String>,
     grace: Duration,
     cmd: Vec<String>,
+    /// Elastic mode (`--min-np`/`--max-np`).
+    elastic: Option<Box<Elastic>>,
+}
+
+/// Elastic-mode settings.
+#[derive(Debug, Clone, PartialEq)]
+struct Elastic {
+    min_np: usize,
+    max_np: usize,
+    discovery: Option<String>,
+    max_host_failures: usize,
+    discovery_interval: Duration,
 }
 
 #[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 enum Action {
     Help,
     Version,
@@ -67,6 +80,17 @@ OPTIONS:
     --master-addr A        address remote hosts use to reach kolorun's store (default: the
                            local address that routes to the first remote host)
     --grace S              seconds between forwarding SIGTERM/SIGINT and SIGKILL (default 5)
+    --min-np A             elastic mode: keep the job alive while at least A ranks live; a rank
+                           that fails no longer stops the others (they re-form the group, see
+                           kolo::elastic). Default with --max-np: -np
+    --max-np B             elastic mode: start new ranks up to B when the discovery script
+                           reports free slots (default: -np)
+    --host-discovery-script S
+                           elastic mode: run S every few seconds; it prints `host:slots` lines
+                           (the hosts usable now). Without it no rank is added or replaced
+    --max-host-failures K  elastic mode: a host where ranks failed more than K times gets no
+                           new ranks (default 3)
+    --discovery-interval S seconds between runs of the discovery script (default 2)
     -h, --help             print this help
     --version              print the version
 
@@ -161,7 +185,10 @@ fn parse_args(args: &[String]) -> Result<Action, String> {
         master_addr: None,
         grace: Duration::from_secs(5),
         cmd: Vec::new(),
+        elastic: None,
     };
+    let (mut min_np, mut max_np, mut discovery, mut max_host_failures) = (None, None, None, 3);
+    let mut discovery_interval = Duration::from_secs(2);
     let mut i = 0;
     let mut saw_host = false;
     while i < args.len() {
@@ -237,6 +264,22 @@ fn parse_args(args: &[String]) -> Result<Action, String> {
             }
             "--master-addr" => o.master_addr = Some(value(&mut i)?),
             "--grace" => o.grace = Duration::from_secs_f64(secs(&value(&mut i)?, flag)?),
+            "--min-np" | "--max-np" | "--max-host-failures" => {
+                let v = value(&mut i)?;
+                let n: usize = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{flag} {v:?}: not a number"))?;
+                match flag {
+                    "--min-np" => min_np = Some(n),
+                    "--max-np" => max_np = Some(n),
+                    _ => max_host_failures = n,
+                }
+            }
+            "--host-discovery-script" => discovery = Some(value(&mut i)?),
+            "--discovery-interval" => {
+                discovery_interval = Duration::from_secs_f64(secs(&value(&mut i)?, flag)?)
+            }
             _ => return Err(format!("unknown option {a:?} (see kolorun --help)")),
         }
         i += 1;
@@ -250,8 +293,35 @@ fn parse_args(args: &[String]) -> Result<Action, String> {
     if saw_host && o.hosts.is_empty() {
         return Err("-H: no hosts given".into());
     }
-    if o.np.is_none() && !saw_host && o.hostfile.is_none() {
+    if o.np.is_none() && !saw_host && o.hostfile.is_none() && discovery.is_none() {
         return Err("-np N is required when no hosts are given".into());
+    }
+    if min_np.is_some() || max_np.is_some() {
+        let np = o.np.or(min_np).unwrap_or(1);
+        let (lo, hi) = (
+            min_np.unwrap_or(np),
+            max_np.unwrap_or(np.max(min_np.unwrap_or(0))),
+        );
+        if lo == 0 {
+            return Err("--min-np 0: need at least one rank".into());
+        }
+        if lo > hi {
+            return Err(format!("--min-np {lo} is above --max-np {hi}"));
+        }
+        if let Some(n) = o.np {
+            if n < lo || n > hi {
+                return Err(format!("-np {n} is outside --min-np {lo} .. --max-np {hi}"));
+            }
+        }
+        o.elastic = Some(Box::new(Elastic {
+            min_np: lo,
+            max_np: hi,
+            discovery,
+            max_host_failures,
+            discovery_interval,
+        }));
+    } else if discovery.is_some() {
+        return Err("--host-discovery-script needs elastic mode (--min-np/--max-np)".into());
     }
     Ok(Action::Run(o))
 }
@@ -365,6 +435,8 @@ enum Msg {
     /// A rank's process exited, observed by its waiter thread at this instant.
     Exited(usize, Instant),
     Signal(i32),
+    /// Elastic mode: the hosts the discovery script reported (or why it failed).
+    Hosts(Result<Vec<(String, usize)>, String>),
 }
 
 fn spawn_reader(rank: usize, err: bool, pipe: impl Read + Send + 'static, tx: Sender<Msg>) {
@@ -560,6 +632,9 @@ fn main() {
         Ok(Action::Run(o)) => o,
         Err(e) => fail(e),
     };
+    if opts.elastic.is_some() {
+        std::process::exit(run_elastic(opts));
+    }
     std::process::exit(run(opts));
 }
 
@@ -817,6 +892,7 @@ fn run(opts: Opts) -> i32 {
                 }
             }
             Msg::PipeClosed => open_pipes -= 1,
+            Msg::Hosts(_) => {}
             Msg::Signal(sig) => {
                 if let Some(s) = settling.take() {
                     // A failure came first: report it before forwarding the signal.
@@ -881,6 +957,404 @@ fn run(opts: Opts) -> i32 {
         exit_code = Some(settle(&mut job, s));
     }
     let _ = std::io::stdout().flush();
+    drop(store);
+    exit_code.or(got_signal.map(|s| 128 + s)).unwrap_or(0)
+}
+
+/// Run the discovery script every `every` and send what it printed.
+fn spawn_discovery(script: String, every: Duration, tx: Sender<Msg>) {
+    std::thread::spawn(move || loop {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output();
+        let hosts = match out {
+            Ok(o) if o.status.success() => {
+                kolo::elastic::launch::parse_discovery(&String::from_utf8_lossy(&o.stdout))
+            }
+            Ok(o) => Err(format!("exited with status {}", status_of(o.status).1)),
+            Err(e) => Err(e.to_string()),
+        };
+        if tx.send(Msg::Hosts(hosts)).is_err() {
+            return;
+        }
+        std::thread::sleep(every);
+    });
+}
+
+/// `kolorun --min-np A --max-np B`: members (ranks of elastic mode) come and
+/// go; the job lives while at least A run. Each member gets a stable id
+/// (`KOLO_MEMBER_ID`, also its output prefix); the store key
+/// `kolo/elastic/alive` lists the running ones, which is what the members'
+/// membership agreement waits for (see `kolo::elastic::membership`).
+fn run_elastic(opts: Opts) -> i32 {
+    let el = opts.elastic.clone().expect("elastic mode");
+    let me = hostname();
+    let run_script = |s: &str| -> Vec<(String, usize)> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(s)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| fail(format!("--host-discovery-script: {e}")));
+        kolo::elastic::launch::parse_discovery(&String::from_utf8_lossy(&out.stdout))
+            .unwrap_or_else(|e| fail(format!("--host-discovery-script: {e}")))
+    };
+    let hosts = if let Some(f) = &opts.hostfile {
+        let text =
+            std::fs::read_to_string(f).unwrap_or_else(|e| fail(format!("--hostfile {f}: {e}")));
+        parse_hostfile(&text, f).unwrap_or_else(|e| fail(e))
+    } else if !opts.hosts.is_empty() {
+        opts.hosts.clone()
+    } else if let Some(s) = &el.discovery {
+        run_script(s)
+    } else {
+        vec![(me.clone(), opts.np.unwrap_or(el.min_np))]
+    };
+    let total: usize = hosts.iter().map(|(_, s)| s).sum();
+    let np = opts.np.unwrap_or(total.min(el.max_np));
+    if np < el.min_np {
+        fail(format!(
+            "only {np} slots available, below --min-np {}",
+            el.min_np
+        ));
+    }
+    let placement = place(&hosts, np, &me).unwrap_or_else(|e| fail(e));
+    let all_local = placement.iter().all(|p| p.local) && el.discovery.is_none();
+    let bind = if all_local {
+        "127.0.0.1:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let master_addr = opts.master_addr.clone().unwrap_or_else(|| {
+        placement
+            .iter()
+            .find(|p| !p.local)
+            .and_then(|p| {
+                let h = p.host.rsplit('@').next().unwrap_or(&p.host);
+                net::resolve(h, 22)
+                    .and_then(|a| net::local_ip_toward(a.ip()))
+                    .ok()
+            })
+            .map_or("127.0.0.1".to_string(), |ip| ip.to_string())
+    });
+    let store = StoreServer::bind(bind).unwrap_or_else(|e| fail(e));
+    let port = store.local_addr().port();
+    let mut store_client = kolo::rendezvous::StoreClient::connect(
+        &format!("127.0.0.1:{port}"),
+        usize::MAX,
+        Instant::now() + Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| fail(e));
+    let mut exports = Vec::new();
+    for (k, v) in &opts.exports {
+        if let Some(v) = v.clone().or_else(|| std::env::var(k).ok()) {
+            exports.push((k.clone(), v));
+        }
+    }
+    let cwd = std::env::current_dir()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| ".".into());
+    if let Some(d) = &opts.output_dir {
+        std::fs::create_dir_all(d)
+            .unwrap_or_else(|e| fail(format!("--output-dir {}: {e}", d.display())));
+    }
+    let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .unwrap_or_else(|e| fail(format!("cannot install signal handlers: {e}")));
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Msg::Signal(s)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    // Members by id; `job.ranks[id]` is member `id`.
+    let mut job = Job {
+        ranks: Vec::new(),
+        kill_at: None,
+        grace: opts.grace,
+        stopping: false,
+        swept: false,
+    };
+    let mut logs: Vec<Option<File>> = Vec::new();
+    let mut open_pipes = 0usize;
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    let mut finished = false;
+    let mut exit_code: Option<i32> = None;
+    let mut got_signal: Option<i32> = None;
+    let publish_alive = |job: &Job, c: &mut kolo::rendezvous::StoreClient| {
+        let ids: Vec<String> = job
+            .ranks
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.running)
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if let Err(e) = c.set(
+            kolo::elastic::membership::ALIVE_KEY,
+            ids.join(",").as_bytes(),
+        ) {
+            eprintln!("kolorun: cannot update the member list in the store: {e}");
+        }
+    };
+    let spawn = |job: &mut Job,
+                 logs: &mut Vec<Option<File>>,
+                 c: &mut kolo::rendezvous::StoreClient,
+                 host: &str,
+                 launch: Option<(usize, usize)>|
+     -> Result<(), String> {
+        let id = job.ranks.len();
+        let local = is_local_host(host, &me);
+        let (rank, size) = launch.unwrap_or((id, id + 1));
+        let mut env: Vec<(String, String)> = [
+            ("KOLO_RANK", rank.to_string()),
+            ("KOLO_SIZE", size.to_string()),
+            ("KOLO_LOCAL_RANK", "0".into()),
+            ("KOLO_LOCAL_SIZE", "1".into()),
+            ("KOLO_MASTER_ADDR", master_addr.clone()),
+            ("KOLO_MASTER_PORT", port.to_string()),
+            ("KOLO_STORE", "external".into()),
+            ("KOLO_START_TIMEOUT", opts.start_timeout.clone()),
+            ("KOLO_MEMBER_ID", id.to_string()),
+            ("KOLO_MIN_NP", el.min_np.to_string()),
+            ("KOLO_MAX_NP", el.max_np.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(exports.iter().cloned())
+        .collect();
+        if launch.is_none() {
+            env.push(("KOLO_ELASTIC_NEW".into(), "1".into()));
+        }
+        let mut cmd = if local {
+            let mut c = Command::new(&opts.cmd[0]);
+            c.args(&opts.cmd[1..]).envs(env.iter().map(|(k, v)| (k, v)));
+            c
+        } else {
+            let mut c = Command::new("ssh");
+            c.args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=accept-new",
+            ])
+            .arg(host)
+            .arg(remote_command(&cwd, &env, &opts.cmd));
+            c
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        // Listed as alive before it can register, so a change in progress waits for it.
+        job.ranks.push(Rank {
+            child: None,
+            host: host.to_string(),
+            running: true,
+        });
+        publish_alive(job, c);
+        match cmd.spawn() {
+            Ok(mut child) => {
+                spawn_reader(id, false, child.stdout.take().expect("piped"), tx.clone());
+                spawn_reader(id, true, child.stderr.take().expect("piped"), tx.clone());
+                spawn_waiter(id, child.id(), tx.clone());
+                job.ranks[id].child = Some(child);
+                if let Some(d) = &opts.output_dir {
+                    let p = d.join(format!("rank.{id}.log"));
+                    logs.push(OpenOptions::new().create(true).append(true).open(&p).ok());
+                } else {
+                    logs.push(None);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                job.ranks[id].running = false;
+                logs.push(None);
+                publish_alive(job, c);
+                Err(format!("cannot start member {id} on {host}: {e}"))
+            }
+        }
+    };
+    if let Some(script) = &el.discovery {
+        spawn_discovery(script.clone(), el.discovery_interval, tx.clone());
+    }
+    for (rank, p) in placement.iter().enumerate() {
+        match spawn(
+            &mut job,
+            &mut logs,
+            &mut store_client,
+            &p.host,
+            Some((rank, np)),
+        ) {
+            Ok(()) => open_pipes += 2,
+            Err(e) => {
+                eprintln!("kolorun: {e}; stopping the job");
+                exit_code = Some(126);
+                job.stop(libc::SIGTERM);
+                break;
+            }
+        }
+    }
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut all_exited_at: Option<Instant> = None;
+    loop {
+        let running = job.running();
+        if running == 0 && all_exited_at.is_none() {
+            all_exited_at = Some(Instant::now());
+        }
+        if running == 0 && open_pipes == 0 {
+            break;
+        }
+        let deadline = if running == 0 {
+            all_exited_at.map(|t| t + DRAIN_AFTER_EXIT)
+        } else {
+            job.kill_at
+        };
+        let msg = match deadline {
+            Some(d) => rx.recv_deadline(d),
+            None => rx
+                .recv()
+                .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if running == 0 {
+                    break;
+                }
+                job.signal_all(libc::SIGKILL, true);
+                job.kill_at = None;
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        match msg {
+            Msg::Line { rank, err, line } => {
+                let mut out = Vec::with_capacity(line.len() + 8);
+                out.extend_from_slice(format!("[{rank}] ").as_bytes());
+                out.extend_from_slice(&line);
+                out.push(b'\n');
+                let _ = if err {
+                    stderr.lock().write_all(&out)
+                } else {
+                    let mut s = stdout.lock();
+                    s.write_all(&out).and_then(|_| s.flush())
+                };
+                if let Some(Some(f)) = logs.get_mut(rank) {
+                    let _ = f.write_all(&out[format!("[{rank}] ").len()..]);
+                }
+            }
+            Msg::PipeClosed => open_pipes -= 1,
+            Msg::Signal(sig) => {
+                if got_signal.is_none() {
+                    eprintln!(
+                        "kolorun: got {}; forwarding it to the {} running {}",
+                        signal_name(sig),
+                        job.running(),
+                        plural(job.running())
+                    );
+                    got_signal = Some(sig);
+                    job.stop(sig);
+                } else {
+                    job.signal_all(libc::SIGKILL, true);
+                }
+            }
+            Msg::Hosts(Err(e)) => eprintln!("kolorun: --host-discovery-script failed: {e}"),
+            Msg::Hosts(Ok(hosts)) => {
+                if job.stopping || finished {
+                    continue;
+                }
+                let mut used: HashMap<String, usize> = HashMap::new();
+                for r in job.ranks.iter().filter(|r| r.running) {
+                    *used.entry(r.host.clone()).or_default() += 1;
+                }
+                let new = kolo::elastic::launch::plan_spawns(
+                    &hosts,
+                    &used,
+                    &failures,
+                    el.max_host_failures,
+                    job.running(),
+                    el.max_np,
+                );
+                for h in new {
+                    let id = job.ranks.len();
+                    match spawn(&mut job, &mut logs, &mut store_client, &h, None) {
+                        Ok(()) => {
+                            open_pipes += 2;
+                            eprintln!(
+                                "kolorun: started member {id} on {h} ({} running)",
+                                job.running()
+                            )
+                        }
+                        Err(e) => {
+                            eprintln!("kolorun: {e}");
+                            *failures.entry(h).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            Msg::Exited(id, _) => {
+                let r = &mut job.ranks[id];
+                let Some(child) = r.child.as_mut() else {
+                    continue;
+                };
+                let status = child.wait();
+                r.running = false;
+                let host = r.host.clone();
+                let (code, desc) = match status {
+                    Ok(st) => status_of(st),
+                    Err(e) => (1, format!("unknown ({e})")),
+                };
+                publish_alive(&job, &mut store_client);
+                if job.stopping {
+                    continue;
+                }
+                let left = job.running();
+                if code == 0 {
+                    // The training finished; no member is added or replaced any more.
+                    finished = true;
+                    continue;
+                }
+                let n = failures.entry(host.clone()).or_default();
+                *n += 1;
+                let banned = if *n > el.max_host_failures {
+                    format!("; host {host} failed {n} times and gets no new ranks")
+                } else {
+                    String::new()
+                };
+                if finished {
+                    // The training completed on other members (e.g. this one
+                    // joined too late): not a failure of the job.
+                    eprintln!(
+                        "kolorun: member {id} (host {host}) exited with status {desc} after others had finished; ignored"
+                    );
+                } else if left < el.min_np {
+                    eprintln!(
+                        "kolorun: member {id} (host {host}) exited with status {desc}; {left} {} left, below --min-np {}; stopping the job{banned}",
+                        plural(left),
+                        el.min_np
+                    );
+                    exit_code = Some(if code == 0 { 1 } else { code });
+                    job.stop(libc::SIGTERM);
+                } else {
+                    eprintln!(
+                        "kolorun: member {id} (host {host}) exited with status {desc}; {left} {} go on (--min-np {}){banned}",
+                        plural(left),
+                        el.min_np
+                    );
+                }
+            }
+        }
+    }
+    let _ = std::io::stdout().flush();
+    drop(store_client);
     drop(store);
     exit_code.or(got_signal.map(|s| 128 + s)).unwrap_or(0)
 }
@@ -986,6 +1460,59 @@ mod tests {
             &["-np", "2", "-x", "1A", "x"],
             &["-np", "2", "--start-timeout", "-1", "x"],
             &["-H", "a:0", "x"],
+        ] {
+            assert!(parse_args(&s(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_elastic_flags() {
+        let Action::Run(o) = parse_args(&s(&[
+            "-np",
+            "4",
+            "--min-np",
+            "2",
+            "--max-np=6",
+            "--host-discovery-script",
+            "./hosts.sh",
+            "--max-host-failures",
+            "1",
+            "--discovery-interval",
+            "0.5",
+            "prog",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        let e = o.elastic.expect("elastic mode");
+        assert_eq!((e.min_np, e.max_np, e.max_host_failures), (2, 6, 1));
+        assert_eq!(e.discovery.as_deref(), Some("./hosts.sh"));
+        assert_eq!(e.discovery_interval, Duration::from_millis(500));
+        // Defaults: --min-np alone gives max = -np; no elastic flag, no elastic mode.
+        let Action::Run(o) = parse_args(&s(&["-np", "3", "--min-np", "2", "x"])).unwrap() else {
+            panic!()
+        };
+        let e = o.elastic.unwrap();
+        assert_eq!((e.min_np, e.max_np, e.max_host_failures), (2, 3, 3));
+        let Action::Run(o) = parse_args(&s(&["-np", "3", "x"])).unwrap() else {
+            panic!()
+        };
+        assert!(o.elastic.is_none());
+        for bad in [
+            &["-np", "4", "--min-np", "5", "--max-np", "8", "x"][..],
+            &["-np", "4", "--min-np", "3", "--max-np", "2", "x"],
+            &["-np", "4", "--min-np", "0", "x"],
+            &["-np", "4", "--min-np", "x", "y"],
+            &["-np", "4", "--host-discovery-script", "s", "x"],
+            &[
+                "-np",
+                "4",
+                "--min-np",
+                "2",
+                "--discovery-interval",
+                "0",
+                "x",
+            ],
         ] {
             assert!(parse_args(&s(bad)).is_err(), "{bad:?}");
         }
