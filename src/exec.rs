@@ -58,6 +58,9 @@ pub struct Opts {
     pub spin: Duration,
     /// Fail after this long without any byte moving.
     pub timeout: Duration,
+    /// Declare a peer this rank waits on lost once its host has answered
+    /// nothing for this long ([`Transport::silent_for`]); `None`: never.
+    pub peer_timeout: Option<Duration>,
 }
 
 /// Buffers reused across calls so the steady state allocates nothing.
@@ -283,6 +286,7 @@ fn run_rounds(
             }
         }
         let mut idle_since: Option<Instant> = None;
+        let mut next_liveness = Instant::now() + LIVENESS_PERIOD;
         loop {
             let mut moved = false;
             // Sends first: a peer may be waiting for exactly this message.
@@ -304,14 +308,12 @@ fn run_rounds(
                         let receiving = recvs
                             .iter()
                             .any(|r| r.inc.peer() == peer && r.inc.started());
+                        if let Some(text) = t.back_abort(peer) {
+                            return Err(aborted(t, call, peer, text));
+                        }
                         if !receiving {
                             if let Some(text) = t.pending_abort(peer) {
-                                return Err(Error::Aborted {
-                                    rank: t.rank(),
-                                    origin: peer,
-                                    op: call.label(),
-                                    detail: text,
-                                });
+                                return Err(aborted(t, call, peer, text));
                             }
                         }
                         return Err(peer_lost(t, call, peer, &format!("send failed: {e}")));
@@ -346,7 +348,15 @@ fn run_rounds(
             // Anything a bystander sent earlier has no readiness edge left
             // to wake us, so look before sleeping.
             check_bystanders(t, call, &recvs)?;
-            if !t.wait(deadline)? {
+            let mut wake = deadline;
+            if let Some(limit) = opts.peer_timeout {
+                if now >= next_liveness {
+                    next_liveness = now + LIVENESS_PERIOD;
+                    check_reachable(t, call, limit, &sends, &recvs)?;
+                }
+                wake = wake.min(next_liveness);
+            }
+            if !t.wait(wake)? && wake >= deadline {
                 return Err(timeout(
                     t,
                     call,
@@ -377,6 +387,80 @@ fn run_rounds(
     Ok(())
 }
 
+/// How often a waiting collective asks the kernel whether the peers it waits
+/// on still answer.
+const LIVENESS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Fail with [`Error::PeerLost`] when a peer this round still waits on has
+/// had a silent host for `limit`: its connections have carried neither data
+/// nor ACKs (of our data, or of the keepalive probes sent every second once a
+/// connection is idle for 2 s), so it is unreachable or gone without a FIN.
+/// A stopped or busy peer still answers at the TCP level and is left to the
+/// collective's inactivity timeout.
+fn check_reachable(
+    t: &Transport,
+    call: &Call,
+    limit: Duration,
+    sends: &[SendState],
+    recvs: &[RecvState],
+) -> Result<()> {
+    let waiting = sends
+        .iter()
+        .filter(|s| !s.done)
+        .map(|s| s.out.peer())
+        .chain(recvs.iter().filter(|r| !r.done).map(|r| r.inc.peer()));
+    for peer in waiting {
+        if let Some(quiet) = t.silent_for(peer) {
+            if quiet >= limit {
+                return Err(peer_lost(
+                    t,
+                    call,
+                    peer,
+                    &format!(
+                        "unreachable: its host answered nothing (no data, no ACK of data or keepalive probes) for {:.1}s (KOLO_PEER_TIMEOUT={})",
+                        quiet.as_secs_f64(),
+                        limit.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An abort from `origin`. When the text says that some other rank was lost
+/// (the origin saw it die, or heard so from another), this rank reports that
+/// loss itself, as [`Error::PeerLost`] naming the lost rank and its host, so
+/// every survivor's error says which rank is gone, not only who told it.
+fn aborted(t: &Transport, call: &Call, origin: usize, text: String) -> Error {
+    if let Some((peer, host)) = lost_peer_in(&text) {
+        if peer != t.rank() && peer < t.size() && peer != origin {
+            return Error::PeerLost {
+                rank: t.rank(),
+                peer,
+                host,
+                op: call.label(),
+                detail: format!("reported by rank {origin}: {text}"),
+            };
+        }
+    }
+    Error::Aborted {
+        rank: t.rank(),
+        origin,
+        op: call.label(),
+        detail: text,
+    }
+}
+
+/// The rank and host of the first `lost peer rank P (HOST): ` in an error text
+/// (the [`Error::PeerLost`] display).
+fn lost_peer_in(text: &str) -> Option<(usize, String)> {
+    let (_, rest) = text.split_once("lost peer rank ")?;
+    let (num, rest) = rest.split_once(" (")?;
+    let (host, _) = rest.split_once("): ")?;
+    Some((num.parse().ok()?, host.to_string()))
+}
+
 /// While this rank waits, a peer it is not reading from may have sent an
 /// abort, or a frame of this very collective with different arguments (say,
 /// it believes another rank is the broadcast root, so neither side would ever
@@ -400,12 +484,7 @@ fn check_bystanders(t: &mut Transport, call: &Call, recvs: &[RecvState]) -> Resu
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq > call.seq => {}
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.kind == Kind::Abort => {
                 let detail = t.take_abort(peer, &h);
-                return Err(Error::Aborted {
-                    rank: t.rank(),
-                    origin: peer,
-                    op: call.label(),
-                    detail,
-                });
+                return Err(aborted(t, call, peer, detail));
             }
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq == call.seq && h.desc != call.desc => {
                 let mut mine = h;
@@ -571,13 +650,11 @@ fn code_name(field: &str, v: u64) -> String {
 fn recv_error(t: &Transport, call: &Call, peer: usize, e: RecvError) -> Error {
     let rank = t.rank();
     match e {
-        RecvError::Io(e) => peer_lost(t, call, peer, &e.to_string()),
-        RecvError::Aborted(text) => Error::Aborted {
-            rank,
-            origin: peer,
-            op: call.label(),
-            detail: text,
+        RecvError::Io(e) => match t.back_abort(peer) {
+            Some(text) => aborted(t, call, peer, text),
+            None => peer_lost(t, call, peer, &e.to_string()),
         },
+        RecvError::Aborted(text) => aborted(t, call, peer, text),
         RecvError::Protocol(detail) => Error::Protocol { rank, peer, detail },
         RecvError::Mismatch(exp, got) => {
             let detail = if got.seq != exp.seq {
