@@ -18,7 +18,9 @@
 //! powers of two for products, wrapping integers), so results must match the
 //! reference exactly. Every 100 ops the ranks allgather a running hash of all
 //! their results and compare. Some ops start with one rank sleeping up to 20 ms.
-//! At op `--rss-base` (default min(1000, ops/4)) and at the end each rank reads
+//! A warm-up first runs every kind and algorithm once at the largest size (so
+//! buffers reach their high-water marks). At op `--rss-base` (default
+//! min(1000, ops/4)) and at the end each rank reads
 //! its VmRSS; growth above `--rss-slack` (10%) fails. `--rss-every K` also
 //! prints VmRSS every K ops.
 //!
@@ -317,6 +319,37 @@ fn bytes_of(v: &mut [u64]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len() * 8) }
 }
 
+/// Run every kind (and every allreduce algorithm) once at the largest size, so
+/// the library's and the allocator's buffers reach their high-water marks
+/// before the memory baseline is taken.
+fn warm_up(comm: &Communicator, a: &mut [u64], b: &mut [u64]) {
+    let n = comm.size();
+    let fail = |what: &str, e: String| -> ! {
+        die(1, &format!("rank {}: warm-up {what}: {e}", comm.rank()))
+    };
+    let a: &mut [f32] = cast_mut(bytes_of(a)).expect("aligned");
+    let b: &mut [f32] = cast_mut(bytes_of(b)).expect("aligned");
+    let c = a.len() / n;
+    for algo in ALGOS {
+        a.fill(1.0);
+        comm.allreduce_with(a, ReduceOp::Sum, algo)
+            .unwrap_or_else(|e| fail("allreduce", e.to_string()));
+        if a.iter().any(|&x| x != n as f32) {
+            fail("allreduce", format!("{algo:?}: wrong sum"));
+        }
+    }
+    b[..c].fill(1.0);
+    comm.allgather(&b[..c], &mut a[..c * n])
+        .unwrap_or_else(|e| fail("allgather", e.to_string()));
+    comm.reduce_scatter(&a[..c * n], &mut b[..c], ReduceOp::Sum)
+        .unwrap_or_else(|e| fail("reduce_scatter", e.to_string()));
+    comm.broadcast(&mut a[..], 0)
+        .unwrap_or_else(|e| fail("broadcast", e.to_string()));
+    if b[..c].iter().any(|&x| x != n as f32) || a[..c * n].iter().any(|&x| x != 1.0) {
+        fail("collectives", "wrong result".into());
+    }
+}
+
 const ALGOS: [Algo; 5] = [Algo::Ring, Algo::Tree, Algo::Rhd, Algo::Rd, Algo::Binomial];
 const OPS: [ReduceOp; 5] = [
     ReduceOp::Sum,
@@ -335,6 +368,7 @@ fn main() {
     // Allocated and touched once, so VmRSS holds them from the start.
     let mut a = vec![1u64; words];
     let mut b = vec![1u64; words];
+    warm_up(&comm, &mut a, &mut b);
     let t0 = Instant::now();
     let mut acc = 0u64;
     let mut total = 0u64;
