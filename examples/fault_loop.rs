@@ -71,29 +71,29 @@ fn main() {
             let at = unix_ms();
             let peer = e.peer().map_or("-".to_string(), |p| p.to_string());
             // One write per line, so the launcher never interleaves them.
-            eprint!("rank {rank}: error: {e}\n");
-            eprint!(
-                "rank {rank}: fault kind={} peer={peer} at_ms={at} op_ms={op_ms}\n",
+            err_line(format!("rank {rank}: error: {e}"));
+            err_line(format!(
+                "rank {rank}: fault kind={} peer={peer} at_ms={at} op_ms={op_ms}",
                 kind(&e)
-            );
+            ));
             let t = Instant::now();
             match comm.allreduce(&mut buf, ReduceOp::Sum) {
-                Err(e2) => eprint!(
-                    "rank {rank}: next: {} in {} ms: {e2}\n",
+                Err(e2) => err_line(format!(
+                    "rank {rank}: next: {} in {} ms: {e2}",
                     if e2 == e { "same" } else { "different" },
                     t.elapsed().as_millis()
-                ),
-                Ok(()) => eprint!("rank {rank}: next: succeeded\n"),
+                )),
+                Ok(()) => err_line(format!("rank {rank}: next: succeeded")),
             }
             let _ = std::io::stderr().flush();
             std::process::exit(1);
         }
         if let Some(i) = (0..count).find(|&i| buf[i] != want(i)) {
-            eprint!(
-                "rank {rank}: error: wrong result at iteration {iter}, element {i}: {} != {}\n",
+            err_line(format!(
+                "rank {rank}: error: wrong result at iteration {iter}, element {i}: {} != {}",
                 buf[i],
                 want(i)
-            );
+            ));
             std::process::exit(3);
         }
         iter += 1;
@@ -103,4 +103,12 @@ fn main() {
         }
     }
     println!("rank {rank}: done after {iter} allreduces");
+}
+
+/// Write one whole line to stderr in a single write, so a launcher that reads
+/// several ranks never splits or interleaves it.
+fn err_line(mut s: String) {
+    use std::io::Write;
+    s.push('\n');
+    let _ = std::io::stderr().write_all(s.as_bytes());
 }

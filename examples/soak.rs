@@ -181,7 +181,7 @@ fn parse() -> Opts {
 }
 
 fn die(code: i32, msg: &str) -> ! {
-    eprint!("soak: {msg}\n");
+    err_line(format!("soak: {msg}"));
     std::process::exit(code)
 }
 
@@ -467,4 +467,12 @@ fn main() {
             ),
         );
     }
+}
+
+/// Write one whole line to stderr in a single write, so a launcher that reads
+/// several ranks never splits or interleaves it.
+fn err_line(mut s: String) {
+    use std::io::Write;
+    s.push('\n');
+    let _ = std::io::stderr().write_all(s.as_bytes());
 }

@@ -291,7 +291,7 @@ impl Config {
         cfg.start_timeout = secs("KOLO_START_TIMEOUT", 60.0)?;
         if let Some(v) = get("KOLO_PEER_TIMEOUT") {
             cfg.peer_timeout = match v.trim().parse::<f64>() {
-                Ok(s) if s == 0.0 => None,
+                Ok(0.0) => None,
                 Ok(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
                 _ => {
                     return Err(Error::Config(format!(
