@@ -251,6 +251,26 @@ impl Job {
     }
 }
 
+/// The rank named last in `receiving from rank P (`, `sending to rank P (` or
+/// `hung peer rank P (`.
+fn last_waited(line: &str) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for pat in [
+        "receiving from rank ",
+        "sending to rank ",
+        "hung peer rank ",
+    ] {
+        if let Some(i) = line.rfind(pat) {
+            let rest = &line[i + pat.len()..];
+            let num: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            if rest[num.len()..].starts_with(" (") && best.is_none_or(|(j, _)| i > j) {
+                best = num.parse().ok().map(|r| (i, r));
+            }
+        }
+    }
+    best.map(|(_, r)| r)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
     Kill,
@@ -376,10 +396,9 @@ fn fault_run(prefix: &'static str, n: usize, fault: Fault) {
                 error.contains(&format!("lost peer rank {victim} (10.213.0.3): "))
                     && fault_line.contains(&format!("kind=PeerLost peer={victim} "))
             }
-            Fault::Stop => {
-                error.contains(&format!("from rank {victim} (10.213.0.3)"))
-                    || error.contains(&format!("to rank {victim} (10.213.0.3)"))
-            }
+            // Timed out waiting on it, or on a rank that was itself waiting on
+            // it: the rank named last (the head of the chain of waits) is the victim.
+            Fault::Stop => last_waited(&error) == Some(victim),
         };
         assert!(
             names,

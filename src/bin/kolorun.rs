@@ -519,16 +519,24 @@ struct Settling {
 
 /// The rank a kolo error line blames: the peer in `lost peer rank P (HOST): `
 /// (a peer that died or became unreachable, possibly as reported by another
-/// rank), else the first peer a timed-out collective was still waiting on.
+/// rank), in `receiving from rank P (` / `sending to rank P (` (a timed-out
+/// collective still waiting on it) or in `hung peer rank P (` (the head of a
+/// chain of waits), whichever comes last: nested reasons end with the deepest.
 fn named_peer(line: &str) -> Option<usize> {
-    let after = |pat: &str| {
-        let (_, rest) = line.split_once(pat)?;
-        let (num, _) = rest.split_once(" (")?;
-        num.parse::<usize>().ok()
-    };
-    after("lost peer rank ")
-        .or_else(|| after("still receiving from rank "))
-        .or_else(|| after("still sending to rank "))
+    [
+        "lost peer rank ",
+        "receiving from rank ",
+        "sending to rank ",
+        "hung peer rank ",
+    ]
+    .iter()
+    .filter_map(|pat| {
+        let (i, _) = line.rmatch_indices(pat).next()?;
+        let (num, _) = line[i + pat.len()..].split_once(" (")?;
+        Some((i, num.parse::<usize>().ok()?))
+    })
+    .max()
+    .map(|(_, r)| r)
 }
 
 /// The rank most failing ranks' errors name (ties: the lowest), with the
@@ -1166,6 +1174,8 @@ mod tests {
         assert_eq!(named_peer(l), Some(5));
         let l = "rank 0: allreduce #3: timed out after 5.0s: nothing moved for that long; still receiving from rank 2 (h3): 0 of 8 bytes";
         assert_eq!(named_peer(l), Some(2));
+        let l = "rank 7: allreduce #16: timed out after 4.0s: nothing moved for that long; still receiving from rank 6 (h4): 0 of 8 bytes; hung peer rank 5 (h3): waits 7 -> 6 -> 5, and rank 5 said nothing within 1.0s";
+        assert_eq!(named_peer(l), Some(5));
         assert_eq!(
             named_peer("rank 0: allreduce #3: mismatch with rank 1: count"),
             None

@@ -251,12 +251,12 @@ impl Transport {
     /// writes its abort frame, besides on its own sending connection, back up
     /// the connection this rank dials to it (our `tx`, which carries nothing
     /// else toward us, so it is always at a frame boundary). Waits at most
-    /// 200 ms; `None` when nothing (or not an abort of this job) arrives.
-    pub fn back_abort(&self, peer: usize) -> Option<String> {
+    /// `wait`; `None` when nothing (or not an abort of this job) arrives.
+    pub fn back_abort(&self, peer: usize, wait: Duration) -> Option<String> {
         let p = self.peer(peer).ok()?;
         let mut raw = [0u8; HEADER_LEN];
         let mut got = 0;
-        let deadline = Instant::now() + Duration::from_millis(200);
+        let deadline = Instant::now() + wait;
         let mut s = &p.tx;
         while got < HEADER_LEN && Instant::now() < deadline {
             match s.read(&mut raw[got..]) {
@@ -287,6 +287,33 @@ impl Transport {
             }
         }
         Some(String::from_utf8_lossy(&text[..got]).into_owned())
+    }
+
+    /// Every abort that has fully arrived on a back channel (see
+    /// [`Transport::back_abort`]), as (peer, text), without waiting.
+    pub fn poll_back_aborts(&self) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for (j, p) in self.peers.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let mut raw = [0u8; HEADER_LEN];
+            let h = match p.tx.peek(&mut raw) {
+                Ok(HEADER_LEN) => match Header::decode(&raw) {
+                    Ok(h) if h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let total = HEADER_LEN + (h.len as usize).min(frame::MAX_ABORT_LEN as usize);
+            let mut buf = vec![0u8; total];
+            if p.tx.peek(&mut buf).ok() != Some(total) {
+                continue; // the text is still on its way
+            }
+            let mut s = &p.tx;
+            if s.read_exact(&mut buf).is_ok() {
+                out.push((j, String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned()));
+            }
+        }
+        out
     }
 
     /// Non-blocking vectored send (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
@@ -409,6 +436,13 @@ impl Transport {
     /// connection so nobody waits on us. A connection in the middle of a frame
     /// cannot take the abort frame; closing it is the message.
     pub fn abort_all(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
+        self.send_aborts(desc, seq, why, clean);
+        self.close_all();
+    }
+
+    /// The sending half of [`Transport::abort_all`]: the connections stay
+    /// open, so an answer (a peer's own abort) can still be read.
+    pub fn send_aborts(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
         let text = why.as_bytes();
         let text = &text[..text.len().min(frame::MAX_ABORT_LEN as usize)];
         let hdr = Header {
@@ -448,6 +482,10 @@ impl Transport {
                 }
             }
         }
+    }
+
+    /// Close every connection (after [`Transport::send_aborts`]), so nobody waits on us.
+    pub fn close_all(&mut self) {
         for p in self.peers.iter_mut().flatten() {
             let _ = p.tx.shutdown(std::net::Shutdown::Both);
             let _ = p.rx.shutdown(std::net::Shutdown::Both);
