@@ -46,6 +46,22 @@ if [ ${#ffi_pkgs[@]} -gt 0 ]; then
     as_root apt-get install -y --no-install-recommends "${ffi_pkgs[@]}"
 fi
 
+# The multi-host tests (tests/netns.rs: network namespaces with an sshd each, faults
+# injected with nftables, per-frame loss with ethtool) need these; apt only runs when
+# one is missing. The tests fail, not skip, without them (KOLO_SKIP_NETNS=1 skips).
+netns_pkgs=()
+command -v ip >/dev/null 2>&1 || netns_pkgs+=(iproute2)
+[ -x /usr/sbin/sshd ] || netns_pkgs+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || netns_pkgs+=(openssh-client)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || netns_pkgs+=(nftables)
+command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || netns_pkgs+=(ethtool)
+if [ ${#netns_pkgs[@]} -gt 0 ]; then
+    step "installing ${netns_pkgs[*]} (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update
+    as_root apt-get install -y --no-install-recommends "${netns_pkgs[@]}"
+fi
+
 # rustfmt and clippy come with rustup's default profile; add them when missing.
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     if command -v rustup >/dev/null 2>&1; then

@@ -141,7 +141,12 @@ impl Communicator {
                 None,
             )
         } else {
-            let ip = crate::net::advertise_ip(&cfg)?;
+            let (ip, how) = crate::net::advertise(&cfg)?;
+            // Multi-host jobs say which address they use (one line per rank):
+            // a wrong interface is the classic cause of a hang at start.
+            if !ip.is_loopback() {
+                eprintln!("kolo: rank {rank}: advertising {how}");
+            }
             let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
                 .map_err(|e| Error::Io(format!("rank {rank}: bind {ip}: {e}")))?;
             let mine = listener
@@ -723,6 +728,7 @@ impl Communicator {
                     segment_bytes: self.cfg.segment_bytes,
                     spin: self.cfg.spin,
                     timeout: self.cfg.timeout,
+                    peer_timeout: self.cfg.peer_timeout,
                 };
                 exec::run(
                     &mut inner.transport,

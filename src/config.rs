@@ -21,6 +21,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_STORE", "rank0", "who serves the store: rank0, or external (a launcher such as kolorun)"),
     ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
     ("KOLO_TIMEOUT", "60", "seconds a collective may go without moving a byte before it fails"),
+    ("KOLO_PEER_TIMEOUT", "6", "seconds without any answer from a peer's host (TCP keepalive/ACKs) while a collective waits on it before it is declared lost (0: never; a hung but reachable peer is caught by KOLO_TIMEOUT)"),
     ("KOLO_START_TIMEOUT", "60", "seconds to wait for every rank to arrive at rendezvous"),
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
@@ -71,6 +72,12 @@ pub struct Config {
     pub iface: Option<String>,
     /// How long a collective may go without any byte moving before it fails.
     pub timeout: Duration,
+    /// How long a peer's host may stay silent (no data, no ACK of our data or
+    /// keepalive probes) while a collective waits on it before the peer is
+    /// declared lost (`None`: never). A peer that is alive but not reading
+    /// (stopped, busy) still answers at the TCP level, so only [`Config::timeout`]
+    /// catches it.
+    pub peer_timeout: Option<Duration>,
     /// Deadline for rendezvous and connection setup.
     pub start_timeout: Duration,
     /// Pipeline segment size in bytes.
@@ -124,6 +131,7 @@ impl Config {
             serve_store: true,
             iface: None,
             timeout: Duration::from_secs(60),
+            peer_timeout: Some(Duration::from_secs(6)),
             start_timeout: Duration::from_secs(60),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             spin: Duration::from_micros(50),
@@ -302,6 +310,17 @@ impl Config {
         cfg.iface = get("KOLO_IFACE").filter(|s| !s.trim().is_empty());
         cfg.timeout = secs("KOLO_TIMEOUT", 60.0)?;
         cfg.start_timeout = secs("KOLO_START_TIMEOUT", 60.0)?;
+        if let Some(v) = get("KOLO_PEER_TIMEOUT") {
+            cfg.peer_timeout = match v.trim().parse::<f64>() {
+                Ok(0.0) => None,
+                Ok(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "KOLO_PEER_TIMEOUT={v:?} is not a number of seconds (0: never)"
+                    )))
+                }
+            };
+        }
         if let Some(v) = num("KOLO_SEGMENT_BYTES")? {
             if v < 4096 {
                 return Err(Error::Config(format!(

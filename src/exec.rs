@@ -58,6 +58,9 @@ pub struct Opts {
     pub spin: Duration,
     /// Fail after this long without any byte moving.
     pub timeout: Duration,
+    /// Declare a peer this rank waits on lost once its host has answered
+    /// nothing for this long ([`Transport::silent_for`]); `None`: never.
+    pub peer_timeout: Option<Duration>,
 }
 
 /// Buffers reused across calls so the steady state allocates nothing.
@@ -161,10 +164,114 @@ pub fn run(
 ) -> Result<()> {
     let mut clean = vec![true; t.size()];
     let res = run_rounds(t, sched, call, input, output, ws, opts, &mut clean);
-    if let Err(e) = &res {
-        t.abort_all(call.desc, call.seq, &e.to_string(), &clean);
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            t.send_aborts(call.desc, call.seq, &e.to_string(), &clean);
+            let e = find_hung(t, e, chain_wait(opts.timeout));
+            t.close_all();
+            Err(e)
+        }
     }
-    res
+}
+
+/// How long a rank that timed out (or heard of a timeout) collects the other
+/// ranks' aborts to find the rank at the head of the chain of waits.
+fn chain_wait(timeout: Duration) -> Duration {
+    Duration::from_secs(1).min(timeout / 2)
+}
+
+/// With ranks waiting on each other (in a ring every rank waits on its
+/// predecessor), the first rank to time out may be waiting on a rank that is
+/// itself only waiting. Every rank that fails this way has sent its abort to
+/// every peer, saying whom it waits on (see [`aborted`]); so collect the
+/// aborts that arrive for `wait`, follow the waits from the rank this error
+/// names, and append the rank where they end (the one that said nothing:
+/// stopped, or too busy to take part) as `hung peer rank P (HOST)`.
+fn find_hung(t: &Transport, e: Error, wait: Duration) -> Error {
+    let me = t.rank();
+    let start = match &e {
+        Error::Timeout { detail, .. } | Error::Aborted { detail, .. } => match waited_on(detail) {
+            Some(p) if p != me && p < t.size() => p,
+            _ => return e,
+        },
+        _ => return e,
+    };
+    // waits[a] = the rank that a's abort says it waits on.
+    let mut waits: Vec<Option<usize>> = vec![None; t.size()];
+    waits[me] = Some(start);
+    let until = Instant::now() + wait;
+    loop {
+        for (a, text) in t.poll_back_aborts() {
+            if let Some(b) = waited_on(&text).filter(|&b| b != a && b < t.size()) {
+                waits[a] = Some(b);
+            }
+        }
+        if Instant::now() >= until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut chain = vec![me];
+    let mut cur = start;
+    while !chain.contains(&cur) {
+        chain.push(cur);
+        match waits[cur] {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    let head = *chain.last().expect("non-empty");
+    let path = chain
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(" -> ");
+    let note = format!(
+        "; hung peer rank {head} ({}): waits {path}, and rank {head} said nothing within {:.1}s",
+        t.host(head),
+        wait.as_secs_f64()
+    );
+    match e {
+        Error::Timeout {
+            rank,
+            op,
+            waited,
+            detail,
+        } => Error::Timeout {
+            rank,
+            op,
+            waited,
+            detail: detail + &note,
+        },
+        Error::Aborted {
+            rank,
+            origin,
+            op,
+            detail,
+        } => Error::Aborted {
+            rank,
+            origin,
+            op,
+            detail: detail + &note,
+        },
+        e => e,
+    }
+}
+
+/// The rank named last in a text as one that a rank was still receiving from
+/// or sending to (a timeout's detail), i.e. the deepest in a chain of waits.
+fn waited_on(text: &str) -> Option<usize> {
+    ["receiving from rank ", "sending to rank "]
+        .iter()
+        .filter_map(|pat| {
+            let (i, _) = text.rmatch_indices(pat).next()?;
+            let rest = &text[i + pat.len()..];
+            let (num, _) = rest.split_once(" (")?;
+            Some((i, num.parse::<usize>().ok()?))
+        })
+        .max()
+        .map(|(_, r)| r)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -283,6 +390,7 @@ fn run_rounds(
             }
         }
         let mut idle_since: Option<Instant> = None;
+        let mut next_liveness = Instant::now() + LIVENESS_PERIOD;
         loop {
             let mut moved = false;
             // Sends first: a peer may be waiting for exactly this message.
@@ -304,23 +412,29 @@ fn run_rounds(
                         let receiving = recvs
                             .iter()
                             .any(|r| r.inc.peer() == peer && r.inc.started());
+                        if let Some(text) = t.back_abort(peer, BACK_WAIT) {
+                            return Err(aborted(t, call, peer, text, ""));
+                        }
                         if !receiving {
                             if let Some(text) = t.pending_abort(peer) {
-                                return Err(Error::Aborted {
-                                    rank: t.rank(),
-                                    origin: peer,
-                                    op: call.label(),
-                                    detail: text,
-                                });
+                                return Err(aborted(t, call, peer, text, ""));
                             }
                         }
                         return Err(peer_lost(t, call, peer, &format!("send failed: {e}")));
                     }
                 }
             }
-            for r in recvs.iter_mut().filter(|r| !r.done) {
-                moved |= progress_recv(t, r, &mem, ws, seg_bytes, call)
-                    .map_err(|e| recv_error(t, call, r.inc.peer(), e))?;
+            for i in 0..recvs.len() {
+                if recvs[i].done {
+                    continue;
+                }
+                match progress_recv(t, &mut recvs[i], &mem, ws, seg_bytes, call) {
+                    Ok(m) => moved |= m,
+                    Err(e) => {
+                        let pending = pending_desc(t, &sends, &recvs, &mem, &ws.stages);
+                        return Err(recv_error(t, call, recvs[i].inc.peer(), e, &pending));
+                    }
+                }
             }
             if sends.iter().all(|s| s.done) && recvs.iter().all(|r| r.done) {
                 break;
@@ -345,8 +459,18 @@ fn run_rounds(
             }
             // Anything a bystander sent earlier has no readiness edge left
             // to wake us, so look before sleeping.
-            check_bystanders(t, call, &recvs)?;
-            if !t.wait(deadline)? {
+            check_bystanders(t, call, &recvs, &|t: &Transport| {
+                pending_desc(t, &sends, &recvs, &mem, &ws.stages)
+            })?;
+            let mut wake = deadline;
+            if let Some(limit) = opts.peer_timeout {
+                if now >= next_liveness {
+                    next_liveness = now + LIVENESS_PERIOD;
+                    check_reachable(t, call, limit, &sends, &recvs)?;
+                }
+                wake = wake.min(next_liveness);
+            }
+            if !t.wait(wake)? && wake >= deadline {
                 return Err(timeout(
                     t,
                     call,
@@ -377,6 +501,100 @@ fn run_rounds(
     Ok(())
 }
 
+/// How often a waiting collective asks the kernel whether the peers it waits
+/// on still answer.
+const LIVENESS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Fail with [`Error::PeerLost`] when a peer this round still waits on has
+/// had a silent host for `limit`: its connections have carried neither data
+/// nor ACKs (of our data, or of the keepalive probes sent every second once a
+/// connection is idle for 2 s), so it is unreachable or gone without a FIN.
+/// A stopped or busy peer still answers at the TCP level and is left to the
+/// collective's inactivity timeout.
+fn check_reachable(
+    t: &Transport,
+    call: &Call,
+    limit: Duration,
+    sends: &[SendState],
+    recvs: &[RecvState],
+) -> Result<()> {
+    let waiting = sends
+        .iter()
+        .filter(|s| !s.done)
+        .map(|s| s.out.peer())
+        .chain(recvs.iter().filter(|r| !r.done).map(|r| r.inc.peer()));
+    for peer in waiting {
+        if let Some(quiet) = t.silent_for(peer) {
+            if quiet >= limit {
+                return Err(peer_lost(
+                    t,
+                    call,
+                    peer,
+                    &format!(
+                        "unreachable: its host answered nothing (no data, no ACK of data or keepalive probes) for {:.1}s (KOLO_PEER_TIMEOUT={})",
+                        quiet.as_secs_f64(),
+                        limit.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long to wait for a peer's abort on the back channel after its
+/// connection to us failed.
+const BACK_WAIT: Duration = Duration::from_millis(200);
+
+/// An abort from `origin`. When the text says that some other rank was lost
+/// (the origin saw it die, or heard so from another), this rank reports that
+/// loss itself, as [`Error::PeerLost`] naming the lost rank and its host, so
+/// every survivor's error says which rank is gone, not only who told it.
+///
+/// When the text is a timeout waiting on this very rank, this rank says whom
+/// it was itself waiting on (`pending`, the unfinished operations of its
+/// round), so its own abort extends the chain of waits (see [`find_hung`]).
+fn aborted(t: &Transport, call: &Call, origin: usize, text: String, pending: &str) -> Error {
+    let me = t.rank();
+    if let Some((peer, host)) = lost_peer_in(&text) {
+        if peer != me && peer < t.size() && peer != origin {
+            return Error::PeerLost {
+                rank: me,
+                peer,
+                host,
+                op: call.label(),
+                detail: format!("reported by rank {origin}: {text}"),
+            };
+        }
+    }
+    match waited_on(&text) {
+        Some(p) if p == me && !pending.is_empty() => {
+            return Error::Aborted {
+                rank: me,
+                origin,
+                op: call.label(),
+                detail: format!("{text}; this rank was itself still {pending}"),
+            };
+        }
+        _ => {}
+    }
+    Error::Aborted {
+        rank: t.rank(),
+        origin,
+        op: call.label(),
+        detail: text,
+    }
+}
+
+/// The rank and host of the first `lost peer rank P (HOST): ` in an error text
+/// (the [`Error::PeerLost`] display).
+fn lost_peer_in(text: &str) -> Option<(usize, String)> {
+    let (_, rest) = text.split_once("lost peer rank ")?;
+    let (num, rest) = rest.split_once(" (")?;
+    let (host, _) = rest.split_once("): ")?;
+    Some((num.parse().ok()?, host.to_string()))
+}
+
 /// While this rank waits, a peer it is not reading from may have sent an
 /// abort, or a frame of this very collective with different arguments (say,
 /// it believes another rank is the broadcast root, so neither side would ever
@@ -387,7 +605,12 @@ fn run_rounds(
 /// edge-triggered readiness, the event for a frame may have been consumed
 /// while an earlier collective was waiting (a broadcast root can send its next
 /// collective's frame before this rank has finished the previous one).
-fn check_bystanders(t: &mut Transport, call: &Call, recvs: &[RecvState]) -> Result<()> {
+fn check_bystanders(
+    t: &mut Transport,
+    call: &Call,
+    recvs: &[RecvState],
+    pending: &dyn Fn(&Transport) -> String,
+) -> Result<()> {
     for peer in (0..t.size()).filter(|&p| p != t.rank()) {
         if recvs
             .iter()
@@ -400,17 +623,12 @@ fn check_bystanders(t: &mut Transport, call: &Call, recvs: &[RecvState]) -> Resu
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq > call.seq => {}
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.kind == Kind::Abort => {
                 let detail = t.take_abort(peer, &h);
-                return Err(Error::Aborted {
-                    rank: t.rank(),
-                    origin: peer,
-                    op: call.label(),
-                    detail,
-                });
+                return Err(aborted(t, call, peer, detail, &pending(t)));
             }
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq == call.seq && h.desc != call.desc => {
                 let mut mine = h;
                 mine.desc = call.desc;
-                return Err(recv_error(t, call, peer, RecvError::Mismatch(mine, h)));
+                return Err(recv_error(t, call, peer, RecvError::Mismatch(mine, h), ""));
             }
             Some(Ok(h)) if h.comm_id != t.comm_id() => {
                 return Err(Error::Protocol {
@@ -568,16 +786,14 @@ fn code_name(field: &str, v: u64) -> String {
     }
 }
 
-fn recv_error(t: &Transport, call: &Call, peer: usize, e: RecvError) -> Error {
+fn recv_error(t: &Transport, call: &Call, peer: usize, e: RecvError, pending: &str) -> Error {
     let rank = t.rank();
     match e {
-        RecvError::Io(e) => peer_lost(t, call, peer, &e.to_string()),
-        RecvError::Aborted(text) => Error::Aborted {
-            rank,
-            origin: peer,
-            op: call.label(),
-            detail: text,
+        RecvError::Io(e) => match t.back_abort(peer, BACK_WAIT) {
+            Some(text) => aborted(t, call, peer, text, pending),
+            None => peer_lost(t, call, peer, &e.to_string()),
         },
+        RecvError::Aborted(text) => aborted(t, call, peer, text, pending),
         RecvError::Protocol(detail) => Error::Protocol { rank, peer, detail },
         RecvError::Mismatch(exp, got) => {
             let detail = if got.seq != exp.seq {
@@ -625,6 +841,26 @@ fn timeout(
     mem: &Mem,
     stages: &[Vec<u64>],
 ) -> Error {
+    Error::Timeout {
+        rank: t.rank(),
+        op: call.label(),
+        waited,
+        detail: format!(
+            "nothing moved for that long; still {}",
+            pending_desc(t, sends, recvs, mem, stages)
+        ),
+    }
+}
+
+/// The unfinished operations of a round: `receiving from rank 3 (10.0.0.4):
+/// 0 of 4096 bytes; sending to rank 1 (...): 12 bytes left`.
+fn pending_desc(
+    t: &Transport,
+    sends: &[SendState],
+    recvs: &[RecvState],
+    mem: &Mem,
+    stages: &[Vec<u64>],
+) -> String {
     let mut parts: Vec<String> = recvs
         .iter()
         .filter(|r| !r.done)
@@ -646,10 +882,5 @@ fn timeout(
             s.out.remaining(s.payload(mem, stages))
         )
     }));
-    Error::Timeout {
-        rank: t.rank(),
-        op: call.label(),
-        waited,
-        detail: format!("nothing moved for that long; still {}", parts.join("; ")),
-    }
+    parts.join("; ")
 }

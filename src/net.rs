@@ -10,6 +10,39 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket}
 
 /// The IP this rank listens on and advertises. Never loopback when the master is remote.
 pub fn advertise_ip(cfg: &Config) -> Result<IpAddr> {
+    choose_ip(cfg)
+}
+
+/// [`advertise_ip`] and a description of the choice for the startup log:
+/// the interface that holds the address and why it was taken, e.g.
+/// `10.0.0.5 on eth0 (route to the master 10.0.0.1)`.
+///
+/// ```
+/// let cfg = kolo::Config::local(0, 2, 29500);
+/// let (ip, how) = kolo::net::advertise(&cfg)?;
+/// assert!(ip.is_loopback() && how.contains("master is loopback"), "{how}");
+/// # Ok::<(), kolo::Error>(())
+/// ```
+pub fn advertise(cfg: &Config) -> Result<(IpAddr, String)> {
+    let ip = choose_ip(cfg)?;
+    let why = match cfg.iface.as_deref().map(str::trim) {
+        Some(p) => format!("KOLO_IFACE={p}"),
+        None if ip.is_loopback() => "master is loopback: single-host job".to_string(),
+        None => match resolve(&cfg.master_addr, cfg.master_port) {
+            Ok(m) if local_ip_toward(m.ip()).ok() == Some(ip) => {
+                format!("route to the master {}", m.ip())
+            }
+            _ => "first non-loopback interface".to_string(),
+        },
+    };
+    let name = interfaces()
+        .ok()
+        .and_then(|ifs| ifs.into_iter().find(|(_, a)| *a == ip).map(|(n, _)| n))
+        .unwrap_or_else(|| "?".into());
+    Ok((ip, format!("{ip} on {name} ({why})")))
+}
+
+fn choose_ip(cfg: &Config) -> Result<IpAddr> {
     let master = resolve(&cfg.master_addr, cfg.master_port)?.ip();
     let master_local = master.is_loopback();
     if let Some(pattern) = cfg.iface.as_deref() {

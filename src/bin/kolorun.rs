@@ -589,9 +589,82 @@ struct Settling {
     others: usize,
 }
 
+/// The rank a kolo error line blames: the peer in `lost peer rank P (HOST): `
+/// (a peer that died or became unreachable, possibly as reported by another
+/// rank), in `receiving from rank P (` / `sending to rank P (` (a timed-out
+/// collective still waiting on it) or in `hung peer rank P (` (the head of a
+/// chain of waits), whichever comes last: nested reasons end with the deepest.
+fn named_peer(line: &str) -> Option<usize> {
+    [
+        "lost peer rank ",
+        "receiving from rank ",
+        "sending to rank ",
+        "hung peer rank ",
+    ]
+    .iter()
+    .filter_map(|pat| {
+        let (i, _) = line.rmatch_indices(pat).next()?;
+        let (num, _) = line[i + pat.len()..].split_once(" (")?;
+        Some((i, num.parse::<usize>().ok()?))
+    })
+    .max()
+    .map(|(_, r)| r)
+}
+
+/// The rank most failing ranks' errors name (ties: the lowest), with the
+/// ranks that named it. `named[r]` is what rank `r` reported, if anything.
+fn most_named(named: &[Option<usize>], failures: &[Failure]) -> Option<(usize, Vec<usize>)> {
+    let mut by: HashMap<usize, Vec<usize>> = HashMap::new();
+    for f in failures {
+        if let Some(Some(p)) = named.get(f.rank) {
+            if *p != f.rank && *p < named.len() {
+                by.entry(*p).or_default().push(f.rank);
+            }
+        }
+    }
+    by.into_iter()
+        .max_by_key(|(p, v)| (v.len(), std::cmp::Reverse(*p)))
+        .map(|(p, mut v)| {
+            v.sort_unstable();
+            (p, v)
+        })
+}
+
 /// Blame the root cause of `s`, stop the job, and return the exit code.
-fn settle(job: &mut Job, s: Settling) -> i32 {
+///
+/// A rank killed by a signal on this host is the root cause. Otherwise, when
+/// the failing ranks' errors name a lost peer (`named`, parsed from their
+/// stderr), that peer is blamed, whether it exited (a remote rank killed by a
+/// signal shows up as ssh's status 255) or is still running (hung, or cut off
+/// from the network). Else the earliest failure.
+fn settle(job: &mut Job, s: Settling, named: &[Option<usize>]) -> i32 {
     let f = root_cause(&s.failures).expect("settling starts with a failure");
+    let code = f.code;
+    let blame = (!f.signalled)
+        .then(|| most_named(named, &s.failures))
+        .flatten()
+        .filter(|(p, _)| *p < job.ranks.len());
+    if let Some((p, by)) = blame {
+        let host = &job.ranks[p].host;
+        let by = by
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let what = match s.failures.iter().find(|x| x.rank == p) {
+            Some(x) => format!("exited with status {}", x.desc),
+            None if job.ranks[p].running => "is unreachable or hung".to_string(),
+            None => "exited".to_string(),
+        };
+        let others = job.ranks.iter().filter(|r| r.running).count();
+        eprintln!(
+            "kolorun: rank {p} (host {host}) {what}: named by the errors of {} {by}; stopping the other {others} {}",
+            if by.contains(',') { "ranks" } else { "rank" },
+            plural(others)
+        );
+        job.stop(libc::SIGTERM);
+        return code;
+    }
     let host = &job.ranks[f.rank].host;
     eprintln!(
         "kolorun: rank {} (host {host}) exited with status {}; stopping the other {} {}",
@@ -600,7 +673,6 @@ fn settle(job: &mut Job, s: Settling) -> i32 {
         s.others,
         plural(s.others)
     );
-    let code = f.code;
     job.stop(libc::SIGTERM);
     code
 }
@@ -690,7 +762,9 @@ fn run(opts: Opts) -> i32 {
                 ip.to_string()
             }
         };
-        ("0.0.0.0:0", addr)
+        // An IPv6 master address needs a store that listens on IPv6.
+        let v6 = net::resolve(&addr, 0).is_ok_and(|a| a.is_ipv6());
+        (if v6 { "[::]:0" } else { "0.0.0.0:0" }, addr)
     };
     let store = StoreServer::bind(bind).unwrap_or_else(|e| fail(e));
     let port = store.local_addr().port();
@@ -815,6 +889,8 @@ fn run(opts: Opts) -> i32 {
     }
     drop(tx);
 
+    // The peer each rank's first kolo error line blames (see `settle`).
+    let mut named: Vec<Option<usize>> = vec![None; np];
     let mut got_signal: Option<i32> = None;
     let mut all_exited_at: Option<Instant> = None;
     let mut settling: Option<Settling> = None;
@@ -825,7 +901,7 @@ fn run(opts: Opts) -> i32 {
             .as_ref()
             .is_some_and(|s| job.running() == 0 || Instant::now() >= s.until)
         {
-            exit_code = Some(settle(&mut job, settling.take().expect("checked")));
+            exit_code = Some(settle(&mut job, settling.take().expect("checked"), &named));
         }
         let running = job.running();
         if running == 0 && all_exited_at.is_none() {
@@ -875,6 +951,9 @@ fn run(opts: Opts) -> i32 {
         };
         match msg {
             Msg::Line { rank, err, line } => {
+                if err && named[rank].is_none() {
+                    named[rank] = named_peer(&String::from_utf8_lossy(&line));
+                }
                 let mut out = Vec::with_capacity(line.len() + 8);
                 out.extend_from_slice(format!("[{rank}] ").as_bytes());
                 out.extend_from_slice(&line);
@@ -896,7 +975,7 @@ fn run(opts: Opts) -> i32 {
             Msg::Signal(sig) => {
                 if let Some(s) = settling.take() {
                     // A failure came first: report it before forwarding the signal.
-                    exit_code = Some(settle(&mut job, s));
+                    exit_code = Some(settle(&mut job, s, &named));
                 }
                 if got_signal.is_none() {
                     eprintln!(
@@ -954,7 +1033,7 @@ fn run(opts: Opts) -> i32 {
         }
     }
     if let Some(s) = settling.take() {
-        exit_code = Some(settle(&mut job, s));
+        exit_code = Some(settle(&mut job, s, &named));
     }
     let _ = std::io::stdout().flush();
     drop(store);
@@ -1614,6 +1693,35 @@ mod tests {
         assert_eq!(blamed(&[f(3, true, 9), f(1, true, 4)]), Some(1));
         assert_eq!(blamed(&[f(1, false, 3)]), Some(1));
         assert_eq!(blamed(&[]), None);
+    }
+
+    #[test]
+    fn blame_goes_to_the_rank_the_errors_name() {
+        let l = "[1] rank 1: error: rank 1: allreduce #9: lost peer rank 5 (10.213.0.3): connection reset";
+        assert_eq!(named_peer(l), Some(5));
+        let l = "rank 0: allreduce #3: timed out after 5.0s: nothing moved for that long; still receiving from rank 2 (h3): 0 of 8 bytes";
+        assert_eq!(named_peer(l), Some(2));
+        let l = "rank 7: allreduce #16: timed out after 4.0s: nothing moved for that long; still receiving from rank 6 (h4): 0 of 8 bytes; hung peer rank 5 (h3): waits 7 -> 6 -> 5, and rank 5 said nothing within 1.0s";
+        assert_eq!(named_peer(l), Some(5));
+        assert_eq!(
+            named_peer("rank 0: allreduce #3: mismatch with rank 1: count"),
+            None
+        );
+        let t0 = Instant::now();
+        let f = |rank| Failure {
+            rank,
+            code: 1,
+            desc: "1".into(),
+            signalled: false,
+            exited_at: t0,
+        };
+        // Rank 2 (remote, killed: ssh says 255) is named by two of three reports.
+        let named = [Some(2), None, None, Some(2), Some(1)];
+        let fs = [f(0), f(3), f(4), f(2)];
+        assert_eq!(most_named(&named, &fs), Some((2, vec![0, 3])));
+        // Only failing ranks' reports count, and nobody blames itself.
+        assert_eq!(most_named(&[Some(0), Some(0)], &[f(0)]), None);
+        assert_eq!(most_named(&named, &[f(1)]), None);
     }
 
     #[test]

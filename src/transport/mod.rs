@@ -67,9 +67,13 @@ fn tune(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
         s.set_send_buffer_size(size)?;
         s.set_recv_buffer_size(size)?;
     }
-    // Detect a peer host that vanished without a FIN (power loss, cable cut).
+    // Detect a peer host that vanished without a FIN (power loss, cable cut):
+    // an idle connection is probed after 2 s and every second after that, so
+    // a live peer's kernel answers at least every ~2 s (even when the peer
+    // process is stopped) and [`Transport::silent_for`] stays small; the
+    // kernel itself drops a connection whose probes go unanswered for ~7 s.
     let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(5))
+        .with_time(Duration::from_secs(2))
         .with_interval(Duration::from_secs(1))
         .with_retries(5);
     s.set_tcp_keepalive(&ka)?;
@@ -224,6 +228,94 @@ impl Transport {
             })
     }
 
+    /// How long the peer's host has said nothing on either connection: no
+    /// data, and no ACK of our data or of our keepalive probes (TCP_INFO's
+    /// `tcpi_last_data_recv` / `tcpi_last_ack_recv`). A live host answers
+    /// keepalive probes of an idle connection every ~2 s, even when the peer
+    /// process is stopped, so a long silence means the host is unreachable
+    /// (or gone without a FIN). `None` when no connection can be asked.
+    pub fn silent_for(&self, peer: usize) -> Option<Duration> {
+        let p = self.peer(peer).ok()?;
+        [&p.tx, &p.rx]
+            .into_iter()
+            .filter_map(|s| {
+                let i = tcp_info(s)?;
+                Some(i.tcpi_last_data_recv.min(i.tcpi_last_ack_recv))
+            })
+            .min()
+            .map(|ms| Duration::from_millis(ms as u64))
+    }
+
+    /// After the connection from `peer` failed (closed mid-frame, reset): did
+    /// the peer abort and say why on the back channel? [`Transport::abort_all`]
+    /// writes its abort frame, besides on its own sending connection, back up
+    /// the connection this rank dials to it (our `tx`, which carries nothing
+    /// else toward us, so it is always at a frame boundary). Waits at most
+    /// `wait`; `None` when nothing (or not an abort of this job) arrives.
+    pub fn back_abort(&self, peer: usize, wait: Duration) -> Option<String> {
+        let p = self.peer(peer).ok()?;
+        let mut raw = [0u8; HEADER_LEN];
+        let mut got = 0;
+        let deadline = Instant::now() + wait;
+        let mut s = &p.tx;
+        while got < HEADER_LEN && Instant::now() < deadline {
+            match s.read(&mut raw[got..]) {
+                Ok(0) => return None,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        let h = match Header::decode(&raw) {
+            Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
+            _ => return None,
+        };
+        let mut text = vec![0u8; (h.len as usize).min(frame::MAX_ABORT_LEN as usize)];
+        let mut got = 0;
+        while got < text.len() && Instant::now() < deadline {
+            match s.read(&mut text[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        Some(String::from_utf8_lossy(&text[..got]).into_owned())
+    }
+
+    /// Every abort that has fully arrived on a back channel (see
+    /// [`Transport::back_abort`]), as (peer, text), without waiting.
+    pub fn poll_back_aborts(&self) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for (j, p) in self.peers.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let mut raw = [0u8; HEADER_LEN];
+            let h = match p.tx.peek(&mut raw) {
+                Ok(HEADER_LEN) => match Header::decode(&raw) {
+                    Ok(h) if h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            let total = HEADER_LEN + (h.len as usize).min(frame::MAX_ABORT_LEN as usize);
+            let mut buf = vec![0u8; total];
+            if p.tx.peek(&mut buf).ok() != Some(total) {
+                continue; // the text is still on its way
+            }
+            let mut s = &p.tx;
+            if s.read_exact(&mut buf).is_ok() {
+                out.push((j, String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned()));
+            }
+        }
+        out
+    }
+
     /// Non-blocking vectored send (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
     pub fn send(&mut self, peer: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let s = &self.peer(peer)?.tx;
@@ -344,6 +436,13 @@ impl Transport {
     /// connection so nobody waits on us. A connection in the middle of a frame
     /// cannot take the abort frame; closing it is the message.
     pub fn abort_all(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
+        self.send_aborts(desc, seq, why, clean);
+        self.close_all();
+    }
+
+    /// The sending half of [`Transport::abort_all`]: the connections stay
+    /// open, so an answer (a peer's own abort) can still be read.
+    pub fn send_aborts(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
         let text = why.as_bytes();
         let text = &text[..text.len().min(frame::MAX_ABORT_LEN as usize)];
         let hdr = Header {
@@ -355,6 +454,22 @@ impl Transport {
         }
         .encode();
         let deadline = Instant::now() + Duration::from_millis(200);
+        // The back channel first (see `back_abort`): it is always at a frame
+        // boundary, so even a peer whose frame from us is cut off learns why.
+        let mut msg = hdr.to_vec();
+        msg.extend_from_slice(text);
+        for p in self.peers.iter().flatten() {
+            let s = SockRef::from(&p.rx);
+            let mut done = 0;
+            while done < msg.len() && Instant::now() < deadline {
+                match s.send_with_flags(&msg[done..], libc::MSG_NOSIGNAL) {
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        }
         for j in 0..self.size {
             if self.peers[j].is_none() || !clean.get(j).copied().unwrap_or(true) {
                 continue;
@@ -367,11 +482,33 @@ impl Transport {
                 }
             }
         }
+    }
+
+    /// Close every connection (after [`Transport::send_aborts`]), so nobody waits on us.
+    pub fn close_all(&mut self) {
         for p in self.peers.iter_mut().flatten() {
             let _ = p.tx.shutdown(std::net::Shutdown::Both);
             let _ = p.rx.shutdown(std::net::Shutdown::Both);
         }
     }
+}
+
+/// TCP_INFO of a connected socket (None if the kernel refuses).
+fn tcp_info(s: &TcpStream) -> Option<libc::tcp_info> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info)
 }
 
 fn connect_retry(addr: SocketAddr, deadline: Instant) -> io::Result<std::net::TcpStream> {
