@@ -137,7 +137,16 @@ impl Communicator {
             let l = std::net::TcpListener::bind("127.0.0.1:0")
                 .map_err(|e| Error::Io(format!("bind: {e}")))?;
             (
-                Transport::establish(0, 1, comm_id.unwrap_or_else(random_id), l, &[], deadline, 0)?,
+                Transport::establish(
+                    0,
+                    1,
+                    comm_id.unwrap_or_else(random_id),
+                    l,
+                    &[],
+                    deadline,
+                    0,
+                    None,
+                )?,
                 None,
             )
         } else {
@@ -158,12 +167,16 @@ impl Communicator {
                 } else {
                     "0.0.0.0"
                 };
-                Some(StoreServer::bind(&format!("{host}:{}", cfg.master_port))?)
+                Some(StoreServer::bind_with(
+                    &format!("{host}:{}", cfg.master_port),
+                    cfg.secret.clone(),
+                )?)
             } else {
                 None
             };
             let master = format!("{}:{}", cfg.master_addr, cfg.master_port);
-            let mut client = StoreClient::connect(&master, rank, deadline)?;
+            let mut client =
+                StoreClient::connect_with(&master, rank, cfg.secret.as_ref(), deadline)?;
             if cfg.serve_store && rank != 0 {
                 client.set_served_by("rank 0");
             }
@@ -213,6 +226,7 @@ impl Communicator {
                     &addrs,
                     deadline,
                     cfg.socket_buffer,
+                    cfg.secret.as_ref(),
                 )?,
                 store,
             )

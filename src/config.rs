@@ -19,6 +19,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_MASTER_ADDR", "127.0.0.1 if all ranks are local", "host of the rendezvous store (else MASTER_ADDR)"),
     ("KOLO_MASTER_PORT", "29500", "port of the rendezvous store (else MASTER_PORT)"),
     ("KOLO_STORE", "rank0", "who serves the store: rank0, or external (a launcher such as kolorun)"),
+    ("KOLO_SECRET", "- (kolorun: a fresh random one per job)", "shared secret every connection proves with an HMAC handshake; the same on every rank; never printed (without it connections are unauthenticated and kolo warns once)"),
     ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
     ("KOLO_TIMEOUT", "60", "seconds a collective may go without moving a byte before it fails"),
     ("KOLO_PEER_TIMEOUT", "6", "seconds without any answer from a peer's host (TCP keepalive/ACKs) while a collective waits on it before it is declared lost (0: never; a hung but reachable peer is caught by KOLO_TIMEOUT)"),
@@ -68,6 +69,9 @@ pub struct Config {
     pub master_port: u16,
     /// Whether rank 0 serves the store (false when a launcher serves it).
     pub serve_store: bool,
+    /// Shared job secret (`KOLO_SECRET`): every store and data connection
+    /// starts with a mutual HMAC handshake over it; `None`: unauthenticated.
+    pub secret: Option<crate::auth::Secret>,
     /// Interface or address to advertise (`KOLO_IFACE`); `None` picks automatically.
     pub iface: Option<String>,
     /// How long a collective may go without any byte moving before it fails.
@@ -129,6 +133,7 @@ impl Config {
             master_addr: "127.0.0.1".into(),
             master_port: port,
             serve_store: true,
+            secret: None,
             iface: None,
             timeout: Duration::from_secs(60),
             peer_timeout: Some(Duration::from_secs(6)),
@@ -307,6 +312,7 @@ impl Config {
         cfg.local_size = local_size;
         cfg.master_addr = master_addr;
         cfg.serve_store = serve_store;
+        cfg.secret = get("KOLO_SECRET").and_then(|s| crate::auth::Secret::new(&s));
         cfg.iface = get("KOLO_IFACE").filter(|s| !s.trim().is_empty());
         cfg.timeout = secs("KOLO_TIMEOUT", 60.0)?;
         cfg.start_timeout = secs("KOLO_START_TIMEOUT", 60.0)?;
@@ -492,5 +498,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("KOLO_TIMEOUT"), "{e}");
+    }
+
+    #[test]
+    fn secret_is_read_and_never_shown() {
+        let c = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "1")]).unwrap();
+        assert!(c.secret.is_none());
+        let c = cfg(&[
+            ("KOLO_RANK", "0"),
+            ("KOLO_SIZE", "1"),
+            ("KOLO_SECRET", "s3cr3t-value"),
+        ])
+        .unwrap();
+        assert_eq!(c.secret, crate::auth::Secret::new("s3cr3t-value"));
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        let c = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "1"), ("KOLO_SECRET", "")]).unwrap();
+        assert!(c.secret.is_none(), "empty means unset");
     }
 }

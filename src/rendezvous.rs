@@ -1,14 +1,17 @@
 //! Rendezvous: a small TCP key-value store that rank 0 (or the launcher) serves.
 //!
 //! Ranks use it once at start-up to publish their listen addresses and learn
-//! everyone else's, so it favours robustness over speed: every frame is
+//! everyone else's, so it favours robustness over speed: every connection
+//! starts with the authenticated handshake of [`crate::auth`] (nothing is read
+//! from a client before it has proved it holds the job secret), every frame is
 //! length-prefixed and checked (magic, version, per-command size caps), a bad
-//! frame closes only that connection, and every client-side wait is bounded by
-//! a deadline.
+//! frame or failed handshake closes only that connection (with one logged
+//! line), and every client-side wait is bounded by a deadline.
 //!
 //! # Wire format
 //!
-//! Request and reply frames share a 10-byte header, all integers big-endian:
+//! After the handshake ([`crate::auth`]: hello, challenge, proof, verdict),
+//! request and reply frames share a 10-byte header, all integers big-endian:
 //!
 //! ```text
 //! magic "KRDV" (4) | version 1 (1) | command or status (1) | body length u32 (4) | body
@@ -42,12 +45,13 @@
 //! assert_eq!(c.add("counter", 2)?, 2);
 //! # Ok::<(), kolo::Error>(())
 //! ```
+use crate::auth::{self, Secret};
 use crate::error::{Error, Result};
 use bytes::{Buf, BufMut, BytesMut};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -80,6 +84,11 @@ pub const MAX_WAIT_KEYS: usize = 65536;
 const MAX_REPLY_BYTES: usize = 1 << 30;
 /// Server-side cap on GET/WAIT timeouts so `Instant + timeout` cannot overflow.
 const MAX_SERVER_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// How long a new connection has to complete the handshake, in all.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections that may be in their handshake at once; more are closed
+/// at once, so strangers cannot make the store start unbounded threads.
+const MAX_PENDING_HANDSHAKES: usize = 256;
 /// How long the server gives a client to finish a frame it has started.
 const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bodies are read in chunks of at most this size, so a length prefix alone
@@ -246,6 +255,10 @@ struct Shared {
     conns_changed: Condvar,
     handlers: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
+    /// The job secret every client must prove it holds.
+    secret: Option<Secret>,
+    /// Connections accepted whose handshake has not finished.
+    pending: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -448,8 +461,29 @@ const LISTENER: mio::Token = mio::Token(0);
 const WAKER: mio::Token = mio::Token(1);
 
 impl StoreServer {
-    /// Bind and start serving (`addr` like "0.0.0.0:29500" or "127.0.0.1:0").
+    /// Bind and start serving (`addr` like "0.0.0.0:29500" or "127.0.0.1:0")
+    /// without a secret: clients are not authenticated (see [`StoreServer::bind_with`]).
     pub fn bind(addr: &str) -> Result<StoreServer> {
+        StoreServer::bind_with(addr, None)
+    }
+
+    /// Bind and start serving; every client must prove it holds `secret`
+    /// (the job's `KOLO_SECRET`) before any request is read.
+    ///
+    /// ```
+    /// use kolo::auth::Secret;
+    /// use kolo::rendezvous::{StoreClient, StoreServer};
+    /// use std::time::{Duration, Instant};
+    /// let server = StoreServer::bind_with("127.0.0.1:0", Secret::new("job-42"))?;
+    /// let addr = server.local_addr().to_string();
+    /// let deadline = Instant::now() + Duration::from_secs(5);
+    /// let mut c = StoreClient::connect_with(&addr, 0, Secret::new("job-42").as_ref(), deadline)?;
+    /// c.set("k", b"v")?;
+    /// let wrong = StoreClient::connect_with(&addr, 1, Secret::new("guess").as_ref(), deadline);
+    /// assert!(wrong.err().unwrap().to_string().contains("authentication failed"));
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn bind_with(addr: &str, secret: Option<Secret>) -> Result<StoreServer> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| Error::Io(format!("cannot bind the rendezvous store to {addr}: {e}")))?;
         let local = listener
@@ -471,6 +505,8 @@ impl StoreServer {
             conns_changed: Condvar::new(),
             handlers: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
+            secret,
+            pending: AtomicUsize::new(0),
         });
         let sh = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -547,6 +583,14 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
             if stream.set_nonblocking(false).is_err() {
                 continue;
             }
+            if shared.pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+                eprintln!(
+                    "kolo store: closing connection from {peer}: {MAX_PENDING_HANDSHAKES} \
+                     connections are already in their handshake"
+                );
+                continue;
+            }
+            shared.pending.fetch_add(1, Ordering::SeqCst);
             let _ = stream.set_nodelay(true);
             let Ok(clone) = stream.try_clone() else {
                 continue;
@@ -557,7 +601,22 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
             let spawned = std::thread::Builder::new()
                 .name("kolo-store-conn".into())
                 .spawn(move || {
-                    match serve_conn(&sh, stream) {
+                    let until = Instant::now() + HANDSHAKE_TIMEOUT;
+                    let shook = auth::server(&mut auth::Timed::new(&stream, until), sh.secret.as_ref(), |h| {
+                        if h.purpose == auth::Purpose::Store {
+                            Ok(())
+                        } else {
+                            Err(format!("a data connection from rank {} (wrong port?)", h.from))
+                        }
+                    });
+                    sh.pending.fetch_sub(1, Ordering::SeqCst);
+                    let end = match shook {
+                        Ok(_) => serve_conn(&sh, stream),
+                        // A closed or silent connection ends quietly at shutdown.
+                        Err(_) if sh.shutdown.load(Ordering::SeqCst) => ConnEnd::Closed,
+                        Err(f) => ConnEnd::Bad(f.to_string()),
+                    };
+                    match end {
                         ConnEnd::Bad(m) => eprintln!("kolo store: closing connection from {peer}: {m}"),
                         ConnEnd::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                             eprintln!(
@@ -579,6 +638,7 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
                     hs.push(h);
                 }
                 Err(e) => {
+                    shared.pending.fetch_sub(1, Ordering::SeqCst);
                     eprintln!("kolo store: cannot start a thread for {peer}: {e}");
                     if let Some(s) = lock(&shared.conns).remove(&id) {
                         let _ = s.shutdown(Shutdown::Both);
@@ -637,8 +697,21 @@ enum WaitOutcome {
 }
 
 impl StoreClient {
-    /// Connect, retrying until `deadline` (the store may start after us).
+    /// Connect without a secret, retrying until `deadline` (the store may
+    /// start after us); see [`StoreClient::connect_with`].
     pub fn connect(addr: &str, rank: usize, deadline: Instant) -> Result<StoreClient> {
+        StoreClient::connect_with(addr, rank, None, deadline)
+    }
+
+    /// Connect, retrying until `deadline`, and prove to the store that this
+    /// rank holds `secret` (and check that the store does). A store that does
+    /// not share the secret fails at once with "authentication failed".
+    pub fn connect_with(
+        addr: &str,
+        rank: usize,
+        secret: Option<&Secret>,
+        deadline: Instant,
+    ) -> Result<StoreClient> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
         let last_err: String;
@@ -651,12 +724,37 @@ impl StoreClient {
                     for a in addrs {
                         let left = deadline.saturating_duration_since(Instant::now());
                         let t = left.clamp(Duration::from_millis(10), Duration::from_secs(2));
-                        match TcpStream::connect_timeout(&a, t) {
-                            Ok(s) => {
+                        let s = match TcpStream::connect_timeout(&a, t) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                err = format!("{a}: {e}");
+                                continue;
+                            }
+                        };
+                        let until = deadline.max(Instant::now() + HANDSHAKE_TIMEOUT);
+                        let hello = auth::Hello {
+                            purpose: auth::Purpose::Store,
+                            has_key: false,
+                            comm_id: 0,
+                            from: rank as u32,
+                            to: u32::MAX,
+                            size: 0,
+                            nonce: [0; auth::NONCE_LEN],
+                        };
+                        let peer = format!("the store at {addr}");
+                        match auth::client(&mut auth::Timed::new(&s, until), secret, hello, &peer) {
+                            Ok(()) => {
                                 ok = Some(s);
                                 break;
                             }
-                            Err(e) => err = format!("{a}: {e}"),
+                            // Try again: a store starting up or restarting.
+                            Err(auth::Failure::Io(e)) => err = format!("{a}: handshake: {e}"),
+                            Err(f) => {
+                                return Err(Error::Rendezvous {
+                                    rank,
+                                    detail: f.to_string(),
+                                })
+                            }
                         }
                     }
                     ok.ok_or(err)
@@ -995,6 +1093,61 @@ impl StoreClient {
             }
         }
     }
+}
+
+/// Decode `data` as one request frame the way the server does after the
+/// handshake (header checks, size caps, body read, request decode); whether
+/// it is valid. For the fuzz targets.
+pub(crate) fn fuzz_request(data: &[u8]) -> bool {
+    let Some(h) = data.get(..HEADER_LEN) else {
+        return false;
+    };
+    let Ok((cmd, len)) = parse_header(h.try_into().expect("sliced to length")) else {
+        return false;
+    };
+    match max_body(cmd) {
+        Some(max) if len <= max => {}
+        _ => return false,
+    }
+    let mut rest = &data[HEADER_LEN..];
+    match read_body(&mut rest, len) {
+        Ok(body) => decode_request(cmd, body).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// One valid request frame of each command, named, for fuzzing seeds.
+pub(crate) fn sample_requests() -> Vec<(&'static str, Vec<u8>)> {
+    let mut set = header(CMD_SET, 8 + 11 + 15);
+    put_blob(&mut set, b"kolo/addr/0");
+    put_blob(&mut set, b"127.0.0.1:40000");
+    let mut get = header(CMD_GET, 12 + 12);
+    put_blob(&mut get, b"kolo/comm_id");
+    get.put_u64(60_000);
+    let mut add = header(CMD_ADD, 12 + 5);
+    put_blob(&mut add, b"count");
+    add.put_i64(-3);
+    let keys: [&[u8]; 2] = [b"kolo/addr/0", b"kolo/addr/1"];
+    let mut wait = header(CMD_WAIT, 12 + 2 * 15);
+    wait.put_u64(1000);
+    wait.put_u32(2);
+    for k in keys {
+        put_blob(&mut wait, k);
+    }
+    let mut wait_abort = header(CMD_WAIT, 12 + 2 * 15 + 4 + 11);
+    wait_abort.put_u64(1000);
+    wait_abort.put_u32(2);
+    for k in keys {
+        put_blob(&mut wait_abort, k);
+    }
+    put_blob(&mut wait_abort, b"kolo/failed");
+    vec![
+        ("set", set.to_vec()),
+        ("get", get.to_vec()),
+        ("add", add.to_vec()),
+        ("wait", wait.to_vec()),
+        ("wait-abort", wait_abort.to_vec()),
+    ]
 }
 
 /// Format a list of ranks compactly: "3, 5, 7-12".

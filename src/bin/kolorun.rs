@@ -1,10 +1,12 @@
 //! `kolorun`: start a kolo job (like `mpirun`/`horovodrun`).
 //!
 //! It serves the rendezvous store itself, starts every rank with the `KOLO_*`
-//! variables set (locally, or over ssh), prefixes each output line with the
+//! variables set (locally, or over ssh) and a per-job secret (`KOLO_SECRET`,
+//! never on a command line), prefixes each output line with the
 //! rank, forwards SIGINT/SIGTERM, and stops the whole job as soon as one rank
 //! fails, exiting with that rank's status. Run `kolorun --help` for usage.
 use crossbeam_channel::Sender;
+use kolo::auth::Secret;
 use kolo::net;
 use kolo::rendezvous::StoreServer;
 use std::collections::HashMap;
@@ -95,7 +97,9 @@ OPTIONS:
     --version              print the version
 
 Local ranks run directly; ranks on other hosts run through
-`ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new HOST 'cd CWD && exec env ... CMD'`.
+`ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new HOST 'IFS= read -r KOLO_SECRET;
+export KOLO_SECRET; cd CWD && exec env ... CMD'`, with the job secret as the first line of
+ssh's standard input (so `ps` never shows it).
 Each output line is prefixed with `[rank] `. When a rank exits non-zero or is killed,
 kolorun stops the others (SIGTERM, then SIGKILL after the grace period) and exits with
 that rank's status (128+signal when it was killed by a signal). When several ranks fail
@@ -104,7 +108,9 @@ before one that exited non-zero, then the earliest to exit.
 
 ENVIRONMENT (set by kolorun for each rank: KOLO_RANK, KOLO_SIZE, KOLO_LOCAL_RANK,
 KOLO_LOCAL_SIZE, KOLO_MASTER_ADDR, KOLO_MASTER_PORT, KOLO_STORE=external,
-KOLO_START_TIMEOUT; the others pass through from kolorun's environment or -x):
+KOLO_START_TIMEOUT, and KOLO_SECRET: kolorun's own if set, else a fresh random one for
+this job, which its store requires too; the others pass through from kolorun's
+environment or -x):
 ",
     );
     let w = kolo::config::ENV_DOC
@@ -339,9 +345,15 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// The command ssh runs on a remote host for one rank.
+/// The command ssh runs on a remote host for one rank. It reads the job
+/// secret from the first line of its standard input (kolorun writes it there),
+/// so that it never appears on a command line that `ps` shows, locally or on
+/// the remote host; `env` must not contain it.
 fn remote_command(cwd: &str, env: &[(String, String)], cmd: &[String]) -> String {
-    let mut s = format!("cd {} && exec env", shell_quote(cwd));
+    let mut s = format!(
+        "IFS= read -r KOLO_SECRET; export KOLO_SECRET; cd {} && exec env",
+        shell_quote(cwd)
+    );
     for (k, v) in env {
         s.push(' ');
         s.push_str(&shell_quote(&format!("{k}={v}")));
@@ -351,6 +363,48 @@ fn remote_command(cwd: &str, env: &[(String, String)], cmd: &[String]) -> String
         s.push_str(&shell_quote(a));
     }
     s
+}
+
+/// The ssh command line for a remote rank (the secret goes to its stdin).
+/// The job secret (the caller's `KOLO_SECRET`, from the environment or
+/// `-x KOLO_SECRET=...`, or a fresh random one; never printed) and the other
+/// `-x` variables to pass.
+fn job_secret_and_exports(opts: &Opts) -> (String, Vec<(String, String)>) {
+    let mut secret = std::env::var("KOLO_SECRET").ok().filter(|s| !s.is_empty());
+    let mut exports = Vec::new();
+    for (k, v) in &opts.exports {
+        if k == "KOLO_SECRET" {
+            // Passed to every rank anyway, and never on a command line.
+            if let Some(v) = v.clone().filter(|v| !v.is_empty()) {
+                secret = Some(v);
+            }
+            continue;
+        }
+        match v.clone().or_else(|| std::env::var(k).ok()) {
+            Some(v) => exports.push((k.clone(), v)),
+            None => eprintln!(
+                "kolorun: warning: -x {k}: {k} is not set in kolorun's environment; not passed"
+            ),
+        }
+    }
+    let secret = match secret {
+        Some(s) => s,
+        None => kolo::auth::generate_secret().unwrap_or_else(|e| fail(e)),
+    };
+    (secret, exports)
+}
+
+fn ssh_command(host: &str, cwd: &str, env: &[(String, String)], cmd: &[String]) -> Command {
+    let mut c = Command::new("ssh");
+    c.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+    ])
+    .arg(host)
+    .arg(remote_command(cwd, env, cmd));
+    c
 }
 
 fn hostname() -> String {
@@ -766,18 +820,10 @@ fn run(opts: Opts) -> i32 {
         let v6 = net::resolve(&addr, 0).is_ok_and(|a| a.is_ipv6());
         (if v6 { "[::]:0" } else { "0.0.0.0:0" }, addr)
     };
-    let store = StoreServer::bind(bind).unwrap_or_else(|e| fail(e));
+    let (secret, exports) = job_secret_and_exports(&opts);
+    let store = StoreServer::bind_with(bind, Secret::new(&secret)).unwrap_or_else(|e| fail(e));
     let port = store.local_addr().port();
 
-    let mut exports = Vec::new();
-    for (k, v) in &opts.exports {
-        match v.clone().or_else(|| std::env::var(k).ok()) {
-            Some(v) => exports.push((k.clone(), v)),
-            None => eprintln!(
-                "kolorun: warning: -x {k}: {k} is not set in kolorun's environment; not passed"
-            ),
-        }
-    }
     let mut logs: Vec<Option<File>> = Vec::new();
     if let Some(d) = &opts.output_dir {
         std::fs::create_dir_all(d)
@@ -837,28 +883,30 @@ fn run(opts: Opts) -> i32 {
         .collect();
         let mut cmd = if p.local {
             let mut c = Command::new(&opts.cmd[0]);
-            c.args(&opts.cmd[1..]).envs(env.iter().map(|(k, v)| (k, v)));
+            c.args(&opts.cmd[1..])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("KOLO_SECRET", &secret)
+                .stdin(Stdio::null());
             c
         } else {
-            let mut c = Command::new("ssh");
-            c.args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=accept-new",
-            ])
-            .arg(&p.host)
-            .arg(remote_command(&cwd, &env, &opts.cmd));
+            let mut c = ssh_command(&p.host, &cwd, &env, &opts.cmd);
+            // The remote shell reads the secret from the first line; then EOF,
+            // as /dev/null would give.
+            c.stdin(Stdio::piped());
             c
         };
         // Each rank leads its own process group: signals reach everything it
         // started, and the terminal's Ctrl-C reaches only kolorun, which forwards it.
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         match cmd.spawn() {
             Ok(mut child) => {
+                if let Some(mut stdin) = child.stdin.take() {
+                    // 65 bytes fit in any pipe buffer: this does not block. An
+                    // ssh that already failed reports that itself.
+                    let _ = writeln!(stdin, "{secret}");
+                }
                 spawn_reader(rank, false, child.stdout.take().expect("piped"), tx.clone());
                 spawn_reader(rank, true, child.stderr.take().expect("piped"), tx.clone());
                 open_pipes += 2;
@@ -1119,20 +1167,16 @@ fn run_elastic(opts: Opts) -> i32 {
             })
             .map_or("127.0.0.1".to_string(), |ip| ip.to_string())
     });
-    let store = StoreServer::bind(bind).unwrap_or_else(|e| fail(e));
+    let (secret, exports) = job_secret_and_exports(&opts);
+    let store = StoreServer::bind_with(bind, Secret::new(&secret)).unwrap_or_else(|e| fail(e));
     let port = store.local_addr().port();
-    let mut store_client = kolo::rendezvous::StoreClient::connect(
+    let mut store_client = kolo::rendezvous::StoreClient::connect_with(
         &format!("127.0.0.1:{port}"),
         usize::MAX,
+        Secret::new(&secret).as_ref(),
         Instant::now() + Duration::from_secs(10),
     )
     .unwrap_or_else(|e| fail(e));
-    let mut exports = Vec::new();
-    for (k, v) in &opts.exports {
-        if let Some(v) = v.clone().or_else(|| std::env::var(k).ok()) {
-            exports.push((k.clone(), v));
-        }
-    }
     let cwd = std::env::current_dir()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| ".".into());
@@ -1213,22 +1257,18 @@ fn run_elastic(opts: Opts) -> i32 {
         }
         let mut cmd = if local {
             let mut c = Command::new(&opts.cmd[0]);
-            c.args(&opts.cmd[1..]).envs(env.iter().map(|(k, v)| (k, v)));
+            c.args(&opts.cmd[1..])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("KOLO_SECRET", &secret)
+                .stdin(Stdio::null());
             c
         } else {
-            let mut c = Command::new("ssh");
-            c.args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=accept-new",
-            ])
-            .arg(host)
-            .arg(remote_command(&cwd, &env, &opts.cmd));
+            // The remote shell reads the secret from the first line of stdin.
+            let mut c = ssh_command(host, &cwd, &env, &opts.cmd);
+            c.stdin(Stdio::piped());
             c
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         // Listed as alive before it can register, so a change in progress waits for it.
@@ -1240,6 +1280,9 @@ fn run_elastic(opts: Opts) -> i32 {
         publish_alive(job, c);
         match cmd.spawn() {
             Ok(mut child) => {
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = writeln!(stdin, "{secret}");
+                }
                 spawn_reader(id, false, child.stdout.take().expect("piped"), tx.clone());
                 spawn_reader(id, true, child.stderr.take().expect("piped"), tx.clone());
                 spawn_waiter(id, child.id(), tx.clone());
@@ -1487,8 +1530,37 @@ mod tests {
         );
         assert_eq!(
             c,
-            r#"cd '/home/me/my dir' && exec env KOLO_RANK=1 'X=a b' python -c 'print('\''hi'\'')'"#
+            r#"IFS= read -r KOLO_SECRET; export KOLO_SECRET; cd '/home/me/my dir' && exec env KOLO_RANK=1 'X=a b' python -c 'print('\''hi'\'')'"#
         );
+    }
+
+    #[test]
+    fn ssh_argv_never_carries_the_secret() {
+        let secret = kolo::auth::generate_secret().unwrap();
+        let env = [("KOLO_RANK".to_string(), "1".to_string())];
+        let c = ssh_command("node7", "/w", &env, &s(&["prog", "--flag"]));
+        assert_eq!(c.get_program(), "ssh");
+        let argv: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(argv.len(), 6, "{argv:?}");
+        assert!(!argv.iter().any(|a| a.contains(&secret)), "{argv:?}");
+        assert!(c.get_envs().all(|(k, _)| k != "KOLO_SECRET"));
+        // The remote line reads it from stdin: run it through sh, feeding the
+        // secret as ssh would, and check the command sees it.
+        let line = remote_command("/", &env, &s(&["sh", "-c", "printf %s \"$KOLO_SECRET\""]));
+        assert!(!line.contains(&secret));
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{secret}").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), secret);
     }
 
     #[test]

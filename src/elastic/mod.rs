@@ -317,9 +317,10 @@ pub fn run_with<R>(
     mut body: impl FnMut(&Comm, &mut State) -> Result<R>,
 ) -> Result<R> {
     let who = opts.member_id as usize;
-    let mut client = StoreClient::connect(
+    let mut client = StoreClient::connect_with(
         &opts.master(),
         who,
+        opts.base.secret.as_ref(),
         Instant::now() + opts.base.start_timeout,
     )?;
     let job = membership::job_tag(&mut client, who, Instant::now() + opts.base.start_timeout)?;

@@ -7,8 +7,9 @@ use bytes::{Buf, BufMut};
 
 /// "KOLO" in ASCII.
 pub const MAGIC: u32 = 0x4b4f_4c4f;
-/// Wire format version; bumped on any incompatible change.
-pub const VERSION: u16 = 1;
+/// Wire format version; bumped on any incompatible change (2: connections
+/// start with the authenticated handshake of [`crate::auth`]).
+pub const VERSION: u16 = 2;
 /// Encoded header size in bytes.
 pub const HEADER_LEN: usize = 48;
 /// Largest abort message accepted (its text is read into memory).
@@ -149,39 +150,6 @@ impl Header {
     }
 }
 
-/// The first bytes on every new data connection: who is calling, for which job.
-pub const HELLO_LEN: usize = 24;
-
-/// Encode a connection hello.
-pub fn encode_hello(comm_id: u64, rank: u32, size: u32) -> [u8; HELLO_LEN] {
-    let mut out = [0u8; HELLO_LEN];
-    let mut b = &mut out[..];
-    b.put_u32_le(MAGIC);
-    b.put_u16_le(VERSION);
-    b.put_u16_le(0);
-    b.put_u64_le(comm_id);
-    b.put_u32_le(rank);
-    b.put_u32_le(size);
-    out
-}
-
-/// Decode a hello into (comm_id, rank, size).
-pub fn decode_hello(raw: &[u8; HELLO_LEN]) -> Result<(u64, u32, u32), String> {
-    let mut b = &raw[..];
-    let magic = b.get_u32_le();
-    if magic != MAGIC {
-        return Err(format!("bad magic {magic:#010x} in hello"));
-    }
-    let version = b.get_u16_le();
-    if version != VERSION {
-        return Err(format!(
-            "hello with wire version {version}, this build speaks {VERSION}"
-        ));
-    }
-    let _ = b.get_u16_le();
-    Ok((b.get_u64_le(), b.get_u32_le(), b.get_u32_le()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,8 +177,5 @@ mod tests {
         assert!(Header::decode(&raw).is_err());
         raw[4] = 9;
         assert!(Header::decode(&raw).unwrap_err().contains("version"));
-        assert!(decode_hello(&[0u8; HELLO_LEN]).is_err());
-        let h = encode_hello(5, 2, 4);
-        assert_eq!(decode_hello(&h), Ok((5, 2, 4)));
     }
 }

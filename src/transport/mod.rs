@@ -5,13 +5,15 @@
 
 pub mod frame;
 
+use crate::auth::{self, Secret};
 use crate::error::{Error, Result};
-use frame::{Desc, Header, Kind, HEADER_LEN, HELLO_LEN};
+use frame::{Desc, Header, Kind, HEADER_LEN};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use socket2::SockRef;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// One connected peer: a connection per direction. On loopback (and on any
@@ -84,10 +86,13 @@ impl Transport {
     /// Connect to every other rank. `listener` is this rank's bound listener
     /// whose address was published as `addrs[rank]`. Each rank dials every
     /// peer (its sending connection) and accepts one connection from every
-    /// peer (its receiving connection). Each connection starts with a hello
-    /// naming the job and the caller's rank; connections with a wrong job id,
-    /// version or rank are dropped without disturbing the rest. `sockbuf` is
-    /// the SO_SNDBUF/SO_RCVBUF to request (0: leave the kernel's autotuning).
+    /// peer (its receiving connection), the two at once on two threads. Each
+    /// connection starts with the authenticated handshake of [`crate::auth`]
+    /// over `secret`, naming the job and both ranks; connections with a wrong
+    /// secret, job id, version or rank are dropped (one logged line each)
+    /// without disturbing the rest. `sockbuf` is the SO_SNDBUF/SO_RCVBUF to
+    /// request (0: leave the kernel's autotuning).
+    #[allow(clippy::too_many_arguments)]
     pub fn establish(
         rank: usize,
         size: usize,
@@ -96,74 +101,30 @@ impl Transport {
         addrs: &[SocketAddr],
         deadline: Instant,
         sockbuf: usize,
+        secret: Option<&Secret>,
     ) -> Result<Transport> {
-        let hello = frame::encode_hello(comm_id, rank as u32, size as u32);
-        let mut tx: Vec<Option<std::net::TcpStream>> = (0..size).map(|_| None).collect();
-        let mut rx: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
-            (0..size).map(|_| None).collect();
-        for (j, addr) in addrs.iter().enumerate() {
-            if j == rank {
-                continue;
+        let stop = AtomicBool::new(false);
+        let (mut tx, mut rx) = std::thread::scope(|sc| {
+            let acceptor = std::thread::Builder::new()
+                .name("kolo-accept".into())
+                .spawn_scoped(sc, || {
+                    accept_all(
+                        rank, size, comm_id, listener, deadline, sockbuf, secret, &stop,
+                    )
+                })
+                .map_err(|e| io_err("cannot start the accepting thread", e))?;
+            let tx = dial_all(rank, size, comm_id, addrs, deadline, sockbuf, secret);
+            if tx.is_err() {
+                stop.store(true, Ordering::SeqCst);
             }
-            let stream = connect_retry(*addr, deadline).map_err(|e| Error::PeerLost {
-                rank,
-                peer: j,
-                host: addr.to_string(),
-                op: "connect".into(),
-                detail: e.to_string(),
-            })?;
-            tune(&stream, sockbuf).map_err(|e| io_err("socket options", e))?;
-            (&stream)
-                .write_all(&hello)
-                .map_err(|e| io_err(&format!("hello to rank {j} at {addr}"), e))?;
-            stream
-                .set_nonblocking(true)
-                .map_err(|e| io_err("nonblocking", e))?;
-            tx[j] = Some(stream);
-        }
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| io_err("listener", e))?;
-        let mut missing = size - 1;
-        let mut lst = TcpListener::from_std(listener);
-        let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
-        let mut events = Events::with_capacity(64);
-        poll.registry()
-            .register(&mut lst, Token(usize::MAX), Interest::READABLE)
-            .map_err(|e| io_err("epoll register", e))?;
-        while missing > 0 {
-            match lst.accept() {
-                Ok((s, from)) => match accept_hello(s, comm_id, size, deadline, sockbuf) {
-                    Ok((j, stream)) if j != rank && j < size && rx[j].is_none() => {
-                        rx[j] = Some((stream, from));
-                        missing -= 1;
-                    }
-                    Ok((j, _)) => eprintln!(
-                        "kolo: rank {rank}: dropped connection from {from}: claims rank {j}, which is taken or invalid"
-                    ),
-                    Err(e) => eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}"),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        let waiting: Vec<String> = (0..size)
-                            .filter(|&j| j != rank && rx[j].is_none())
-                            .map(|j| j.to_string())
-                            .collect();
-                        return Err(Error::Timeout {
-                            rank,
-                            op: "connect".into(),
-                            waited: Duration::ZERO,
-                            detail: format!("ranks {} never connected", waiting.join(", ")),
-                        });
-                    }
-                    poll.poll(&mut events, Some(deadline - now))
-                        .map_err(|e| io_err("epoll wait", e))?;
-                }
-                Err(e) => return Err(io_err("accept", e)),
-            }
-        }
-        drop(lst);
+            let rx = acceptor.join().unwrap_or_else(|_| {
+                Err(Error::Io(format!(
+                    "rank {rank}: the accepting thread panicked"
+                )))
+            });
+            // A failed dial is the root cause; the acceptor merely stopped.
+            Ok::<_, Error>((tx?, rx?))
+        })?;
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
         for j in (0..size).filter(|&j| j != rank) {
@@ -537,34 +498,176 @@ fn connect_retry(addr: SocketAddr, deadline: Instant) -> io::Result<std::net::Tc
     }
 }
 
-fn accept_hello(
-    s: TcpStream,
-    comm_id: u64,
+/// Dial every peer and authenticate to it; the sending connection to each.
+fn dial_all(
+    rank: usize,
     size: usize,
+    comm_id: u64,
+    addrs: &[SocketAddr],
     deadline: Instant,
     sockbuf: usize,
-) -> io::Result<(usize, std::net::TcpStream)> {
-    let s: std::net::TcpStream = s.into();
-    s.set_nonblocking(false)?;
-    // A silent or slow stranger may hold us for at most a second.
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .min(Duration::from_secs(1));
-    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-    let mut raw = [0u8; HELLO_LEN];
-    (&s).read_exact(&mut raw)?;
-    let (id, r, n) =
-        frame::decode_hello(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    if id != comm_id || n as usize != size {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("hello for job {id:#x} of size {n}, this job is {comm_id:#x} of size {size}"),
-        ));
+    secret: Option<&Secret>,
+) -> Result<Vec<Option<std::net::TcpStream>>> {
+    let mut tx: Vec<Option<std::net::TcpStream>> = (0..size).map(|_| None).collect();
+    for (j, addr) in addrs.iter().enumerate() {
+        if j == rank {
+            continue;
+        }
+        let lost = |detail: String| Error::PeerLost {
+            rank,
+            peer: j,
+            host: addr.to_string(),
+            op: "connect".into(),
+            detail,
+        };
+        let stream = connect_retry(*addr, deadline).map_err(|e| lost(e.to_string()))?;
+        tune(&stream, sockbuf).map_err(|e| io_err("socket options", e))?;
+        let hello = auth::Hello {
+            purpose: auth::Purpose::Data,
+            has_key: false,
+            comm_id,
+            from: rank as u32,
+            to: j as u32,
+            size: size as u32,
+            nonce: [0; auth::NONCE_LEN],
+        };
+        // The peer's acceptor may be busy with other ranks (or strangers):
+        // wait for it until the start deadline.
+        let peer = format!("rank {j} at {addr}");
+        let mut timed = auth::Timed::new(&stream, deadline);
+        auth::client(&mut timed, secret, hello, &peer).map_err(|f| match f {
+            auth::Failure::Io(_) => lost(f.to_string()),
+            _ => Error::Protocol {
+                rank,
+                peer: j,
+                detail: format!("connecting to {peer}: {f}"),
+            },
+        })?;
+        stream
+            .set_read_timeout(None)
+            .and_then(|_| stream.set_write_timeout(None))
+            .and_then(|_| stream.set_nonblocking(true))
+            .map_err(|e| io_err("nonblocking", e))?;
+        tx[j] = Some(stream);
     }
-    s.set_read_timeout(None)?;
-    tune(&s, sockbuf)?;
-    s.set_nonblocking(true)?;
-    Ok((r as usize, s))
+    Ok(tx)
+}
+
+/// Accept and authenticate one connection from every peer (until `deadline`,
+/// or until `stop` is set because dialing failed); the receiving connection
+/// from each, with its address.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn accept_all(
+    rank: usize,
+    size: usize,
+    comm_id: u64,
+    listener: std::net::TcpListener,
+    deadline: Instant,
+    sockbuf: usize,
+    secret: Option<&Secret>,
+    stop: &AtomicBool,
+) -> Result<Vec<Option<(std::net::TcpStream, SocketAddr)>>> {
+    let mut rx: Vec<Option<(std::net::TcpStream, SocketAddr)>> = (0..size).map(|_| None).collect();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err("listener", e))?;
+    let mut missing = size - 1;
+    let mut lst = TcpListener::from_std(listener);
+    let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
+    let mut events = Events::with_capacity(64);
+    poll.registry()
+        .register(&mut lst, Token(usize::MAX), Interest::READABLE)
+        .map_err(|e| io_err("epoll register", e))?;
+    while missing > 0 {
+        match lst.accept() {
+            Ok((s, from)) => {
+                let taken: Vec<bool> = rx.iter().map(Option::is_some).collect();
+                match accept_hello(s, rank, comm_id, size, &taken, deadline, sockbuf, secret) {
+                    Ok((j, stream)) => {
+                        rx[j] = Some((stream, from));
+                        missing -= 1;
+                    }
+                    Err(e) => eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if stop.load(Ordering::SeqCst) {
+                    return Err(Error::Io(format!("rank {rank}: stopped accepting")));
+                }
+                if now >= deadline {
+                    let waiting: Vec<String> = (0..size)
+                        .filter(|&j| j != rank && rx[j].is_none())
+                        .map(|j| j.to_string())
+                        .collect();
+                    return Err(Error::Timeout {
+                        rank,
+                        op: "connect".into(),
+                        waited: Duration::ZERO,
+                        detail: format!("ranks {} never connected", waiting.join(", ")),
+                    });
+                }
+                // Wake now and then to notice `stop`.
+                let nap = (deadline - now).min(Duration::from_millis(50));
+                match poll.poll(&mut events, Some(nap)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err("epoll wait", e)),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("accept", e)),
+        }
+    }
+    Ok(rx)
+}
+
+/// The longest one incoming connection may take to authenticate: a silent or
+/// slow stranger holds the acceptor at most this long.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Run the server side of the handshake on an accepted connection; the
+/// caller's rank once it has proved it shares the secret and names this job.
+#[allow(clippy::too_many_arguments)]
+fn accept_hello(
+    s: TcpStream,
+    rank: usize,
+    comm_id: u64,
+    size: usize,
+    taken: &[bool],
+    deadline: Instant,
+    sockbuf: usize,
+    secret: Option<&Secret>,
+) -> std::result::Result<(usize, std::net::TcpStream), String> {
+    let s: std::net::TcpStream = s.into();
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let until = deadline.min(Instant::now() + HANDSHAKE_LIMIT);
+    let hello = auth::server(&mut auth::Timed::new(&s, until), secret, |h| {
+        if h.purpose != auth::Purpose::Data {
+            return Err("a rendezvous-store client, not a rank".into());
+        }
+        if h.comm_id != comm_id || h.size as usize != size {
+            return Err(format!(
+                "hello for job {:#x} of size {}, this job is {comm_id:#x} of size {size}",
+                h.comm_id, h.size
+            ));
+        }
+        if h.to as usize != rank {
+            return Err(format!("hello for rank {}, this is rank {rank}", h.to));
+        }
+        let from = h.from as usize;
+        if from >= size || from == rank || taken[from] {
+            return Err(format!("claims rank {from}, which is taken or invalid"));
+        }
+        Ok(())
+    })
+    .map_err(|f| f.to_string())?;
+    s.set_read_timeout(None)
+        .and_then(|_| s.set_write_timeout(None))
+        .and_then(|_| tune(&s, sockbuf))
+        .and_then(|_| s.set_nonblocking(true))
+        .map_err(|e| e.to_string())?;
+    Ok((hello.from as usize, s))
 }
 
 /// An outgoing message: header then payload, written as far as the socket takes.
