@@ -156,7 +156,9 @@ fn put_prefix(b: &mut &mut [u8], msg: u8, x: u8) {
 fn check_prefix(b: &mut &[u8], msg: u8, what: &str) -> Result<u8, String> {
     let magic = b.get_u32_le();
     if magic != MAGIC {
-        return Err(format!("bad magic {magic:#010x} in {what} (not a kolo peer)"));
+        return Err(format!(
+            "bad magic {magic:#010x} in {what} (not a kolo peer)"
+        ));
     }
     let version = b.get_u16_le();
     if version != VERSION {
@@ -228,12 +230,18 @@ fn mac(key: &[u8], label: &[u8], hello: &[u8; HELLO_LEN], server_nonce: &[u8]) -
 
 /// The server's proof for `hello` and its nonce.
 fn server_mac(key: &[u8], hello: &[u8; HELLO_LEN], ns: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
-    mac(key, LABEL_SERVER, hello, ns).finalize().into_bytes().into()
+    mac(key, LABEL_SERVER, hello, ns)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// The client's proof for `hello` and the server's nonce.
 fn client_mac(key: &[u8], hello: &[u8; HELLO_LEN], ns: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
-    mac(key, LABEL_CLIENT, hello, ns).finalize().into_bytes().into()
+    mac(key, LABEL_CLIENT, hello, ns)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Constant-time check of a proof.
@@ -317,9 +325,14 @@ impl<'a> Timed<'a> {
         Timed { stream, until }
     }
     fn left(&self) -> io::Result<std::time::Duration> {
-        let d = self.until.saturating_duration_since(std::time::Instant::now());
+        let d = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
         if d.is_zero() {
-            Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"))
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ))
         } else {
             Ok(d)
         }
@@ -556,7 +569,8 @@ pub(crate) mod fuzzing {
     /// Returns whether the handshake was accepted. Also decodes every
     /// 72/40/8-byte prefix as the other messages, which must not panic.
     pub fn handshake(data: &[u8]) -> bool {
-        if let Ok(raw) = <&[u8; CHALLENGE_LEN]>::try_from(data.get(..CHALLENGE_LEN).unwrap_or(&[])) {
+        if let Ok(raw) = <&[u8; CHALLENGE_LEN]>::try_from(data.get(..CHALLENGE_LEN).unwrap_or(&[]))
+        {
             let _ = decode_challenge(raw);
         }
         if let Ok(raw) = <&[u8; PROOF_LEN]>::try_from(data.get(..PROOF_LEN).unwrap_or(&[])) {
@@ -579,7 +593,10 @@ pub(crate) mod fuzzing {
             }
             Ok(())
         });
-        assert!(s.written <= CHALLENGE_LEN + VERDICT_LEN, "server wrote too much");
+        assert!(
+            s.written <= CHALLENGE_LEN + VERDICT_LEN,
+            "server wrote too much"
+        );
         r.is_ok()
     }
 
@@ -680,11 +697,10 @@ mod tests {
             "{s}"
         );
         let (c, s) = run(None, Some("k1"));
-        assert!(
-            c.unwrap_err()
-                .to_string()
-                .contains("requires KOLO_SECRET and this process has none"),
-        );
+        assert!(c
+            .unwrap_err()
+            .to_string()
+            .contains("requires KOLO_SECRET and this process has none"),);
         assert!(s.unwrap_err().to_string().contains("has no KOLO_SECRET"));
         let (c, s) = run(Some("k1"), None);
         assert!(c.unwrap_err().to_string().contains("has none"));

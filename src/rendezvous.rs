@@ -742,8 +742,7 @@ impl StoreClient {
                             nonce: [0; auth::NONCE_LEN],
                         };
                         let peer = format!("the store at {addr}");
-                        match auth::client(&mut auth::Timed::new(&s, until), secret, hello, &peer)
-                        {
+                        match auth::client(&mut auth::Timed::new(&s, until), secret, hello, &peer) {
                             Ok(()) => {
                                 ok = Some(s);
                                 break;

@@ -644,9 +644,7 @@ fn run(opts: Opts) -> i32 {
         ("0.0.0.0:0", addr)
     };
     // The job secret: the caller's, or a fresh one. Never printed.
-    let mut secret = std::env::var("KOLO_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty());
+    let mut secret = std::env::var("KOLO_SECRET").ok().filter(|s| !s.is_empty());
     let mut exports = Vec::new();
     for (k, v) in &opts.exports {
         if k == "KOLO_SECRET" {

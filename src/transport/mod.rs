@@ -104,7 +104,9 @@ impl Transport {
             let acceptor = std::thread::Builder::new()
                 .name("kolo-accept".into())
                 .spawn_scoped(sc, || {
-                    accept_all(rank, size, comm_id, listener, deadline, sockbuf, secret, &stop)
+                    accept_all(
+                        rank, size, comm_id, listener, deadline, sockbuf, secret, &stop,
+                    )
                 })
                 .map_err(|e| io_err("cannot start the accepting thread", e))?;
             let tx = dial_all(rank, size, comm_id, addrs, deadline, sockbuf, secret);
@@ -112,7 +114,9 @@ impl Transport {
                 stop.store(true, Ordering::SeqCst);
             }
             let rx = acceptor.join().unwrap_or_else(|_| {
-                Err(Error::Io(format!("rank {rank}: the accepting thread panicked")))
+                Err(Error::Io(format!(
+                    "rank {rank}: the accepting thread panicked"
+                )))
             });
             // A failed dial is the root cause; the acceptor merely stopped.
             Ok::<_, Error>((tx?, rx?))
@@ -426,8 +430,7 @@ fn accept_all(
     secret: Option<&Secret>,
     stop: &AtomicBool,
 ) -> Result<Vec<Option<(std::net::TcpStream, SocketAddr)>>> {
-    let mut rx: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
-        (0..size).map(|_| None).collect();
+    let mut rx: Vec<Option<(std::net::TcpStream, SocketAddr)>> = (0..size).map(|_| None).collect();
     listener
         .set_nonblocking(true)
         .map_err(|e| io_err("listener", e))?;
