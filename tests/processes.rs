@@ -275,8 +275,8 @@ fn by_hand(cmd: &Path, r: usize, n: usize, port: u16) -> Command {
         .env("KOLO_SIZE", n.to_string())
         .env("KOLO_MASTER_ADDR", "127.0.0.1")
         .env("KOLO_MASTER_PORT", port.to_string())
-        // A job started without kolorun sets its own secret (else every rank
-        // warns once that connections are unauthenticated).
+        // Jobs started without kolorun set the secret themselves (without
+        // one, every rank warns once that connections are unauthenticated).
         .env("KOLO_SECRET", "processes-test-secret");
     c
 }
