@@ -288,7 +288,11 @@ fn encode_proof(m: &[u8; MAC_LEN]) -> [u8; PROOF_LEN] {
 /// Decode a proof into the client's MAC.
 pub(crate) fn decode_proof(raw: &[u8; PROOF_LEN]) -> Result<[u8; MAC_LEN], String> {
     let mut b = &raw[..];
-    check_prefix(&mut b, MSG_PROOF, "proof")?;
+    let flags = check_prefix(&mut b, MSG_PROOF, "proof")?;
+    if flags != 0 {
+        // Not covered by the MAC: a byte nobody checks is a byte to smuggle.
+        return Err(format!("unknown proof flags {flags:#x}"));
+    }
     let mut m = [0u8; MAC_LEN];
     b.copy_to_slice(&mut m);
     Ok(m)
