@@ -240,9 +240,14 @@ pub struct State {
     joined: Vec<bool>,
     stopping: Vec<bool>,
     last_joined: usize,
-    /// The join state changed: run one more round even if nobody has news,
-    /// since tensors may now be complete (or every join may be).
+    /// The join state changed, or a deferred announcement was admitted: run
+    /// one more round even if nobody has news, since tensors may now be
+    /// complete (or every join may be).
     rerun: bool,
+    /// Announcements of a name whose failed entry already told that rank:
+    /// a new submission, kept out of the old entry (which would hand it the
+    /// old error) until that entry is gone.
+    deferred: Vec<(usize, Spec)>,
 }
 
 #[derive(Debug)]
@@ -266,6 +271,7 @@ impl State {
             stopping: vec![false; n],
             last_joined: 0,
             rerun: false,
+            deferred: Vec::new(),
         }
     }
 
@@ -373,38 +379,15 @@ impl State {
             }
             for (r, cb) in contribs.iter().enumerate() {
                 for s in &cb.announce {
-                    if let Some(slot) = self.index.remove(&s.name) {
-                        self.cache[slot] = None;
-                        out.evicted.push(s.name.clone());
+                    let told_failure = self
+                        .table
+                        .get(&s.name)
+                        .is_some_and(|e| e.error.is_some() && e.told[r]);
+                    if told_failure {
+                        self.deferred.push((r, s.clone()));
+                    } else {
+                        self.announce(r, s, &mut out);
                     }
-                    let e = self.table.entry(s.name.clone()).or_insert_with(|| Entry {
-                        specs: vec![None; n],
-                        error: None,
-                        told: vec![false; n],
-                    });
-                    e.told[r] = false;
-                    if e.error.is_none() {
-                        if let Some((q, other)) = e
-                            .specs
-                            .iter()
-                            .enumerate()
-                            .find_map(|(q, o)| o.as_ref().map(|o| (q, o)))
-                            .filter(|(_, o)| o.disagreement(s).is_some())
-                        {
-                            let what = other.disagreement(s).unwrap_or("spec");
-                            e.error = Some(Failure::Mismatch(
-                                q,
-                                r,
-                                format!(
-                                    "tensor {:?}: ranks disagree on the {what}: rank {q} submitted {}, rank {r} submitted {}",
-                                    s.name,
-                                    other.describe(),
-                                    s.describe()
-                                ),
-                            ));
-                        }
-                    }
-                    e.specs[r] = Some(s.clone());
                 }
                 if cb.stop {
                     self.stopping[r] = true;
@@ -452,6 +435,16 @@ impl State {
         self.table.retain(|_, e| {
             e.error.is_none() || (0..n).any(|r| e.specs[r].is_none() && !joined_at_start[r])
         });
+        // New submissions held back by a failed entry start afresh once it is
+        // gone; they are looked at in the next round.
+        for (r, s) in std::mem::take(&mut self.deferred) {
+            if self.table.get(&s.name).is_some_and(|e| e.error.is_some()) {
+                self.deferred.push((r, s));
+            } else {
+                self.announce(r, &s, &mut out);
+                self.rerun = true;
+            }
+        }
         for name in &table_ready {
             let e = &self.table[name];
             let specs = Arc::new(e.specs.clone());
@@ -572,6 +565,44 @@ impl State {
             self.rerun = false;
         }
         out
+    }
+
+    /// Enter rank `r`'s announcement of `s` into the table, noting a
+    /// disagreement with an earlier rank's spec as the entry's failure.
+    fn announce(&mut self, r: usize, s: &Spec, out: &mut Outcome) {
+        let n = self.n;
+        if let Some(slot) = self.index.remove(&s.name) {
+            self.cache[slot] = None;
+            out.evicted.push(s.name.clone());
+        }
+        let e = self.table.entry(s.name.clone()).or_insert_with(|| Entry {
+            specs: vec![None; n],
+            error: None,
+            told: vec![false; n],
+        });
+        e.told[r] = false;
+        if e.error.is_none() {
+            if let Some((q, other)) = e
+                .specs
+                .iter()
+                .enumerate()
+                .find_map(|(q, o)| o.as_ref().map(|o| (q, o)))
+                .filter(|(_, o)| o.disagreement(s).is_some())
+            {
+                let what = other.disagreement(s).unwrap_or("spec");
+                e.error = Some(Failure::Mismatch(
+                    q,
+                    r,
+                    format!(
+                        "tensor {:?}: ranks disagree on the {what}: rank {q} submitted {}, rank {r} submitted {}",
+                        s.name,
+                        other.describe(),
+                        s.describe()
+                    ),
+                ));
+            }
+        }
+        e.specs[r] = Some(s.clone());
     }
 
     fn is_allreduce(&self, name: &str) -> bool {
@@ -709,6 +740,55 @@ mod tests {
             .iter()
             .all(|o| o.failed.len() == 1 && o.failed[0].1 == [2]));
         assert_eq!(st[0].waiting().count(), 0);
+    }
+
+    /// A rank told of a failure that resubmits the name before a late rank
+    /// has announced its old submission must not be handed the old error.
+    #[test]
+    fn resubmission_waits_for_the_failed_entry_to_clear() {
+        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
+        let c = |len| Contribution {
+            announce: vec![spec("w", len)],
+            ..Default::default()
+        };
+        let none = Contribution::default;
+        let l = |news: bool| Local {
+            has_content: news,
+            ..Default::default()
+        };
+        let o = round(
+            &mut st,
+            &[l(true), l(true), l(false)],
+            &[c(4), c(5), none()],
+        );
+        assert!(o.iter().all(|o| o.failed.len() == 1));
+        // Rank 0 resubmits correctly while rank 2's old submission is late.
+        let o = round(
+            &mut st,
+            &[l(true), l(false), l(false)],
+            &[c(4), none(), none()],
+        );
+        assert!(o.iter().all(|o| o.failed.is_empty() && o.ready.is_empty()));
+        // Rank 2's old one arrives: only rank 2 fails; rank 0's new one is
+        // admitted afresh and a round follows.
+        let o = round(
+            &mut st,
+            &[l(false), l(false), l(true)],
+            &[none(), none(), c(4)],
+        );
+        assert!(o
+            .iter()
+            .all(|o| o.failed.len() == 1 && o.failed[0].1 == [2]));
+        assert!(st.iter().all(|s| s.needs_round()));
+        // Ranks 1 and 2 resubmit: it runs on all three.
+        let o = round(
+            &mut st,
+            &[l(false), l(true), l(true)],
+            &[none(), c(4), c(4)],
+        );
+        assert!(o
+            .iter()
+            .all(|o| o.failed.is_empty() && names(o) == ["w"] && o.ready[0].contributors == 3));
     }
 
     #[test]
