@@ -699,12 +699,14 @@ impl Worker {
             for &i in &b.members {
                 let it = &mut items[i];
                 let len = it.ready.spec().count() as usize * dtype.size();
-                let src = &mut fusion[at..at + len];
-                if ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
-                    reduce::divide_bytes(dtype, src, it.ready.contributors.max(1));
-                }
                 if let Some(p) = &mut it.local {
-                    p.req.buf.bytes_mut().copy_from_slice(src);
+                    // Divide after the copy, while the tensor is in cache; a
+                    // joined rank's stand-in needs neither.
+                    let dst = p.req.buf.bytes_mut();
+                    dst.copy_from_slice(&fusion[at..at + len]);
+                    if ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
+                        reduce::divide_bytes(dtype, dst, it.ready.contributors.max(1));
+                    }
                 }
                 at += len;
             }
