@@ -6,6 +6,10 @@
 #
 #   scripts/compare.sh [REPEATS=1] [NPROCS="2 4"] [MINBYTES=8] [MAXBYTES=256M] [ALGOS="auto ring tree rhd rd"]
 #
+# COMPARE_WARMUP (default 20) untimed calls per size, the same for all three: with the
+# benchmarks' own default of 5, the first size still carries the job's start-up (the
+# other ranks finishing their setup, connections' first round trips) for every library.
+#
 # Each rep runs, per N, kolo-bench once per algorithm in ALGOS (label kolo for auto,
 # kolo_<algo> for the others), then gloo, then MPI, back to back (interleaved, so machine drift
 # hits all alike), each after the baselines' wait_quiet. Then per N it prints one Markdown table
@@ -19,6 +23,7 @@ NPROCS=${2:-"2 4"}
 MINB=${3:-8}
 MAXB=${4:-256M}
 ALGOS=${5:-"auto ring tree rhd rd"}
+WARMUP=${COMPARE_WARMUP:-20}
 BASE=$(cd .. && pwd)/shared/baselines
 [ -d "$BASE" ] || { echo "compare.sh: $BASE not found" >&2; exit 1; }
 if [ ! -x "$BASE/.venv/bin/python" ] || ! command -v mpicc >/dev/null; then
@@ -46,16 +51,16 @@ for r in $(seq 1 "$REPEATS"); do
             wait_quiet "$OUT/quiet.log"
             echo "== N=$n rep $r: $l" >&2
             # Rank 0 prints JSON lines ("[0] {...}" under kolorun); keep them without the prefix.
-            target/release/kolorun -np "$n" target/release/kolo-bench -b "$lo" -e "$hi" -f 2 -c 1 -a "$a" --json \
+            target/release/kolorun -np "$n" target/release/kolo-bench -b "$lo" -e "$hi" -f 2 -c 1 -w "$WARMUP" -a "$a" --json \
                 | sed -n 's/^\[0\] //p' > "$OUT/${l}_np${n}_r${r}.jsonl"
         done
         wait_quiet "$OUT/quiet.log"
         echo "== N=$n rep $r: gloo" >&2
-        (cd "$BASE" && .venv/bin/python gloo_allreduce_bench.py -n "$n" -b "$lo" -e "$hi") > "$OUT/gloo_np${n}_r${r}.txt"
+        (cd "$BASE" && .venv/bin/python gloo_allreduce_bench.py -n "$n" -b "$lo" -e "$hi" -w "$WARMUP") > "$OUT/gloo_np${n}_r${r}.txt"
         wait_quiet "$OUT/quiet.log"
         echo "== N=$n rep $r: mpi tcp" >&2
         mpirun --allow-run-as-root --oversubscribe -np "$n" --mca pml ob1 --mca btl tcp,self \
-            --mca btl_tcp_if_include lo "$BASE/bin/mpi_allreduce_bench" -b "$lo" -e "$hi" > "$OUT/mpi_np${n}_r${r}.txt"
+            --mca btl_tcp_if_include lo "$BASE/bin/mpi_allreduce_bench" -b "$lo" -e "$hi" -w "$WARMUP" > "$OUT/mpi_np${n}_r${r}.txt"
     done
 done
 
