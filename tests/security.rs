@@ -3,6 +3,8 @@
 //! request without a handshake, and a replay of a recorded legitimate session.
 //! Each is refused (the connection is closed, and nothing it asked for
 //! happens), the job's allreduces stay exact, and the store keeps serving.
+//! The same kinds of strangers against the ranks' data listeners while the
+//! mesh is being established: each is dropped and the job still forms.
 
 mod common;
 
@@ -162,5 +164,136 @@ fn hostile_clients_are_refused_and_the_job_is_undisturbed() {
         // And the store still serves a legitimate client.
         check.set("security/after", b"ok").unwrap();
         assert_eq!(check.get("security/after", soon()).unwrap(), b"ok");
+    });
+}
+
+/// A deterministic xorshift stream of `len` bytes.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn strangers_at_the_data_listeners_are_dropped_while_the_job_forms() {
+    let secret = Secret::new(SECRET);
+    let server = StoreServer::bind_with("127.0.0.1:0", secret.clone()).unwrap();
+    let store = server.local_addr();
+    let port = store.port();
+    let n = 4;
+    let count = 4099;
+
+    std::thread::scope(|s| {
+        let start_rank = |r: usize| {
+            let secret = secret.clone();
+            s.spawn(move || {
+                let mut cfg = common::config(r, n, port);
+                cfg.secret = secret;
+                let c = Communicator::init(cfg).unwrap_or_else(|e| panic!("rank {r}: {e}"));
+                let mut v: Vec<i64> = (0..count).map(|i| (r * 7919 + i) as i64).collect();
+                c.allreduce(&mut v, ReduceOp::Sum).unwrap();
+                let base: usize = (0..n).map(|q| q * 7919).sum();
+                v.iter()
+                    .enumerate()
+                    .filter(|&(i, &x)| x != (base + n * i) as i64)
+                    .count()
+            })
+        };
+        // Ranks 0..3 publish their listeners and wait for rank 3, which comes
+        // late: meanwhile the strangers below queue at those listeners and
+        // are the first connections each rank's acceptor handles.
+        let mut ranks: Vec<_> = (0..n - 1).map(start_rank).collect();
+        let mut look =
+            StoreClient::connect_with(&store.to_string(), 94, secret.as_ref(), soon()).unwrap();
+        let listeners: Vec<SocketAddr> = (0..n - 1)
+            .map(|r| {
+                let a = look.get(&format!("kolo/addr/{r}"), soon()).unwrap();
+                String::from_utf8(a).unwrap().parse().unwrap()
+            })
+            .collect();
+        let comm_id = u64::from_le_bytes(
+            look.get("kolo/comm_id", soon())
+                .unwrap()
+                .as_slice()
+                .try_into()
+                .unwrap(),
+        );
+
+        // Per listener (rank r): bytes a stranger sends.
+        let strangers = |r: usize| -> Vec<(&'static str, Vec<u8>)> {
+            let hello = kolo::fuzzing::data_hello(comm_id, 3, r as u32, n as u32);
+            let mut huge = hello.clone();
+            huge.truncate(8);
+            huge.resize(huge.len() + (1 << 16), 0xff);
+            vec![
+                (
+                    "random bytes",
+                    noise(4096, 0x2545_f491_4f6c_dd1d ^ r as u64),
+                ),
+                // A hello naming this very job and rank, without a key.
+                ("no secret", hello),
+                // A complete client transcript recorded elsewhere (another
+                // job, key and server nonce), replayed here.
+                (
+                    "replayed transcript",
+                    kolo::fuzzing::valid_handshake(3, [9; 32]),
+                ),
+                ("a valid prefix, then 64 KiB of 0xff", huge),
+            ]
+        };
+        let attacks: Vec<_> = listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(r, &l)| strangers(r).into_iter().map(move |(w, b)| (l, w, b)))
+            .map(|(l, what, bytes)| {
+                let mut c = TcpStream::connect(l).expect("connect to a data listener");
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let _ = c.write_all(&bytes);
+                (l, what, c)
+            })
+            .collect();
+        // An impostor "rank 3" with the wrong secret runs the real dialing
+        // code against ranks 0..3 (and gives up on its own acceptor).
+        let impostor = s.spawn(move || {
+            let wrong = Secret::new("not-the-job-secret");
+            let mut addrs = listeners.clone();
+            let own = TcpListener::bind("127.0.0.1:0").unwrap();
+            addrs.push(own.local_addr().unwrap());
+            kolo::transport::Transport::establish(
+                n - 1,
+                n,
+                comm_id,
+                own,
+                &addrs,
+                Instant::now() + Duration::from_secs(3),
+                0,
+                wrong.as_ref(),
+            )
+            .err()
+            .expect("an impostor with the wrong secret formed a mesh")
+        });
+        // Now the last rank: the acceptors run, meet the strangers first,
+        // drop them, and still take every rank's real connection.
+        ranks.push(start_rank(n - 1));
+        let e = impostor.join().unwrap().to_string();
+        assert!(e.contains("KOLO_SECRET"), "impostor: {e}");
+        for (l, what, mut c) in attacks {
+            let mut got = Vec::new();
+            match c.read_to_end(&mut got) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("the listener at {l} kept a stranger ({what}): {e}"),
+            }
+            // At most the server's challenge and a refusal, never data.
+            assert!(got.len() <= 256, "{what}: {} bytes came back", got.len());
+        }
+        for (r, h) in ranks.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap(), 0, "rank {r} got wrong elements");
+        }
     });
 }
