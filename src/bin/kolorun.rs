@@ -542,6 +542,99 @@ fn spawn_waiter(rank: usize, pid: u32, tx: Sender<Msg>) {
     });
 }
 
+/// Forward SIGINT/SIGTERM to the main loop as messages. Installed before any
+/// rank starts, so a Ctrl-C during start-up is not lost.
+fn forward_signals(tx: &Sender<Msg>) {
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .unwrap_or_else(|e| fail(format!("cannot install signal handlers: {e}")));
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        for s in signals.forever() {
+            if tx.send(Msg::Signal(s)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// How to start one rank: directly when `local`, else over ssh. The secret
+/// goes into a local rank's environment, and to a remote one on stdin (see
+/// [`remote_command`]); `env` must not hold it. Each rank leads its own
+/// process group: signals reach everything it started, and the terminal's
+/// Ctrl-C reaches only kolorun, which forwards it.
+fn rank_command(
+    opts: &Opts,
+    local: bool,
+    host: &str,
+    cwd: &str,
+    env: &[(String, String)],
+    secret: &str,
+) -> Command {
+    let mut cmd = if local {
+        let mut c = Command::new(&opts.cmd[0]);
+        c.args(&opts.cmd[1..])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("KOLO_SECRET", secret)
+            .stdin(Stdio::null());
+        c
+    } else {
+        let mut c = ssh_command(host, cwd, env, &opts.cmd);
+        c.stdin(Stdio::piped());
+        c
+    };
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd
+}
+
+/// Spawn a rank from [`rank_command`]: hand an ssh its secret line, and start
+/// the threads that forward its output and report its exit as rank `id`.
+fn start_rank(
+    mut cmd: Command,
+    secret: &str,
+    id: usize,
+    tx: &Sender<Msg>,
+) -> std::io::Result<Child> {
+    let mut child = cmd.spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // 65 bytes fit in any pipe buffer: this does not block. An ssh that
+        // already failed reports that itself. Then EOF, as /dev/null gives.
+        let _ = writeln!(stdin, "{secret}");
+    }
+    spawn_reader(id, false, child.stdout.take().expect("piped"), tx.clone());
+    spawn_reader(id, true, child.stderr.take().expect("piped"), tx.clone());
+    spawn_waiter(id, child.id(), tx.clone());
+    Ok(child)
+}
+
+/// `--output-dir`'s log file for rank `id` (appended to).
+fn open_log(dir: &std::path::Path, id: usize) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("rank.{id}.log")))
+}
+
+/// Print one line of rank `rank`'s output with its `[rank] ` prefix, and
+/// append it unprefixed to the rank's log, if any.
+fn forward_line(rank: usize, err: bool, line: &[u8], logs: &mut [Option<File>]) {
+    let mut out = Vec::with_capacity(line.len() + 8);
+    out.extend_from_slice(format!("[{rank}] ").as_bytes());
+    let text = out.len();
+    out.extend_from_slice(line);
+    out.push(b'\n');
+    let _ = if err {
+        std::io::stderr().lock().write_all(&out)
+    } else {
+        let mut s = std::io::stdout().lock();
+        s.write_all(&out).and_then(|_| s.flush())
+    };
+    if let Some(Some(f)) = logs.get_mut(rank) {
+        let _ = f.write_all(&out[text..]);
+    }
+}
+
 fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGHUP => "SIGHUP",
@@ -829,12 +922,12 @@ fn run(opts: Opts) -> i32 {
         std::fs::create_dir_all(d)
             .unwrap_or_else(|e| fail(format!("--output-dir {}: {e}", d.display())));
         for r in 0..np {
-            let p = d.join(format!("rank.{r}.log"));
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .unwrap_or_else(|e| fail(format!("{}: {e}", p.display())));
+            let f = open_log(d, r).unwrap_or_else(|e| {
+                fail(format!(
+                    "{}: {e}",
+                    d.join(format!("rank.{r}.log")).display()
+                ))
+            });
             logs.push(Some(f));
         }
     }
@@ -843,19 +936,7 @@ fn run(opts: Opts) -> i32 {
         .unwrap_or_else(|_| ".".into());
 
     let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
-    // Register before spawning so a Ctrl-C during start-up is not lost.
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .unwrap_or_else(|e| fail(format!("cannot install signal handlers: {e}")));
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for s in signals.forever() {
-                if tx.send(Msg::Signal(s)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    forward_signals(&tx);
 
     let mut job = Job {
         ranks: Vec::with_capacity(np),
@@ -881,36 +962,10 @@ fn run(opts: Opts) -> i32 {
         .map(|(k, v)| (k.to_string(), v))
         .chain(exports.iter().cloned())
         .collect();
-        let mut cmd = if p.local {
-            let mut c = Command::new(&opts.cmd[0]);
-            c.args(&opts.cmd[1..])
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("KOLO_SECRET", &secret)
-                .stdin(Stdio::null());
-            c
-        } else {
-            let mut c = ssh_command(&p.host, &cwd, &env, &opts.cmd);
-            // The remote shell reads the secret from the first line; then EOF,
-            // as /dev/null would give.
-            c.stdin(Stdio::piped());
-            c
-        };
-        // Each rank leads its own process group: signals reach everything it
-        // started, and the terminal's Ctrl-C reaches only kolorun, which forwards it.
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        match cmd.spawn() {
-            Ok(mut child) => {
-                if let Some(mut stdin) = child.stdin.take() {
-                    // 65 bytes fit in any pipe buffer: this does not block. An
-                    // ssh that already failed reports that itself.
-                    let _ = writeln!(stdin, "{secret}");
-                }
-                spawn_reader(rank, false, child.stdout.take().expect("piped"), tx.clone());
-                spawn_reader(rank, true, child.stderr.take().expect("piped"), tx.clone());
+        let cmd = rank_command(&opts, p.local, &p.host, &cwd, &env, &secret);
+        match start_rank(cmd, &secret, rank, &tx) {
+            Ok(child) => {
                 open_pipes += 2;
-                spawn_waiter(rank, child.id(), tx.clone());
                 job.ranks.push(Rank {
                     child: Some(child),
                     host: p.host.clone(),
@@ -942,8 +997,6 @@ fn run(opts: Opts) -> i32 {
     let mut got_signal: Option<i32> = None;
     let mut all_exited_at: Option<Instant> = None;
     let mut settling: Option<Settling> = None;
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
     loop {
         if settling
             .as_ref()
@@ -1002,21 +1055,7 @@ fn run(opts: Opts) -> i32 {
                 if err && named[rank].is_none() {
                     named[rank] = named_peer(&String::from_utf8_lossy(&line));
                 }
-                let mut out = Vec::with_capacity(line.len() + 8);
-                out.extend_from_slice(format!("[{rank}] ").as_bytes());
-                out.extend_from_slice(&line);
-                out.push(b'\n');
-                let _ = if err {
-                    stderr.lock().write_all(&out)
-                } else {
-                    let mut s = stdout.lock();
-                    s.write_all(&out).and_then(|_| s.flush())
-                };
-                if let Some(Some(f)) = logs.get_mut(rank) {
-                    let mut l = line;
-                    l.push(b'\n');
-                    let _ = f.write_all(&l);
-                }
+                forward_line(rank, err, &line, &mut logs);
             }
             Msg::PipeClosed => open_pipes -= 1,
             Msg::Hosts(_) => {}
@@ -1185,18 +1224,7 @@ fn run_elastic(opts: Opts) -> i32 {
             .unwrap_or_else(|e| fail(format!("--output-dir {}: {e}", d.display())));
     }
     let (tx, rx) = crossbeam_channel::unbounded::<Msg>();
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .unwrap_or_else(|e| fail(format!("cannot install signal handlers: {e}")));
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for s in signals.forever() {
-                if tx.send(Msg::Signal(s)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    forward_signals(&tx);
     // Members by id; `job.ranks[id]` is member `id`.
     let mut job = Job {
         ranks: Vec::new(),
@@ -1255,22 +1283,7 @@ fn run_elastic(opts: Opts) -> i32 {
         if launch.is_none() {
             env.push(("KOLO_ELASTIC_NEW".into(), "1".into()));
         }
-        let mut cmd = if local {
-            let mut c = Command::new(&opts.cmd[0]);
-            c.args(&opts.cmd[1..])
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("KOLO_SECRET", &secret)
-                .stdin(Stdio::null());
-            c
-        } else {
-            // The remote shell reads the secret from the first line of stdin.
-            let mut c = ssh_command(host, &cwd, &env, &opts.cmd);
-            c.stdin(Stdio::piped());
-            c
-        };
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        let cmd = rank_command(&opts, local, host, &cwd, &env, &secret);
         // Listed as alive before it can register, so a change in progress waits for it.
         job.ranks.push(Rank {
             child: None,
@@ -1278,21 +1291,10 @@ fn run_elastic(opts: Opts) -> i32 {
             running: true,
         });
         publish_alive(job, c);
-        match cmd.spawn() {
-            Ok(mut child) => {
-                if let Some(mut stdin) = child.stdin.take() {
-                    let _ = writeln!(stdin, "{secret}");
-                }
-                spawn_reader(id, false, child.stdout.take().expect("piped"), tx.clone());
-                spawn_reader(id, true, child.stderr.take().expect("piped"), tx.clone());
-                spawn_waiter(id, child.id(), tx.clone());
+        match start_rank(cmd, &secret, id, &tx) {
+            Ok(child) => {
                 job.ranks[id].child = Some(child);
-                if let Some(d) = &opts.output_dir {
-                    let p = d.join(format!("rank.{id}.log"));
-                    logs.push(OpenOptions::new().create(true).append(true).open(&p).ok());
-                } else {
-                    logs.push(None);
-                }
+                logs.push(opts.output_dir.as_ref().and_then(|d| open_log(d, id).ok()));
                 Ok(())
             }
             Err(e) => {
@@ -1323,8 +1325,6 @@ fn run_elastic(opts: Opts) -> i32 {
             }
         }
     }
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
     let mut all_exited_at: Option<Instant> = None;
     loop {
         let running = job.running();
@@ -1358,21 +1358,7 @@ fn run_elastic(opts: Opts) -> i32 {
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
         match msg {
-            Msg::Line { rank, err, line } => {
-                let mut out = Vec::with_capacity(line.len() + 8);
-                out.extend_from_slice(format!("[{rank}] ").as_bytes());
-                out.extend_from_slice(&line);
-                out.push(b'\n');
-                let _ = if err {
-                    stderr.lock().write_all(&out)
-                } else {
-                    let mut s = stdout.lock();
-                    s.write_all(&out).and_then(|_| s.flush())
-                };
-                if let Some(Some(f)) = logs.get_mut(rank) {
-                    let _ = f.write_all(&out[format!("[{rank}] ").len()..]);
-                }
-            }
+            Msg::Line { rank, err, line } => forward_line(rank, err, &line, &mut logs),
             Msg::PipeClosed => open_pipes -= 1,
             Msg::Signal(sig) => {
                 if got_signal.is_none() {
