@@ -668,80 +668,55 @@ fn progress_recv(
     let narrow = call.wire != call.dtype;
     let wire_len = r.into.len * mem.wire;
     let mut moved = false;
-    match r.apply {
-        Apply::Copy if narrow => loop {
-            // Decode segment by segment.
-            let seg_len = seg_bytes.min(wire_len - r.pos);
-            let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
-            let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
-            r.fill += n;
-            moved |= n > 0;
-            if r.fill == seg_len && seg_len > 0 {
-                let out = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
-                reduce::widen(call.wire, f32s_mut(out), &buf[..seg_len]);
-                r.pos += seg_len;
-                r.fill = 0;
-                continue;
-            }
-            if r.inc.is_done() {
-                r.done = true;
-                break;
-            }
-            if n == 0 {
-                break;
-            }
-        },
-        Apply::Copy => loop {
+    if let (Apply::Copy, false) = (r.apply, narrow) {
+        // Straight into place.
+        loop {
             let n = r.inc.progress(t, &mut dest[r.pos..])?;
             r.pos += n;
             moved |= n > 0;
             if r.inc.is_done() {
                 r.done = true;
-                break;
             }
-            if n == 0 {
-                break;
+            if r.done || n == 0 {
+                return Ok(moved);
             }
-        },
-        Apply::Reduce { incoming_first } => loop {
-            let seg_len = seg_bytes.min(wire_len - r.pos);
-            let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
-            let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
-            r.fill += n;
-            moved |= n > 0;
-            if r.fill == seg_len && seg_len > 0 {
-                if narrow {
-                    let acc = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
-                    reduce::reduce_widened(
-                        call.wire,
-                        call.op,
-                        f32s_mut(acc),
-                        &buf[..seg_len],
-                        incoming_first,
-                    );
-                } else {
-                    reduce::reduce_bytes(
-                        call.dtype,
-                        call.op,
-                        &mut dest[r.pos..r.pos + seg_len],
-                        &buf[..seg_len],
-                        incoming_first,
-                    );
-                }
-                r.pos += seg_len;
-                r.fill = 0;
-                continue;
-            }
-            if r.inc.is_done() {
-                r.done = true;
-                break;
-            }
-            if n == 0 {
-                break;
-            }
-        },
+        }
     }
-    Ok(moved)
+    // Through a segment: decoded (narrowing) and/or reduced into place as
+    // soon as it is full, while the kernel receives the next one.
+    loop {
+        let seg_len = seg_bytes.min(wire_len - r.pos);
+        let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
+        let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
+        r.fill += n;
+        moved |= n > 0;
+        if r.fill == seg_len && seg_len > 0 {
+            let seg = &buf[..seg_len];
+            match (r.apply, narrow) {
+                (Apply::Copy, _) => {
+                    let out = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
+                    reduce::widen(call.wire, f32s_mut(out), seg);
+                }
+                (Apply::Reduce { incoming_first }, true) => {
+                    let acc = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
+                    reduce::reduce_widened(call.wire, call.op, f32s_mut(acc), seg, incoming_first);
+                }
+                (Apply::Reduce { incoming_first }, false) => {
+                    let acc = &mut dest[r.pos..r.pos + seg_len];
+                    reduce::reduce_bytes(call.dtype, call.op, acc, seg, incoming_first);
+                }
+            }
+            r.pos += seg_len;
+            r.fill = 0;
+            continue;
+        }
+        if r.inc.is_done() {
+            r.done = true;
+        }
+        if r.done || n == 0 {
+            return Ok(moved);
+        }
+    }
 }
 
 fn bytes_of(v: &mut [u64]) -> &mut [u8] {

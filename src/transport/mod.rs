@@ -216,37 +216,16 @@ impl Transport {
     pub fn back_abort(&self, peer: usize, wait: Duration) -> Option<String> {
         let p = self.peer(peer).ok()?;
         let mut raw = [0u8; HEADER_LEN];
-        let mut got = 0;
         let deadline = Instant::now() + wait;
         let mut s = &p.tx;
-        while got < HEADER_LEN && Instant::now() < deadline {
-            match s.read(&mut raw[got..]) {
-                Ok(0) => return None,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return None,
-            }
-        }
+        let nap = Duration::from_millis(1);
+        let got = read_until(|b| s.read(b), &mut raw, deadline, nap);
         let h = match Header::decode(&raw) {
             Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
             _ => return None,
         };
         let mut text = vec![0u8; (h.len as usize).min(frame::MAX_ABORT_LEN as usize)];
-        let mut got = 0;
-        while got < text.len() && Instant::now() < deadline {
-            match s.read(&mut text[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
+        let got = read_until(|b| s.read(b), &mut text, deadline, nap);
         Some(String::from_utf8_lossy(&text[..got]).into_owned())
     }
 
@@ -374,17 +353,8 @@ impl Transport {
     /// no frame from `peer` is partly read.
     pub fn pending_abort(&mut self, peer: usize) -> Option<String> {
         let mut raw = [0u8; HEADER_LEN];
-        let mut got = 0;
         let deadline = Instant::now() + Duration::from_millis(200);
-        while got < HEADER_LEN && Instant::now() < deadline {
-            match self.recv(peer, &mut raw[got..]) {
-                Ok(0) => return None,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return None,
-            }
-        }
+        let got = read_until(|b| self.recv(peer, b), &mut raw, deadline, Duration::ZERO);
         match Header::decode(&raw) {
             Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => {
                 Some(read_abort_text(self, peer, h.len))
@@ -847,16 +817,36 @@ impl Incoming {
 /// Read an abort frame's text, waiting at most a moment for it.
 fn read_abort_text(t: &mut Transport, peer: usize, len: u64) -> String {
     let mut buf = vec![0u8; len as usize];
-    let mut got = 0;
     let deadline = Instant::now() + Duration::from_millis(500);
+    let got = read_until(|b| t.recv(peer, b), &mut buf, deadline, Duration::ZERO);
+    String::from_utf8_lossy(&buf[..got]).into_owned()
+}
+
+/// Fill `buf` from a non-blocking `read` until it is full, the stream ends or
+/// fails, or `deadline` passes, napping `nap` (zero: yielding) while nothing
+/// has arrived; the bytes read. For the short abort messages read outside a
+/// collective, where waiting a moment is fine and an epoll set is not at hand.
+fn read_until(
+    mut read: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    buf: &mut [u8],
+    deadline: Instant,
+    nap: Duration,
+) -> usize {
+    let mut got = 0;
     while got < buf.len() && Instant::now() < deadline {
-        match t.recv(peer, &mut buf[got..]) {
+        match read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if nap.is_zero() {
+                    std::thread::yield_now()
+                } else {
+                    std::thread::sleep(nap)
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    String::from_utf8_lossy(&buf[..got]).into_owned()
+    got
 }
