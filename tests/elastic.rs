@@ -470,33 +470,40 @@ fn inproc_opts(m: u64, port: u16, min_np: usize) -> Options {
     Options::from_vars(|k| vars.get(k).cloned()).unwrap()
 }
 
+/// A store for in-process members 0, 1 and 2, listed as alive as kolorun
+/// would; the server (keep it) and its port.
+fn inproc_store() -> (StoreServer, u16) {
+    let store = StoreServer::bind("127.0.0.1:0").unwrap();
+    let port = store.local_addr().port();
+    set_alive(port, b"0,1,2").unwrap();
+    (store, port)
+}
+
+/// Replace the live member list in the store at `port`, as kolorun does when
+/// a member exits; the client, for more of what a launcher would write.
+fn set_alive(port: u16, ids: &[u8]) -> kolo::Result<StoreClient> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut c = StoreClient::connect(&format!("127.0.0.1:{port}"), 99, deadline)?;
+    c.set(elastic::membership::ALIVE_KEY, ids)?;
+    Ok(c)
+}
+
 /// In-process, without kolorun: when the launcher's live list falls below
 /// min-np, every survivor's run ends at once with an error that says so.
 #[test]
 fn survivors_below_min_np_fail_clearly() {
-    let store = StoreServer::bind("127.0.0.1:0").unwrap();
-    let port = store.local_addr().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut admin =
-        StoreClient::connect(&addr, 99, Instant::now() + Duration::from_secs(5)).unwrap();
-    admin.set(elastic::membership::ALIVE_KEY, b"0,1,2").unwrap();
+    let (_store, port) = inproc_store();
     let start = Instant::now();
     let res: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..3u64)
             .map(|m| {
                 let o = inproc_opts(m, port, 3);
-                let addr = addr.clone();
                 s.spawn(move || {
                     let mut state = State::new();
                     elastic::run_with(&o, &mut state, |comm, st| {
                         for step in 0.. {
                             if m == 2 && step == 5 {
-                                let mut c = StoreClient::connect(
-                                    &addr,
-                                    2,
-                                    Instant::now() + Duration::from_secs(5),
-                                )?;
-                                c.set(elastic::membership::ALIVE_KEY, b"0,1")?;
+                                set_alive(port, b"0,1")?;
                                 return Err(kolo::Error::Config("member 2 dies".into()));
                             }
                             comm.barrier()?;
@@ -526,12 +533,8 @@ fn survivors_below_min_np_fail_clearly() {
 /// on that epoch within the connect timeout and form the one after.
 #[test]
 fn member_lost_during_the_change() {
-    let store = StoreServer::bind("127.0.0.1:0").unwrap();
-    let port = store.local_addr().port();
+    let (_store, port) = inproc_store();
     let addr = format!("127.0.0.1:{port}");
-    let mut admin =
-        StoreClient::connect(&addr, 99, Instant::now() + Duration::from_secs(5)).unwrap();
-    admin.set(elastic::membership::ALIVE_KEY, b"0,1,2").unwrap();
     let opts = |m: u64| inproc_opts(m, port, 2);
     let (steps, len) = (60i64, 512usize);
     std::thread::scope(|s| {
@@ -549,13 +552,8 @@ fn member_lost_during_the_change() {
                             if m == 2 && step == 20 {
                                 // This member "dies": its sockets close when
                                 // run_with returns, and the launcher drops it.
-                                let mut c = StoreClient::connect(
-                                    &format!("127.0.0.1:{port}"),
-                                    2,
-                                    Instant::now() + Duration::from_secs(5),
-                                )?;
                                 // A phantom member 7 registers for epoch 1 and never connects.
-                                c.set(elastic::membership::ALIVE_KEY, b"0,1,7")?;
+                                let mut c = set_alive(port, b"0,1,7")?;
                                 let k = c.add("kolo/e1/count", 1)?;
                                 c.set(
                                     &format!("kolo/e1/reg/{k}"),
@@ -585,7 +583,7 @@ fn member_lost_during_the_change() {
         watcher
             .get("kolo/e1/members", Instant::now() + Duration::from_secs(30))
             .expect("epoch 1 closed");
-        watcher.set(elastic::membership::ALIVE_KEY, b"0,1").unwrap();
+        set_alive(port, b"0,1").unwrap();
         let res: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
         // Serial reference: steps 0..20 by members 0,1,2, the rest by 0,1.
         let mut want = vec![0i64; len];
