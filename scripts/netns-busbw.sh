@@ -7,14 +7,14 @@
 # the ratio; exits 1 when the namespaces reach less than MIN_PCT (default 75)
 # percent of loopback.
 #
-#   scripts/netns-busbw.sh [PAIRS=3] [SIZE=64M]    # needs root
+#   scripts/netns-busbw.sh [PAIRS=5] [SIZE=64M]    # needs root
 #
 # KOLO_NETNS_PREFIX picks the cluster (default bw, so a running soak's cluster
 # is left alone); a cluster this script brought up is taken down at the end.
 # BUSBW_BIN_DIR: where kolorun and kolo-bench are (default target/release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PAIRS=${1:-3}
+PAIRS=${1:-5}
 SIZE=${2:-64M}
 MIN_PCT=${MIN_PCT:-75}
 P=${KOLO_NETNS_PREFIX:-bw}
