@@ -141,6 +141,11 @@ pub(crate) struct Hello {
     pub to: u32,
     /// The number of ranks (0 when the caller does not say).
     pub size: u32,
+    /// Which of the connections to the peer this is (`KOLO_NSOCKS`), from 0.
+    pub lane: u8,
+    /// How many connections per peer the caller makes (0 means 1: the store,
+    /// and builds before multi-stream, say nothing).
+    pub lanes: u8,
     /// The client's fresh nonce.
     pub nonce: [u8; NONCE_LEN],
 }
@@ -180,7 +185,9 @@ impl Hello {
         let mut b = &mut out[..];
         put_prefix(&mut b, MSG_HELLO, self.has_key as u8);
         b.put_u8(self.purpose as u8);
-        b.put_slice(&[0; 3]);
+        b.put_u8(self.lane);
+        b.put_u8(self.lanes);
+        b.put_u8(0);
         b.put_u64_le(self.comm_id);
         b.put_u32_le(self.from);
         b.put_u32_le(self.to);
@@ -201,7 +208,9 @@ impl Hello {
             2 => Purpose::Data,
             p => return Err(format!("unknown connection purpose {p}")),
         };
-        b.advance(3);
+        let lane = b.get_u8();
+        let lanes = b.get_u8();
+        b.advance(1);
         let comm_id = b.get_u64_le();
         let from = b.get_u32_le();
         let to = b.get_u32_le();
@@ -215,6 +224,8 @@ impl Hello {
             from,
             to,
             size,
+            lane,
+            lanes,
             nonce,
         })
     }
@@ -437,7 +448,7 @@ pub(crate) fn client<S: Read + Write>(
         }
         ST_HELLO_REJECTED => {
             return Err(Failure::Rejected(format!(
-                "{peer} rejected our hello (another job, or a rank it does not expect)"
+                "{peer} rejected our hello (another job, a rank it does not expect, or a different KOLO_NSOCKS; its log says which)"
             )))
         }
         other => return Err(Failure::Protocol(format!("unknown challenge status {other}"))),
@@ -614,6 +625,8 @@ pub(crate) mod fuzzing {
             from,
             to,
             size,
+            lane: 0,
+            lanes: 0,
             nonce: [7; NONCE_LEN],
         }
         .encode()
@@ -630,6 +643,8 @@ pub(crate) mod fuzzing {
             from,
             to: 1,
             size: 4,
+            lane: 0,
+            lanes: 0,
             nonce,
         }
         .encode();
@@ -657,6 +672,8 @@ mod tests {
             from,
             to,
             size: 4,
+            lane: 0,
+            lanes: 1,
             nonce: [0; NONCE_LEN],
         }
     }

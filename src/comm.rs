@@ -218,7 +218,7 @@ impl Communicator {
                 )?,
             };
             (
-                Transport::establish(
+                Transport::establish_lanes(
                     rank,
                     cfg.size,
                     comm_id,
@@ -227,6 +227,7 @@ impl Communicator {
                     deadline,
                     cfg.socket_buffer,
                     cfg.secret.as_ref(),
+                    cfg.nsocks,
                 )?,
                 store,
             )
@@ -740,6 +741,7 @@ impl Communicator {
             Ok(()) => {
                 let opts = Opts {
                     segment_bytes: self.cfg.segment_bytes,
+                    min_stripe: self.cfg.min_stripe,
                     spin: self.cfg.spin,
                     timeout: self.cfg.timeout,
                     peer_timeout: self.cfg.peer_timeout,

@@ -32,6 +32,8 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_ALPHA_US", "measured", "latency of one step in microseconds, for the algorithm choice (set: not measured)"),
     ("KOLO_BETA_GBPS", "measured", "bandwidth between neighbours in GB/s, for the algorithm choice (set: not measured)"),
     ("KOLO_GAMMA_GBPS", "measured", "reduction throughput in GB/s, for the algorithm choice (set: not measured)"),
+    ("KOLO_NSOCKS", "1", "TCP connections each way per peer (1 to 8); a message of at least twice KOLO_MIN_STRIPE is striped across them (measured on loopback: no gain, see the README)"),
+    ("KOLO_MIN_STRIPE", "262144", "with KOLO_NSOCKS > 1, the smallest stripe in bytes: smaller messages stay on one connection"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
     ("KOLO_FUSION_THRESHOLD", "67108864", "engine: ready allreduces of one dtype are packed into fusion buffers of at most this many bytes (0: no fusion)"),
@@ -86,6 +88,10 @@ pub struct Config {
     pub start_timeout: Duration,
     /// Pipeline segment size in bytes.
     pub segment_bytes: usize,
+    /// TCP connections each way per peer (`KOLO_NSOCKS`, 1 to 8).
+    pub nsocks: usize,
+    /// With `nsocks` > 1, the smallest stripe of a message, in bytes.
+    pub min_stripe: usize,
     /// How long to busy-poll before blocking in epoll.
     pub spin: Duration,
     /// Allgather up to this many bytes (on up to 16 ranks) goes directly to every rank.
@@ -139,6 +145,8 @@ impl Config {
             peer_timeout: Some(Duration::from_secs(6)),
             start_timeout: Duration::from_secs(60),
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            nsocks: 1,
+            min_stripe: 256 << 10,
             spin: Duration::from_micros(50),
             small_bytes: 64 * 1024,
             slice_bytes: 512 << 10,
@@ -334,6 +342,18 @@ impl Config {
                 )));
             }
             cfg.segment_bytes = v;
+        }
+        if let Some(v) = num("KOLO_NSOCKS")? {
+            if !(1..=crate::transport::MAX_LANES).contains(&v) {
+                return Err(Error::Config(format!(
+                    "KOLO_NSOCKS={v}: between 1 and {} connections per peer",
+                    crate::transport::MAX_LANES
+                )));
+            }
+            cfg.nsocks = v;
+        }
+        if let Some(v) = num("KOLO_MIN_STRIPE")? {
+            cfg.min_stripe = v.max(1);
         }
         if let Some(v) = num("KOLO_SPIN_US")? {
             cfg.spin = Duration::from_micros(v as u64);

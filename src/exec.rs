@@ -54,6 +54,9 @@ impl Call {
 pub struct Opts {
     /// Receives are reduced in pieces of this many bytes.
     pub segment_bytes: usize,
+    /// With several connections per peer ([`Transport::lanes`]), a message of
+    /// at least twice this many bytes goes as one stripe per connection.
+    pub min_stripe: usize,
     /// Busy-poll this long before sleeping in epoll.
     pub spin: Duration,
     /// Fail after this long without any byte moving.
@@ -333,50 +336,57 @@ fn run_rounds(
                     mem.slice_mut(&to).copy_from_slice(src);
                 }
                 Op::Send { peer, from } => {
-                    let stage = narrow.then(|| {
-                        let k = sends.iter().filter(|s| s.stage.is_some()).count();
-                        if ws.stages.len() <= k {
-                            ws.stages.resize_with(k + 1, Vec::new);
-                        }
-                        let st = &mut ws.stages[k];
-                        if st.len() < words(from.len * wire) {
-                            st.resize(words(from.len * wire), 0);
-                        }
-                        let dst = &mut bytes_of(st)[..from.len * wire];
-                        match from.buf {
-                            // Read-only: encoded as is.
-                            Buf::Input => reduce::narrow(call.wire, dst, f32s(mem.slice(&from))),
-                            _ => reduce::narrow_rounding(
-                                call.wire,
-                                dst,
-                                f32s_mut(mem.slice_mut(&from)),
-                            ),
-                        }
-                        k
-                    });
-                    sends.push(SendState {
-                        out: Outgoing::new(peer, header(from.len * wire).encode()),
-                        from,
-                        stage,
-                        done: false,
-                    })
+                    for (lane, from) in stripes(from, elem, t.lanes(), opts.min_stripe) {
+                        let stage = narrow.then(|| {
+                            let k = sends.iter().filter(|s| s.stage.is_some()).count();
+                            if ws.stages.len() <= k {
+                                ws.stages.resize_with(k + 1, Vec::new);
+                            }
+                            let st = &mut ws.stages[k];
+                            if st.len() < words(from.len * wire) {
+                                st.resize(words(from.len * wire), 0);
+                            }
+                            let dst = &mut bytes_of(st)[..from.len * wire];
+                            match from.buf {
+                                // Read-only: encoded as is.
+                                Buf::Input => {
+                                    reduce::narrow(call.wire, dst, f32s(mem.slice(&from)))
+                                }
+                                _ => reduce::narrow_rounding(
+                                    call.wire,
+                                    dst,
+                                    f32s_mut(mem.slice_mut(&from)),
+                                ),
+                            }
+                            k
+                        });
+                        sends.push(SendState {
+                            out: Outgoing::new(peer, header(from.len * wire).encode())
+                                .on_lane(lane),
+                            from,
+                            stage,
+                            done: false,
+                        })
+                    }
                 }
                 Op::Recv { peer, into, apply } => {
-                    let seg = if narrow || matches!(apply, Apply::Reduce { .. }) {
-                        nseg += 1;
-                        nseg - 1
-                    } else {
-                        usize::MAX
-                    };
-                    recvs.push(RecvState {
-                        inc: Incoming::new(peer, header(into.len * wire)),
-                        into,
-                        apply,
-                        pos: 0,
-                        fill: 0,
-                        seg,
-                        done: false,
-                    });
+                    for (lane, into) in stripes(into, elem, t.lanes(), opts.min_stripe) {
+                        let seg = if narrow || matches!(apply, Apply::Reduce { .. }) {
+                            nseg += 1;
+                            nseg - 1
+                        } else {
+                            usize::MAX
+                        };
+                        recvs.push(RecvState {
+                            inc: Incoming::new(peer, header(into.len * wire)).on_lane(lane),
+                            into,
+                            apply,
+                            pos: 0,
+                            fill: 0,
+                            seg,
+                            done: false,
+                        });
+                    }
                 }
                 Op::Combine { .. } => {}
             }
@@ -401,9 +411,12 @@ fn run_rounds(
                     Ok(done) => {
                         s.done = done;
                         moved |= s.out.remaining(payload) != before;
-                        // An abort frame can follow only at a frame boundary.
+                        // An abort frame (on lane 0) can follow only at a
+                        // frame boundary.
                         let left = s.out.remaining(payload);
-                        clean[s.out.peer()] = left == 0 || left == payload.len() + HEADER_LEN;
+                        if s.out.lane() == 0 {
+                            clean[s.out.peer()] = left == 0 || left == payload.len() + HEADER_LEN;
+                        }
                     }
                     Err(e) => {
                         let peer = s.out.peer();
@@ -499,6 +512,37 @@ fn run_rounds(
         }
     }
     Ok(())
+}
+
+/// How a message of `r` (elements of `elem` bytes) travels over `lanes`
+/// connections: as one piece on lane 0 unless it has at least `2 * min_stripe`
+/// bytes, else as up to `lanes` contiguous stripes of at least `min_stripe`
+/// bytes, stripe `i` on lane `i`. Sender and receiver compute the same split
+/// from the same region length, and each lane carries its frames in order,
+/// so every stripe arrives where its receive expects it.
+fn stripes(
+    r: Region,
+    elem: usize,
+    lanes: usize,
+    min_stripe: usize,
+) -> impl Iterator<Item = (usize, Region)> {
+    let bytes = r.len * elem;
+    let k = if lanes > 1 && bytes >= 2 * min_stripe {
+        lanes.min(bytes / min_stripe.max(1))
+    } else {
+        1
+    };
+    (0..k).map(move |i| {
+        let (a, b) = (r.len * i / k, r.len * (i + 1) / k);
+        (
+            i,
+            Region {
+                start: r.start + a,
+                len: b - a,
+                ..r
+            },
+        )
+    })
 }
 
 /// How often a waiting collective asks the kernel whether the peers it waits

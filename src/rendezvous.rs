@@ -739,6 +739,8 @@ impl StoreClient {
                             from: rank as u32,
                             to: u32::MAX,
                             size: 0,
+                            lane: 0,
+                            lanes: 0,
                             nonce: [0; auth::NONCE_LEN],
                         };
                         let peer = format!("the store at {addr}");

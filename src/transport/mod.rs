@@ -20,11 +20,15 @@ use std::time::{Duration, Instant};
 /// host) a socket that both sends and receives bulk data has its lock taken by
 /// the kernel's delivery of incoming segments while this rank sends, so the
 /// two directions contend; separate sockets let them run in parallel.
+///
+/// With `KOLO_NSOCKS` > 1 there are that many connections each way ("lanes"):
+/// large messages are striped across them (see [`crate::exec`]); lane 0 also
+/// carries everything small, aborts and the back channel.
 struct Peer {
-    /// Dialed by this rank; carries our frames to the peer.
-    tx: TcpStream,
-    /// Accepted from the peer; carries its frames to us.
-    rx: TcpStream,
+    /// Dialed by this rank; carry our frames to the peer. Lane 0 first.
+    tx: Vec<TcpStream>,
+    /// Accepted from the peer; carry its frames to us. Lane 0 first.
+    rx: Vec<TcpStream>,
     host: String,
 }
 
@@ -33,6 +37,7 @@ pub struct Transport {
     rank: usize,
     size: usize,
     comm_id: u64,
+    lanes: usize,
     peers: Vec<Option<Peer>>,
     poll: Poll,
     events: Events,
@@ -103,17 +108,42 @@ impl Transport {
         sockbuf: usize,
         secret: Option<&Secret>,
     ) -> Result<Transport> {
+        Transport::establish_lanes(
+            rank, size, comm_id, listener, addrs, deadline, sockbuf, secret, 1,
+        )
+    }
+
+    /// [`Transport::establish`] with `lanes` connections each way per peer
+    /// (`KOLO_NSOCKS`, 1 to 8). Every rank must use the same number: a hello
+    /// that says otherwise is refused, naming both numbers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn establish_lanes(
+        rank: usize,
+        size: usize,
+        comm_id: u64,
+        listener: std::net::TcpListener,
+        addrs: &[SocketAddr],
+        deadline: Instant,
+        sockbuf: usize,
+        secret: Option<&Secret>,
+        lanes: usize,
+    ) -> Result<Transport> {
+        if !(1..=MAX_LANES).contains(&lanes) {
+            return Err(Error::Config(format!(
+                "KOLO_NSOCKS={lanes}: between 1 and {MAX_LANES} connections per peer"
+            )));
+        }
         let stop = AtomicBool::new(false);
         let (mut tx, mut rx) = std::thread::scope(|sc| {
             let acceptor = std::thread::Builder::new()
                 .name("kolo-accept".into())
                 .spawn_scoped(sc, || {
                     accept_all(
-                        rank, size, comm_id, listener, deadline, sockbuf, secret, &stop,
+                        rank, size, comm_id, listener, deadline, sockbuf, secret, lanes, &stop,
                     )
                 })
                 .map_err(|e| io_err("cannot start the accepting thread", e))?;
-            let tx = dial_all(rank, size, comm_id, addrs, deadline, sockbuf, secret);
+            let tx = dial_all(rank, size, comm_id, addrs, deadline, sockbuf, secret, lanes);
             if tx.is_err() {
                 stop.store(true, Ordering::SeqCst);
             }
@@ -128,29 +158,34 @@ impl Transport {
         let poll = Poll::new().map_err(|e| io_err("epoll", e))?;
         let mut peers: Vec<Option<Peer>> = (0..size).map(|_| None).collect();
         for j in (0..size).filter(|&j| j != rank) {
-            let (t, (r, from)) = (
-                tx[j].take().expect("dialed"),
-                rx[j].take().expect("accepted"),
-            );
+            let (t, r) = (std::mem::take(&mut tx[j]), std::mem::take(&mut rx[j]));
+            let from = r[0].1;
             let mut p = Peer {
-                tx: TcpStream::from_std(t),
-                rx: TcpStream::from_std(r),
+                tx: t.into_iter().map(TcpStream::from_std).collect(),
+                rx: r.into_iter().map(|(s, _)| TcpStream::from_std(s)).collect(),
                 host: addrs
                     .get(j)
                     .map_or(from.ip().to_string(), |a| a.ip().to_string()),
             };
-            poll.registry()
-                .register(&mut p.tx, Token(2 * j), Interest::WRITABLE)
-                .map_err(|e| io_err("epoll register", e))?;
-            poll.registry()
-                .register(&mut p.rx, Token(2 * j + 1), Interest::READABLE)
-                .map_err(|e| io_err("epoll register", e))?;
+            // Tokens only need to differ from the waker's: readiness is
+            // never routed by token.
+            for (l, s) in p.tx.iter_mut().enumerate() {
+                poll.registry()
+                    .register(s, Token(2 * (j * lanes + l)), Interest::WRITABLE)
+                    .map_err(|e| io_err("epoll register", e))?;
+            }
+            for (l, s) in p.rx.iter_mut().enumerate() {
+                poll.registry()
+                    .register(s, Token(2 * (j * lanes + l) + 1), Interest::READABLE)
+                    .map_err(|e| io_err("epoll register", e))?;
+            }
             peers[j] = Some(p);
         }
         Ok(Transport {
             rank,
             size,
             comm_id,
+            lanes,
             peers,
             poll,
             events: Events::with_capacity(256),
@@ -173,6 +208,12 @@ impl Transport {
         self.comm_id
     }
     /// Printable address of a peer, for error messages.
+    /// Connections each way per peer (`KOLO_NSOCKS`).
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
+    /// Host (address) of `peer`, for error messages.
     pub fn host(&self, peer: usize) -> &str {
         self.peers[peer].as_ref().map_or("?", |p| p.host.as_str())
     }
@@ -197,8 +238,8 @@ impl Transport {
     /// (or gone without a FIN). `None` when no connection can be asked.
     pub fn silent_for(&self, peer: usize) -> Option<Duration> {
         let p = self.peer(peer).ok()?;
-        [&p.tx, &p.rx]
-            .into_iter()
+        p.tx.iter()
+            .chain(&p.rx)
             .filter_map(|s| {
                 let i = tcp_info(s)?;
                 Some(i.tcpi_last_data_recv.min(i.tcpi_last_ack_recv))
@@ -217,7 +258,7 @@ impl Transport {
         let p = self.peer(peer).ok()?;
         let mut raw = [0u8; HEADER_LEN];
         let deadline = Instant::now() + wait;
-        let mut s = &p.tx;
+        let mut s = &p.tx[0];
         let nap = Duration::from_millis(1);
         let got = read_until(|b| s.read(b), &mut raw, deadline, nap);
         let h = match Header::decode(&raw) {
@@ -236,7 +277,7 @@ impl Transport {
         for (j, p) in self.peers.iter().enumerate() {
             let Some(p) = p else { continue };
             let mut raw = [0u8; HEADER_LEN];
-            let h = match p.tx.peek(&mut raw) {
+            let h = match p.tx[0].peek(&mut raw) {
                 Ok(HEADER_LEN) => match Header::decode(&raw) {
                     Ok(h) if h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
                     _ => continue,
@@ -245,10 +286,10 @@ impl Transport {
             };
             let total = HEADER_LEN + (h.len as usize).min(frame::MAX_ABORT_LEN as usize);
             let mut buf = vec![0u8; total];
-            if p.tx.peek(&mut buf).ok() != Some(total) {
+            if p.tx[0].peek(&mut buf).ok() != Some(total) {
                 continue; // the text is still on its way
             }
-            let mut s = &p.tx;
+            let mut s = &p.tx[0];
             if s.read_exact(&mut buf).is_ok() {
                 out.push((j, String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned()));
             }
@@ -256,19 +297,29 @@ impl Transport {
         out
     }
 
-    /// Non-blocking vectored send (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
+    /// Non-blocking vectored send on lane 0 (MSG_NOSIGNAL: a dead peer is an
+    /// error, not SIGPIPE).
     pub fn send(&mut self, peer: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let s = &self.peer(peer)?.tx;
+        self.send_on(peer, 0, bufs)
+    }
+
+    /// [`Transport::send`] on connection `lane` to `peer`.
+    pub fn send_on(&mut self, peer: usize, lane: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let s = lane_of(&self.peer(peer)?.tx, lane)?;
         let n = SockRef::from(s).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)?;
         self.bytes_sent += n as u64;
         Ok(n)
     }
 
-    /// Non-blocking receive.
+    /// Non-blocking receive on lane 0.
     pub fn recv(&mut self, peer: usize, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = &self.peer(peer)?.rx;
-        let r = s.read(buf);
-        let n = r?;
+        self.recv_on(peer, 0, buf)
+    }
+
+    /// [`Transport::recv`] on connection `lane` from `peer`.
+    pub fn recv_on(&mut self, peer: usize, lane: usize, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = lane_of(&self.peer(peer)?.rx, lane)?;
+        let n = s.read(buf)?;
         self.bytes_received += n as u64;
         Ok(n)
     }
@@ -305,7 +356,7 @@ impl Transport {
         loop {
             for (j, p) in self.peers.iter().enumerate() {
                 if let Some(p) = p {
-                    match p.rx.peek(&mut [0u8; 1]) {
+                    match p.rx[0].peek(&mut [0u8; 1]) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         // Data, end of stream or an error: the next collective finds out which.
@@ -333,7 +384,7 @@ impl Transport {
     pub fn peek_header(&self, peer: usize) -> Option<std::result::Result<Header, String>> {
         let p = self.peer(peer).ok()?;
         let mut raw = [0u8; HEADER_LEN];
-        match p.rx.peek(&mut raw) {
+        match p.rx[0].peek(&mut raw) {
             Ok(HEADER_LEN) => Some(Header::decode(&raw)),
             _ => None,
         }
@@ -390,7 +441,7 @@ impl Transport {
         let mut msg = hdr.to_vec();
         msg.extend_from_slice(text);
         for p in self.peers.iter().flatten() {
-            let s = SockRef::from(&p.rx);
+            let s = SockRef::from(&p.rx[0]);
             let mut done = 0;
             while done < msg.len() && Instant::now() < deadline {
                 match s.send_with_flags(&msg[done..], libc::MSG_NOSIGNAL) {
@@ -418,10 +469,23 @@ impl Transport {
     /// Close every connection (after [`Transport::send_aborts`]), so nobody waits on us.
     pub fn close_all(&mut self) {
         for p in self.peers.iter_mut().flatten() {
-            let _ = p.tx.shutdown(std::net::Shutdown::Both);
-            let _ = p.rx.shutdown(std::net::Shutdown::Both);
+            for s in p.tx.iter().chain(&p.rx) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
+}
+
+/// The most connections per peer (`KOLO_NSOCKS`) a job may ask for.
+pub const MAX_LANES: usize = 8;
+
+fn lane_of(streams: &[TcpStream], lane: usize) -> io::Result<&TcpStream> {
+    streams.get(lane).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotConnected,
+            format!("no connection on lane {lane}"),
+        )
+    })
 }
 
 /// TCP_INFO of a connected socket (None if the kernel refuses).
@@ -468,7 +532,9 @@ fn connect_retry(addr: SocketAddr, deadline: Instant) -> io::Result<std::net::Tc
     }
 }
 
-/// Dial every peer and authenticate to it; the sending connection to each.
+/// Dial every peer `lanes` times and authenticate each connection; the
+/// sending connections to each peer, lane 0 first.
+#[allow(clippy::too_many_arguments)]
 fn dial_all(
     rank: usize,
     size: usize,
@@ -477,12 +543,15 @@ fn dial_all(
     deadline: Instant,
     sockbuf: usize,
     secret: Option<&Secret>,
-) -> Result<Vec<Option<std::net::TcpStream>>> {
-    let mut tx: Vec<Option<std::net::TcpStream>> = (0..size).map(|_| None).collect();
-    for (j, addr) in addrs.iter().enumerate() {
-        if j == rank {
-            continue;
-        }
+    lanes: usize,
+) -> Result<Vec<Vec<std::net::TcpStream>>> {
+    let mut tx: Vec<Vec<std::net::TcpStream>> = (0..size).map(|_| Vec::new()).collect();
+    let dials = addrs
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != rank)
+        .flat_map(|(j, a)| (0..lanes).map(move |l| (j, a, l)));
+    for (j, addr, lane) in dials {
         let lost = |detail: String| Error::PeerLost {
             rank,
             peer: j,
@@ -499,6 +568,8 @@ fn dial_all(
             from: rank as u32,
             to: j as u32,
             size: size as u32,
+            lane: lane as u8,
+            lanes: lanes as u8,
             nonce: [0; auth::NONCE_LEN],
         };
         // The peer's acceptor may be busy with other ranks (or strangers):
@@ -518,14 +589,14 @@ fn dial_all(
             .and_then(|_| stream.set_write_timeout(None))
             .and_then(|_| stream.set_nonblocking(true))
             .map_err(|e| io_err("nonblocking", e))?;
-        tx[j] = Some(stream);
+        tx[j].push(stream);
     }
     Ok(tx)
 }
 
-/// Accept and authenticate one connection from every peer (until `deadline`,
-/// or until `stop` is set because dialing failed); the receiving connection
-/// from each, with its address.
+/// Accept and authenticate `lanes` connections from every peer (until
+/// `deadline`, or until `stop` is set because dialing failed); the receiving
+/// connections from each peer, lane 0 first, with their addresses.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn accept_all(
     rank: usize,
@@ -535,13 +606,16 @@ fn accept_all(
     deadline: Instant,
     sockbuf: usize,
     secret: Option<&Secret>,
+    lanes: usize,
     stop: &AtomicBool,
-) -> Result<Vec<Option<(std::net::TcpStream, SocketAddr)>>> {
-    let mut rx: Vec<Option<(std::net::TcpStream, SocketAddr)>> = (0..size).map(|_| None).collect();
+) -> Result<Vec<Vec<(std::net::TcpStream, SocketAddr)>>> {
+    let mut rx: Vec<Vec<Option<(std::net::TcpStream, SocketAddr)>>> = (0..size)
+        .map(|_| (0..lanes).map(|_| None).collect())
+        .collect();
     listener
         .set_nonblocking(true)
         .map_err(|e| io_err("listener", e))?;
-    let mut missing = size - 1;
+    let mut missing = (size - 1) * lanes;
     let mut lst = TcpListener::from_std(listener);
     let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
     let mut events = Events::with_capacity(64);
@@ -551,10 +625,15 @@ fn accept_all(
     while missing > 0 {
         match lst.accept() {
             Ok((s, from)) => {
-                let taken: Vec<bool> = rx.iter().map(Option::is_some).collect();
-                match accept_hello(s, rank, comm_id, size, &taken, deadline, sockbuf, secret) {
-                    Ok((j, stream)) => {
-                        rx[j] = Some((stream, from));
+                let taken: Vec<Vec<bool>> = rx
+                    .iter()
+                    .map(|r| r.iter().map(Option::is_some).collect())
+                    .collect();
+                match accept_hello(
+                    s, rank, comm_id, size, &taken, deadline, sockbuf, secret, lanes,
+                ) {
+                    Ok((j, lane, stream)) => {
+                        rx[j][lane] = Some((stream, from));
                         missing -= 1;
                     }
                     Err(e) => eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}"),
@@ -567,7 +646,7 @@ fn accept_all(
                 }
                 if now >= deadline {
                     let waiting: Vec<String> = (0..size)
-                        .filter(|&j| j != rank && rx[j].is_none())
+                        .filter(|&j| j != rank && rx[j].iter().any(Option::is_none))
                         .map(|j| j.to_string())
                         .collect();
                     return Err(Error::Timeout {
@@ -589,7 +668,10 @@ fn accept_all(
             Err(e) => return Err(io_err("accept", e)),
         }
     }
-    Ok(rx)
+    Ok(rx
+        .into_iter()
+        .map(|r| r.into_iter().flatten().collect())
+        .collect())
 }
 
 /// The longest one incoming connection may take to authenticate: a silent or
@@ -604,11 +686,12 @@ fn accept_hello(
     rank: usize,
     comm_id: u64,
     size: usize,
-    taken: &[bool],
+    taken: &[Vec<bool>],
     deadline: Instant,
     sockbuf: usize,
     secret: Option<&Secret>,
-) -> std::result::Result<(usize, std::net::TcpStream), String> {
+    lanes: usize,
+) -> std::result::Result<(usize, usize, std::net::TcpStream), String> {
     let s: std::net::TcpStream = s.into();
     s.set_nonblocking(false).map_err(|e| e.to_string())?;
     let until = deadline.min(Instant::now() + HANDSHAKE_LIMIT);
@@ -625,9 +708,19 @@ fn accept_hello(
         if h.to as usize != rank {
             return Err(format!("hello for rank {}, this is rank {rank}", h.to));
         }
+        let theirs = (h.lanes as usize).max(1);
+        if theirs != lanes {
+            return Err(format!(
+                "rank {} uses KOLO_NSOCKS={theirs} connections per peer, this rank uses {lanes}",
+                h.from
+            ));
+        }
         let from = h.from as usize;
-        if from >= size || from == rank || taken[from] {
-            return Err(format!("claims rank {from}, which is taken or invalid"));
+        let lane = h.lane as usize;
+        if from >= size || from == rank || lane >= lanes || taken[from][lane] {
+            return Err(format!(
+                "claims rank {from} (connection {lane}), which is taken or invalid"
+            ));
         }
         Ok(())
     })
@@ -637,12 +730,13 @@ fn accept_hello(
         .and_then(|_| tune(&s, sockbuf))
         .and_then(|_| s.set_nonblocking(true))
         .map_err(|e| e.to_string())?;
-    Ok((hello.from as usize, s))
+    Ok((hello.from as usize, hello.lane as usize, s))
 }
 
 /// An outgoing message: header then payload, written as far as the socket takes.
 pub struct Outgoing {
     peer: usize,
+    lane: usize,
     header: [u8; HEADER_LEN],
     done: usize,
 }
@@ -652,13 +746,23 @@ impl Outgoing {
     pub fn new(peer: usize, header: [u8; HEADER_LEN]) -> Outgoing {
         Outgoing {
             peer,
+            lane: 0,
             header,
             done: 0,
         }
     }
+    /// The same message on connection `lane` (a stripe, see [`crate::exec`]).
+    pub fn on_lane(mut self, lane: usize) -> Outgoing {
+        self.lane = lane;
+        self
+    }
     /// The destination rank.
     pub fn peer(&self) -> usize {
         self.peer
+    }
+    /// The connection it goes on.
+    pub fn lane(&self) -> usize {
+        self.lane
     }
     /// Bytes of the payload still to send.
     pub fn remaining(&self, payload: &[u8]) -> usize {
@@ -669,16 +773,18 @@ impl Outgoing {
         let total = HEADER_LEN + payload.len();
         while self.done < total {
             let n = if self.done < HEADER_LEN {
-                t.send(
+                t.send_on(
                     self.peer,
+                    self.lane,
                     &[
                         IoSlice::new(&self.header[self.done..]),
                         IoSlice::new(payload),
                     ],
                 )
             } else {
-                t.send(
+                t.send_on(
                     self.peer,
+                    self.lane,
                     &[IoSlice::new(&payload[self.done - HEADER_LEN..])],
                 )
             };
@@ -716,6 +822,7 @@ pub enum RecvError {
 /// expected one, then the payload is handed out piece by piece.
 pub struct Incoming {
     peer: usize,
+    lane: usize,
     expect: Header,
     header: [u8; HEADER_LEN],
     got_header: usize,
@@ -727,11 +834,17 @@ impl Incoming {
     pub fn new(peer: usize, expect: Header) -> Incoming {
         Incoming {
             peer,
+            lane: 0,
             expect,
             header: [0; HEADER_LEN],
             got_header: 0,
             got: 0,
         }
+    }
+    /// The same message, expected on connection `lane` (a stripe).
+    pub fn on_lane(mut self, lane: usize) -> Incoming {
+        self.lane = lane;
+        self
     }
     /// The source rank.
     pub fn peer(&self) -> usize {
@@ -753,7 +866,7 @@ impl Incoming {
     /// Read the header if it is not complete; Ok(true) once it is in and valid.
     fn header(&mut self, t: &mut Transport) -> std::result::Result<bool, RecvError> {
         while self.got_header < HEADER_LEN {
-            match t.recv(self.peer, &mut self.header[self.got_header..]) {
+            match t.recv_on(self.peer, self.lane, &mut self.header[self.got_header..]) {
                 Ok(0) => {
                     return Err(RecvError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -796,7 +909,7 @@ impl Incoming {
         let want = dst.len().min(self.remaining());
         let mut filled = 0;
         while filled < want {
-            match t.recv(self.peer, &mut dst[filled..want]) {
+            match t.recv_on(self.peer, self.lane, &mut dst[filled..want]) {
                 Ok(0) => {
                     return Err(RecvError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
