@@ -924,3 +924,41 @@ fn pending_desc(
     }));
     parts.join("; ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(len: usize, elem: usize, lanes: usize, min: usize) -> Vec<(usize, usize, usize)> {
+        let r = Region {
+            start: 10,
+            ..Region::out(0..len)
+        };
+        stripes(r, elem, lanes, min)
+            .map(|(l, s)| (l, s.start, s.len))
+            .collect()
+    }
+
+    #[test]
+    fn stripes_cover_the_message_in_order_no_smaller_than_the_minimum() {
+        // One stream, or too small to split: one piece on lane 0.
+        assert_eq!(split(1000, 4, 1, 64), [(0, 10, 1000)]);
+        assert_eq!(split(31, 4, 4, 64), [(0, 10, 31)]);
+        assert_eq!(split(0, 4, 4, 64), [(0, 10, 0)]);
+        // 2 * 64 bytes: two stripes even with 4 lanes.
+        assert_eq!(split(32, 4, 4, 64), [(0, 10, 16), (1, 26, 16)]);
+        for lanes in 1..=8 {
+            for len in [0, 1, 7, 33, 100, 1009, 4096] {
+                let s = split(len, 4, lanes, 64);
+                assert!(s.len() <= lanes);
+                let mut at = 10;
+                for (i, &(l, start, n)) in s.iter().enumerate() {
+                    assert_eq!((l, start), (i, at), "lanes={lanes} len={len}");
+                    assert!(s.len() == 1 || n * 4 >= 64, "lanes={lanes} len={len}");
+                    at += n;
+                }
+                assert_eq!(at, 10 + len);
+            }
+        }
+    }
+}
