@@ -24,7 +24,8 @@
 //! its VmRSS; growth above `--rss-slack` (10%) fails. `--rss-every K` also
 //! prints VmRSS every K ops.
 //!
-//! Prints per rank `rank R: soak ok ops=.. bytes=.. rss_kb_base=.. (op ..) rss_kb_end=.. growth=..%`;
+//! Prints per rank `rank R: soak ok ops=.. bytes=.. rss_kb_base=.. (op ..) rss_kb_end=.. growth=..% hash=.. delays=.. delay_ms=..`
+//! (delays: ops this rank started late, and their total sleep);
 //! exit status 1 on a kolo error, 3 on a wrong result or hash disagreement, 4
 //! on memory growth.
 use half::{bf16, f16};
@@ -372,6 +373,8 @@ fn main() {
     let t0 = Instant::now();
     let mut acc = 0u64;
     let mut total = 0u64;
+    // Injected delays of this rank: count and total sleep (ms).
+    let (mut delays, mut delay_ms) = (0u64, 0u64);
     let mut rss_base = 0;
     let max_log = (o.max_bytes.max(2) as f64).log2();
     for k in 0..o.ops {
@@ -404,7 +407,10 @@ fn main() {
             tab_seed: r(9),
         };
         if r(10) % 50 == 0 && (r(11) % n as u64) as usize == rank {
-            std::thread::sleep(Duration::from_millis(r(12) % 20));
+            let ms = r(12) % 20;
+            std::thread::sleep(Duration::from_millis(ms));
+            delays += 1;
+            delay_ms += ms;
         }
         let res = match dtype {
             "u8" => run::<u8>(&comm, &opd, &mut a, &mut b),
@@ -453,7 +459,7 @@ fn main() {
         0.0
     };
     println!(
-        "rank {rank}: soak ok ops={} bytes={total} secs={:.1} rss_kb_base={rss_base} (op {}) rss_kb_end={rss_end} growth={growth:.1}% hash={acc:016x}",
+        "rank {rank}: soak ok ops={} bytes={total} secs={:.1} rss_kb_base={rss_base} (op {}) rss_kb_end={rss_end} growth={growth:.1}% hash={acc:016x} delays={delays} delay_ms={delay_ms}",
         o.ops,
         t0.elapsed().as_secs_f64(),
         o.rss_base

@@ -77,8 +77,11 @@ set -e
 secs=$((SECONDS - start))
 drops=$(ip netns exec "${P}3" nft list table inet kolo_soak | grep -o 'counter packets [0-9]*' | awk '{s+=$3} END {print s+0}')
 ok=$(grep -c ': soak ok ' "$LOG" || true)
+# Injected delays, summed over the ranks' `soak ok` lines.
+delays=$(grep -o ' delays=[0-9]*' "$LOG" | awk -F= '{s+=$2} END {print s+0}')
+delay_ms=$(grep -o ' delay_ms=[0-9]*' "$LOG" | awk -F= '{s+=$2} END {print s+0}')
 grep -E ': soak ok |soak: |kolorun: |error|WRONG' "$LOG" || true
-echo "soak: rc=$rc ranks_ok=$ok/8 ops=$OPS seed=$SEED secs=$secs frames_dropped=$drops (${P}2 -> ${P}3)"
+echo "soak: rc=$rc ranks_ok=$ok/8 ops=$OPS seed=$SEED secs=$secs frames_dropped=$drops (${P}2 -> ${P}3) rank_delays=$delays (${delay_ms} ms)"
 grep -o 'rank [0-9]: soak ok.*' "$LOG" | sed -E 's/.*rank ([0-9]).*rss_kb_base=([0-9]+) \(op ([0-9]+)\) rss_kb_end=([0-9]+) growth=([-0-9.]+)%.*/soak: rank \1 rss_kb after op \3: \2, at the end: \4 (\5%)/'
 rm -f "$LOG"
 [ "$rc" -eq 0 ] && [ "$ok" -eq 8 ]

@@ -32,7 +32,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_ALPHA_US", "measured", "latency of one step in microseconds, for the algorithm choice (set: not measured)"),
     ("KOLO_BETA_GBPS", "measured", "bandwidth between neighbours in GB/s, for the algorithm choice (set: not measured)"),
     ("KOLO_GAMMA_GBPS", "measured", "reduction throughput in GB/s, for the algorithm choice (set: not measured)"),
-    ("KOLO_NSOCKS", "1", "TCP connections each way per peer (1 to 8); a message of at least twice KOLO_MIN_STRIPE is striped across them (measured on loopback: no gain, see the README)"),
+    ("KOLO_NSOCKS", "1", "TCP connections each way per peer (1 to 8); a message of at least twice KOLO_MIN_STRIPE is striped across them (no consistent gain measured on loopback; see the README)"),
     ("KOLO_MIN_STRIPE", "262144", "with KOLO_NSOCKS > 1, the smallest stripe in bytes: smaller messages stay on one connection"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
