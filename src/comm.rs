@@ -217,6 +217,18 @@ impl Communicator {
                     deadline,
                 )?,
             };
+            // Ranks that differ here would wait for connections the others
+            // never make: fail at once, on every rank, naming the values.
+            rendezvous::agree(
+                &mut client,
+                store.as_ref(),
+                prefix,
+                "KOLO_NSOCKS",
+                rank,
+                cfg.size,
+                cfg.nsocks as u64,
+                deadline,
+            )?;
             (
                 Transport::establish_lanes(
                     rank,

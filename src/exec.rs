@@ -421,10 +421,11 @@ fn run_rounds(
                     Err(e) => {
                         let peer = s.out.peer();
                         clean[peer] = false;
-                        // The peer may have closed after telling us why.
+                        // The peer may have closed after telling us why (on
+                        // lane 0, readable only at a frame boundary there).
                         let receiving = recvs
                             .iter()
-                            .any(|r| r.inc.peer() == peer && r.inc.started());
+                            .any(|r| r.inc.peer() == peer && r.inc.lane() == 0 && r.inc.started());
                         if let Some(text) = t.back_abort(peer, BACK_WAIT) {
                             return Err(aborted(t, call, peer, text, ""));
                         }
@@ -433,7 +434,8 @@ fn run_rounds(
                                 return Err(aborted(t, call, peer, text, ""));
                             }
                         }
-                        return Err(peer_lost(t, call, peer, &format!("send failed: {e}")));
+                        let on = on_lane(t, s.out.lane());
+                        return Err(peer_lost(t, call, peer, &format!("send failed{on}: {e}")));
                     }
                 }
             }
@@ -445,6 +447,13 @@ fn run_rounds(
                     Ok(m) => moved |= m,
                     Err(e) => {
                         let pending = pending_desc(t, &sends, &recvs, &mem, &ws.stages);
+                        let e = match e {
+                            RecvError::Io(e) if t.lanes() > 1 => {
+                                let on = on_lane(t, recvs[i].inc.lane());
+                                RecvError::Io(std::io::Error::new(e.kind(), format!("{e}{on}")))
+                            }
+                            e => e,
+                        };
                         return Err(recv_error(t, call, recvs[i].inc.peer(), e, &pending));
                     }
                 }
@@ -656,9 +665,11 @@ fn check_bystanders(
     pending: &dyn Fn(&Transport) -> String,
 ) -> Result<()> {
     for peer in (0..t.size()).filter(|&p| p != t.rank()) {
+        // Headers are peeked on lane 0 (aborts and small frames travel
+        // there), which is at a frame boundary unless a receive on it began.
         if recvs
             .iter()
-            .any(|r| r.inc.peer() == peer && r.inc.started())
+            .any(|r| r.inc.peer() == peer && r.inc.lane() == 0 && r.inc.started())
         {
             continue;
         }
@@ -786,6 +797,16 @@ fn f32s_mut(b: &mut [u8]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), b.len() / 4) }
 }
 
+/// " (stream L of N)" when there are several connections per peer (`KOLO_NSOCKS`),
+/// so a failure says which one broke; empty otherwise.
+fn on_lane(t: &Transport, lane: usize) -> String {
+    if t.lanes() > 1 {
+        format!(" (stream {lane} of {})", t.lanes())
+    } else {
+        String::new()
+    }
+}
+
 fn peer_lost(t: &Transport, call: &Call, peer: usize, detail: &str) -> Error {
     Error::PeerLost {
         rank: t.rank(),
@@ -902,4 +923,42 @@ fn pending_desc(
         )
     }));
     parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(len: usize, elem: usize, lanes: usize, min: usize) -> Vec<(usize, usize, usize)> {
+        let r = Region {
+            start: 10,
+            ..Region::out(0..len)
+        };
+        stripes(r, elem, lanes, min)
+            .map(|(l, s)| (l, s.start, s.len))
+            .collect()
+    }
+
+    #[test]
+    fn stripes_cover_the_message_in_order_no_smaller_than_the_minimum() {
+        // One stream, or too small to split: one piece on lane 0.
+        assert_eq!(split(1000, 4, 1, 64), [(0, 10, 1000)]);
+        assert_eq!(split(31, 4, 4, 64), [(0, 10, 31)]);
+        assert_eq!(split(0, 4, 4, 64), [(0, 10, 0)]);
+        // 2 * 64 bytes: two stripes even with 4 lanes.
+        assert_eq!(split(32, 4, 4, 64), [(0, 10, 16), (1, 26, 16)]);
+        for lanes in 1..=8 {
+            for len in [0, 1, 7, 33, 100, 1009, 4096] {
+                let s = split(len, 4, lanes, 64);
+                assert!(s.len() <= lanes);
+                let mut at = 10;
+                for (i, &(l, start, n)) in s.iter().enumerate() {
+                    assert_eq!((l, start), (i, at), "lanes={lanes} len={len}");
+                    assert!(s.len() == 1 || n * 4 >= 64, "lanes={lanes} len={len}");
+                    at += n;
+                }
+                assert_eq!(at, 10 + len);
+            }
+        }
+    }
 }

@@ -1273,6 +1273,58 @@ fn exchange(
     }
 }
 
+/// Check that every rank has the same value of a setting that all ranks must
+/// share (`name`, e.g. `KOLO_NSOCKS`): publish ours under `{prefix}/{name}/{rank}`
+/// and read everyone's. Run after the address exchange, so every rank is
+/// there and the wait is short. On a difference every rank returns the same
+/// error, naming the values and the ranks holding each, at once: each would
+/// otherwise wait for connections the others never make. `server`: this
+/// rank serves the store, and keeps it up (at most 2 s) until the others
+/// have read the values and left.
+#[allow(clippy::too_many_arguments)]
+pub fn agree(
+    client: &mut StoreClient,
+    server: Option<&StoreServer>,
+    prefix: &str,
+    name: &str,
+    rank: usize,
+    size: usize,
+    value: u64,
+    deadline: Instant,
+) -> Result<()> {
+    let key = |r: usize| format!("{prefix}/{name}/{r}");
+    client.set(&key(rank), value.to_string().as_bytes())?;
+    let keys: Vec<String> = (0..size).map(key).collect();
+    let values = client.wait_all(&keys, deadline)?;
+    // value -> ranks, in order of first appearance.
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (r, v) in values.iter().enumerate() {
+        let v = String::from_utf8_lossy(v).into_owned();
+        match groups.iter_mut().find(|(g, _)| *g == v) {
+            Some((_, ranks)) => ranks.push(r),
+            None => groups.push((v, vec![r])),
+        }
+    }
+    if groups.len() == 1 {
+        return Ok(());
+    }
+    let detail = groups
+        .iter()
+        .map(|(v, ranks)| {
+            let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
+            format!("{name}={v} on {noun} {}", rank_list(ranks))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Some(server) = server {
+        let me = client.stream.local_addr().ok();
+        server.wait_for_clients_to_leave(me, Instant::now() + VERDICT_LINGER);
+    }
+    Err(Error::Config(format!(
+        "rank {rank}: ranks disagree: {detail}; every rank must use the same {name}"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,7 +207,6 @@ impl Transport {
     pub fn comm_id(&self) -> u64 {
         self.comm_id
     }
-    /// Printable address of a peer, for error messages.
     /// Connections each way per peer (`KOLO_NSOCKS`).
     pub fn lanes(&self) -> usize {
         self.lanes
@@ -230,12 +229,19 @@ impl Transport {
             })
     }
 
-    /// How long the peer's host has said nothing on either connection: no
-    /// data, and no ACK of our data or of our keepalive probes (TCP_INFO's
+    /// How long the peer's host has said nothing on any of its connections:
+    /// no data, and no ACK of our data or of our keepalive probes (TCP_INFO's
     /// `tcpi_last_data_recv` / `tcpi_last_ack_recv`). A live host answers
     /// keepalive probes of an idle connection every ~2 s, even when the peer
     /// process is stopped, so a long silence means the host is unreachable
     /// (or gone without a FIN). `None` when no connection can be asked.
+    ///
+    /// The least silence over all connections, because one connection alone
+    /// may legitimately be quiet for long: one we are sending on while the
+    /// peer does not read gets only zero-window probes, which back off
+    /// exponentially. A single broken connection (reset, or dropped by the
+    /// kernel's keepalive after ~7 s without answers) fails its next read or
+    /// write instead, which is reported as the peer lost.
     pub fn silent_for(&self, peer: usize) -> Option<Duration> {
         let p = self.peer(peer).ok()?;
         p.tx.iter()
@@ -394,7 +400,7 @@ impl Transport {
     pub fn take_abort(&mut self, peer: usize, h: &Header) -> String {
         let mut raw = [0u8; HEADER_LEN];
         match self.recv(peer, &mut raw) {
-            Ok(HEADER_LEN) => read_abort_text(self, peer, h.len),
+            Ok(HEADER_LEN) => read_abort_text(self, peer, 0, h.len),
             _ => String::from("(abort text lost)"),
         }
     }
@@ -408,7 +414,7 @@ impl Transport {
         let got = read_until(|b| self.recv(peer, b), &mut raw, deadline, Duration::ZERO);
         match Header::decode(&raw) {
             Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => {
-                Some(read_abort_text(self, peer, h.len))
+                Some(read_abort_text(self, peer, 0, h.len))
             }
             _ => None,
         }
@@ -850,6 +856,10 @@ impl Incoming {
     pub fn peer(&self) -> usize {
         self.peer
     }
+    /// The connection it comes on.
+    pub fn lane(&self) -> usize {
+        self.lane
+    }
     /// Payload bytes still expected.
     pub fn remaining(&self) -> usize {
         (self.expect.len - self.got) as usize
@@ -887,7 +897,9 @@ impl Incoming {
             )));
         }
         if h.kind == Kind::Abort {
-            return Err(RecvError::Aborted(read_abort_text(t, self.peer, h.len)));
+            return Err(RecvError::Aborted(read_abort_text(
+                t, self.peer, self.lane, h.len,
+            )));
         }
         if h.seq != self.expect.seq || h.desc != self.expect.desc || h.len != self.expect.len {
             return Err(RecvError::Mismatch(self.expect, h));
@@ -927,11 +939,17 @@ impl Incoming {
     }
 }
 
-/// Read an abort frame's text, waiting at most a moment for it.
-fn read_abort_text(t: &mut Transport, peer: usize, len: u64) -> String {
+/// Read an abort frame's text from connection `lane`, waiting at most a
+/// moment for it.
+fn read_abort_text(t: &mut Transport, peer: usize, lane: usize, len: u64) -> String {
     let mut buf = vec![0u8; len as usize];
     let deadline = Instant::now() + Duration::from_millis(500);
-    let got = read_until(|b| t.recv(peer, b), &mut buf, deadline, Duration::ZERO);
+    let got = read_until(
+        |b| t.recv_on(peer, lane, b),
+        &mut buf,
+        deadline,
+        Duration::ZERO,
+    );
     String::from_utf8_lossy(&buf[..got]).into_owned()
 }
 
