@@ -521,6 +521,19 @@ mod tests {
     }
 
     #[test]
+    fn nsocks_and_min_stripe() {
+        let with = |k: &str, v: &str| cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "2"), (k, v)]);
+        let c = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "2")]).unwrap();
+        assert_eq!((c.nsocks, c.min_stripe), (1, 256 << 10));
+        assert_eq!(with("KOLO_NSOCKS", "4").unwrap().nsocks, 4);
+        assert_eq!(with("KOLO_MIN_STRIPE", "65536").unwrap().min_stripe, 65536);
+        for bad in ["0", "9", "x"] {
+            let e = with("KOLO_NSOCKS", bad).unwrap_err().to_string();
+            assert!(e.contains("KOLO_NSOCKS"), "{e}");
+        }
+    }
+
+    #[test]
     fn secret_is_read_and_never_shown() {
         let c = cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "1")]).unwrap();
         assert!(c.secret.is_none());

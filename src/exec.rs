@@ -537,7 +537,8 @@ fn stripes(
 ) -> impl Iterator<Item = (usize, Region)> {
     let bytes = r.len * elem;
     let k = if lanes > 1 && bytes >= 2 * min_stripe {
-        lanes.min(bytes / min_stripe.max(1))
+        // Never an empty stripe, whatever the minimum.
+        lanes.min(bytes / min_stripe.max(1)).min(r.len)
     } else {
         1
     };
@@ -947,6 +948,8 @@ mod tests {
         assert_eq!(split(0, 4, 4, 64), [(0, 10, 0)]);
         // 2 * 64 bytes: two stripes even with 4 lanes.
         assert_eq!(split(32, 4, 4, 64), [(0, 10, 16), (1, 26, 16)]);
+        // A 1-byte minimum: at most one stripe per element.
+        assert_eq!(split(2, 4, 4, 1), [(0, 10, 1), (1, 11, 1)]);
         for lanes in 1..=8 {
             for len in [0, 1, 7, 33, 100, 1009, 4096] {
                 let s = split(len, 4, lanes, 64);

@@ -1312,16 +1312,16 @@ pub fn agree(
         .iter()
         .map(|(v, ranks)| {
             let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
-            format!("{name}={v} on {noun} {}", rank_list(ranks))
+            format!("{v} on {noun} {}", rank_list(ranks))
         })
         .collect::<Vec<_>>()
-        .join(", ");
+        .join("; ");
     if let Some(server) = server {
         let me = client.stream.local_addr().ok();
         server.wait_for_clients_to_leave(me, Instant::now() + VERDICT_LINGER);
     }
     Err(Error::Config(format!(
-        "rank {rank}: ranks disagree: {detail}; every rank must use the same {name}"
+        "rank {rank}: ranks disagree on {name}: {detail} (every rank must use the same)"
     )))
 }
 

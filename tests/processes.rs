@@ -704,7 +704,14 @@ fn start_stress(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
 /// 4 stress ranks by hand; the test SIGKILLs rank 2 once all are looping on
 /// 8 MiB allreduces.
 fn kill_rank_2_from_outside() -> (Vec<Done>, Instant) {
-    let mut procs = start_stress(4, &[("KOLO_TEST_SECONDS", "60")]);
+    kill_rank_2_from_outside_with(&[])
+}
+
+/// [`kill_rank_2_from_outside`] with extra variables `env`.
+fn kill_rank_2_from_outside_with(env: &[(&str, &str)]) -> (Vec<Done>, Instant) {
+    let mut all = vec![("KOLO_TEST_SECONDS", "60")];
+    all.extend_from_slice(env);
+    let mut procs = start_stress(4, &all);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let ready = procs.iter().all(|p| p.stdout().contains("running"));
@@ -765,15 +772,19 @@ fn survivors_name_the_killed_rank() {
 
 /// 3 stress ranks by hand where rank 1 allreduces one element more than the others.
 fn mismatch_run(count: usize) -> Vec<Done> {
+    mismatch_run_with(count, &[])
+}
+
+/// [`mismatch_run`] with extra variables `env`.
+fn mismatch_run_with(count: usize, env: &[(&str, &str)]) -> Vec<Done> {
     let count_s = count.to_string();
-    let procs = start_stress(
-        3,
-        &[
-            ("KOLO_TEST_MISMATCH_RANK", "1"),
-            ("KOLO_TEST_COUNT", &count_s),
-            ("KOLO_TEST_ITERS", "3"),
-        ],
-    );
+    let mut all = vec![
+        ("KOLO_TEST_MISMATCH_RANK", "1"),
+        ("KOLO_TEST_COUNT", &count_s),
+        ("KOLO_TEST_ITERS", "3"),
+    ];
+    all.extend_from_slice(env);
+    let procs = start_stress(3, &all);
     let t0 = Instant::now();
     let done = wait_all(procs, Duration::from_secs(40));
     for (r, d) in done.iter().enumerate() {
@@ -841,5 +852,66 @@ fn count_mismatch_ring_reported_on_every_rank() {
         for (r, d) in done.iter().enumerate() {
             assert!(is_count_mismatch(&d.stderr, r, count), "{d:#?}");
         }
+    }
+}
+
+/// Several streams per peer with 64 KiB stripes, so that the stress
+/// allreduces' messages are striped across all of them.
+const FOUR_STREAMS: [(&str, &str); 2] = [("KOLO_NSOCKS", "4"), ("KOLO_MIN_STRIPE", "65536")];
+
+// 8a. With 4 streams per peer the test SIGKILLs rank 2 mid-allreduce: every
+// survivor still fails within seconds with a lost-peer error (any stream that
+// breaks is the peer lost).
+#[test]
+fn survivors_fail_fast_when_rank_killed_with_four_streams() {
+    let (done, t_kill) = kill_rank_2_from_outside_with(&FOUR_STREAMS);
+    check_survivors(&done, t_kill, false);
+}
+
+// 8b. With 4 streams per peer, a count mismatch in a large (striped) allreduce
+// fails every rank quickly; at least one reports the mismatch, the others
+// that or a lost peer (as in 7b).
+#[test]
+fn count_mismatch_with_four_streams_fails_on_every_rank() {
+    let count = 2 << 20;
+    let done = mismatch_run_with(count, &FOUR_STREAMS);
+    let mut reported = 0;
+    for (r, d) in done.iter().enumerate() {
+        if is_count_mismatch(&d.stderr, r, count) {
+            reported += 1;
+        } else {
+            let l = error_line(&d.stderr, r);
+            assert!(l.contains(": lost peer rank "), "{d:#?}");
+        }
+    }
+    assert!(reported >= 1, "{done:#?}");
+}
+
+// 8c. Ranks started by hand with different KOLO_NSOCKS all fail at rendezvous
+// at once (far below KOLO_START_TIMEOUT=30), each naming every rank's value.
+#[test]
+fn nsocks_mismatch_fails_every_process_at_start() {
+    let ex = example("stress");
+    let port = free_port();
+    let procs: Vec<Proc> = (0..3)
+        .map(|r| {
+            let mut c = by_hand(&ex, r, 3, port);
+            c.env("KOLO_START_TIMEOUT", "30")
+                .env("KOLO_NSOCKS", if r == 2 { "1" } else { "2" });
+            Proc::spawn(format!("rank {r}"), c)
+        })
+        .collect();
+    let t0 = Instant::now();
+    let done = wait_all(procs, Duration::from_secs(40));
+    for (r, d) in done.iter().enumerate() {
+        assert_eq!(d.code(), Some(1), "{d:#?}");
+        assert!(d.exited_at - t0 < Duration::from_secs(10), "{d:#?}");
+        assert!(
+            d.stderr.contains(&format!(
+                "rank {r}: ranks disagree on KOLO_NSOCKS: 2 on ranks 0, 1; 1 on rank 2 \
+                 (every rank must use the same)"
+            )),
+            "{d:#?}"
+        );
     }
 }

@@ -164,8 +164,8 @@ fn ranks_that_disagree_on_nsocks_fail_at_start_on_every_rank() {
         assert_eq!(
             e,
             &format!(
-                "configuration error: rank {r}: ranks disagree: KOLO_NSOCKS=2 on ranks 0, 2, \
-                 KOLO_NSOCKS=4 on rank 1; every rank must use the same KOLO_NSOCKS"
+                "configuration error: rank {r}: ranks disagree on KOLO_NSOCKS: 2 on ranks 0, 2; \
+                 4 on rank 1 (every rank must use the same)"
             )
         );
     }
@@ -198,8 +198,8 @@ fn nsocks_disagreement_with_rank_0_serving_the_store() {
     for (r, e) in errs.iter().enumerate() {
         assert!(
             e.ends_with(&format!(
-                "rank {r}: ranks disagree: KOLO_NSOCKS=1 on rank 0, KOLO_NSOCKS=2 on rank 1; \
-                 every rank must use the same KOLO_NSOCKS"
+                "rank {r}: ranks disagree on KOLO_NSOCKS: 1 on rank 0; 2 on rank 1 \
+                 (every rank must use the same)"
             )),
             "{e}"
         );
