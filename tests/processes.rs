@@ -829,6 +829,12 @@ fn count_mismatch_small_reported_on_every_rank() {
 fn count_mismatch_ring_fails_on_every_rank() {
     let count = 2 << 20;
     let done = mismatch_run(count);
+    assert_mismatch_or_lost(&done, count);
+}
+
+/// Every rank failed; at least one reports the count mismatch of `count`
+/// elements, and the others that or a lost peer.
+fn assert_mismatch_or_lost(done: &[Done], count: usize) {
     let mut reported = 0;
     for (r, d) in done.iter().enumerate() {
         if is_count_mismatch(&d.stderr, r, count) {
@@ -875,16 +881,7 @@ fn survivors_fail_fast_when_rank_killed_with_four_streams() {
 fn count_mismatch_with_four_streams_fails_on_every_rank() {
     let count = 2 << 20;
     let done = mismatch_run_with(count, &FOUR_STREAMS);
-    let mut reported = 0;
-    for (r, d) in done.iter().enumerate() {
-        if is_count_mismatch(&d.stderr, r, count) {
-            reported += 1;
-        } else {
-            let l = error_line(&d.stderr, r);
-            assert!(l.contains(": lost peer rank "), "{d:#?}");
-        }
-    }
-    assert!(reported >= 1, "{done:#?}");
+    assert_mismatch_or_lost(&done, count);
 }
 
 // 8c. Ranks started by hand with different KOLO_NSOCKS all fail at rendezvous

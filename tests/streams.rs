@@ -144,20 +144,10 @@ fn ranks_that_disagree_on_nsocks_fail_at_start_on_every_rank() {
     let store = StoreServer::bind("127.0.0.1:0").unwrap();
     let port = store.local_addr().port();
     let t0 = Instant::now();
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..3)
-            .map(|r| {
-                s.spawn(move || {
-                    let mut cfg = config(r, 3, port);
-                    cfg.nsocks = if r == 1 { 4 } else { 2 };
-                    cfg.start_timeout = Duration::from_secs(20);
-                    Communicator::init(cfg).err().map(|e| e.to_string())
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap().expect("a mismatched job formed"))
-            .collect()
+    let errs = init_errors(3, |r| {
+        let mut cfg = config(r, 3, port);
+        cfg.nsocks = if r == 1 { 4 } else { 2 };
+        cfg
     });
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     for (r, e) in errs.iter().enumerate() {
@@ -180,20 +170,10 @@ fn nsocks_disagreement_with_rank_0_serving_the_store() {
         .local_addr()
         .unwrap()
         .port();
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..2)
-            .map(|r| {
-                s.spawn(move || {
-                    let mut cfg = kolo::Config::local(r, 2, port);
-                    cfg.nsocks = 1 + r;
-                    cfg.start_timeout = Duration::from_secs(20);
-                    Communicator::init(cfg).err().map(|e| e.to_string())
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap().expect("a mismatched job formed"))
-            .collect()
+    let errs = init_errors(2, |r| {
+        let mut cfg = kolo::Config::local(r, 2, port);
+        cfg.nsocks = 1 + r;
+        cfg
     });
     for (r, e) in errs.iter().enumerate() {
         assert!(
@@ -204,4 +184,24 @@ fn nsocks_disagreement_with_rank_0_serving_the_store() {
             "{e}"
         );
     }
+}
+
+/// Start `n` ranks with `cfg(rank)` (and a 20 s start timeout), each of
+/// which must fail to form the job; their errors.
+fn init_errors(n: usize, cfg: impl Fn(usize) -> kolo::Config + Sync) -> Vec<String> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|r| {
+                let cfg = &cfg;
+                s.spawn(move || {
+                    let mut c = cfg(r);
+                    c.start_timeout = Duration::from_secs(20);
+                    Communicator::init(c).err().map(|e| e.to_string())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap().expect("a mismatched job formed"))
+            .collect()
+    })
 }
