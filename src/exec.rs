@@ -605,9 +605,12 @@ const BACK_WAIT: Duration = Duration::from_millis(200);
 /// loss itself, as [`Error::PeerLost`] naming the lost rank and its host, so
 /// every survivor's error says which rank is gone, not only who told it.
 ///
-/// When the text is a timeout waiting on this very rank, this rank says whom
-/// it was itself waiting on (`pending`, the unfinished operations of its
-/// round), so its own abort extends the chain of waits (see [`find_hung`]).
+/// When the text is a timeout (it names a rank its origin waited on), this
+/// rank says whom it was itself waiting on (`pending`, the unfinished
+/// operations of its round), so its own abort extends the chain of waits
+/// (see [`find_hung`]). That holds whoever the origin waited on: a rank
+/// aborted by a rank further down the ring before its own deadline must still
+/// say that it waits on the stopped rank, not repeat the origin's wait.
 fn aborted(t: &Transport, call: &Call, origin: usize, text: String, pending: &str) -> Error {
     let me = t.rank();
     if let Some((peer, host)) = lost_peer_in(&text) {
@@ -622,7 +625,7 @@ fn aborted(t: &Transport, call: &Call, origin: usize, text: String, pending: &st
         }
     }
     match waited_on(&text) {
-        Some(p) if p == me && !pending.is_empty() => {
+        Some(_) if !pending.is_empty() => {
             return Error::Aborted {
                 rank: me,
                 origin,

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use kolo::algo::cost::Algo;
 use kolo::{Communicator, Error, ReduceOp};
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,47 @@ fn silent_peer_times_out_naming_it() {
         "{text}"
     );
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+/// A stopped rank in a ring: the ranks downstream wait on each other, and
+/// the first to time out aborts the rest before their own deadlines. Each
+/// aborted rank must still say whom it waits on, so that every survivor
+/// follows the chain of waits to the stopped rank (rank 2), not to a rank
+/// that was only waiting (the CI failure where rank 3 was blamed).
+#[test]
+fn aborted_ranks_extend_the_chain_of_waits_to_the_stopped_rank() {
+    let t = Instant::now();
+    let res = run_ranks_with(
+        4,
+        // Only rank 1 times out; ranks 0 and 3 hear of it first.
+        |c| {
+            c.timeout = if c.rank == 1 {
+                Duration::from_millis(1500)
+            } else {
+                Duration::from_secs(30)
+            }
+        },
+        |c: Communicator| {
+            if c.rank() == 2 {
+                // Stopped: never joins, stays alive past the others' errors.
+                std::thread::sleep(Duration::from_secs(5));
+                return Ok(());
+            }
+            c.allreduce_with(&mut [1.0f32; 4096], ReduceOp::Sum, Algo::Ring)
+        },
+    );
+    for r in [0, 1, 3] {
+        let text = res[r]
+            .as_ref()
+            .expect_err("a survivor succeeded")
+            .to_string();
+        assert!(
+            text.contains("hung peer rank 2 (") && text.contains("allreduce"),
+            "rank {r} does not name rank 2 as the hung peer: {text}"
+        );
+    }
+    assert!(res[2].is_ok());
+    assert!(t.elapsed() < Duration::from_secs(15));
 }
 
 #[test]
