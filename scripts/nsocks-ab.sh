@@ -4,13 +4,16 @@
 #
 #   scripts/nsocks-ab.sh [REPS=3] [NPROCS="2 4"] [NSOCKS="1 2 4"] [MAXBYTES=256M]
 #
+# An entry of NSOCKS may name a stripe size too: "4:65536" is KOLO_NSOCKS=4 with
+# KOLO_MIN_STRIPE=65536, so stripe sizes can be compared in the same interleaved runs.
+#
 # Runs are interleaved (each rep runs every N and every stream count once, in turn), so
 # drift of the machine hits all alike, and each starts only once the machine is quiet: CPU
 # busy below QUIET_BUSY_PCT (default 10) percent over one second, waiting at most
 # QUIET_MAX_WAIT (default 300) seconds. Other KOLO_* variables pass through to the ranks
 # (e.g. KOLO_MIN_STRIPE=65536, KOLO_ALGO=ring). Prints per N a Markdown table of median
-# busbw (GB/s) per size and stream count, with the ratios to one stream, and keeps the
-# raw JSON lines in out/nsocks_<stamp>/.
+# busbw (GB/s) per size and stream count, with the ratios to the first count, and keeps the
+# raw JSON lines and the quietness log in out/nsocks_<stamp>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -24,9 +27,9 @@ mkdir -p "$OUT"
 
 busy_pct() {  # CPU busy percent of the whole machine over one second
     local a b
-    a=($(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat))
+    read -r -a a < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
     sleep 1
-    b=($(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat))
+    read -r -a b < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat)
     echo $(( 100 * (b[0] - a[0]) / (b[1] - a[1] + 1) ))
 }
 wait_quiet() {
@@ -39,16 +42,19 @@ wait_quiet() {
             break
         fi
     done
-    echo "$(date +%T) busy ${busy}% load $(cut -d' ' -f1 /proc/loadavg)" >> "$OUT/quiet.log"
+    echo "$(date +%T) busy ${busy}% load $(cut -d' ' -f1 /proc/loadavg) waited $((SECONDS - start))s" >> "$OUT/quiet.log"
 }
 
 for r in $(seq 1 "$REPS"); do
     for n in $NPROCS; do
-        for k in $NSOCKS; do
+        for v in $NSOCKS; do
+            k=${v%%:*}
+            stripe=()
+            [ "$v" != "$k" ] && stripe=(env "KOLO_MIN_STRIPE=${v#*:}")
             wait_quiet
-            echo "== rep $r: N=$n KOLO_NSOCKS=$k" >&2
-            KOLO_NSOCKS=$k "$BIN/kolorun" -np "$n" "$BIN/kolo-bench" -b 1M -e "$MAXB" -f 4 -c 1 --json \
-                | sed -n 's/^\[0\] //p' > "$OUT/np${n}_k${k}_r${r}.jsonl"
+            echo "== rep $r: N=$n KOLO_NSOCKS=$v" >&2
+            "${stripe[@]}" env KOLO_NSOCKS="$k" "$BIN/kolorun" -np "$n" "$BIN/kolo-bench" -b 1M -e "$MAXB" -f 4 -c 1 --json \
+                | sed -n 's/^\[0\] //p' > "$OUT/np${n}_k${v/:/_s}_r${r}.jsonl"
         done
     done
 done
@@ -61,7 +67,7 @@ def size(b):
 for n in nprocs:
     cells = {}  # (k, bytes) -> [busbw]
     for k in nsocks:
-        for f in sorted(glob.glob(f"{out}/np{n}_k{k}_r*.jsonl")):
+        for f in sorted(glob.glob(f"{out}/np{n}_k{k.replace(':', '_s')}_r*.jsonl")):
             for line in open(f):
                 row = json.loads(line)
                 if "bytes" not in row:
@@ -69,6 +75,8 @@ for n in nprocs:
                 if row.get("wrong"):
                     sys.exit(f"{f}: wrong results at {row['bytes']} bytes")
                 cells.setdefault((k, row["bytes"]), []).append(row["busbw_gbps"])
+    if not cells:
+        sys.exit(f"N={n}: no results in {out}")
     sizes = sorted({b for (_, b) in cells})
     reps = min(len(v) for v in cells.values())
     print(f"\nN = {n}: busbw GB/s, median of {reps} runs")
@@ -77,7 +85,6 @@ for n in nprocs:
     print("|---:|" + "---:|" * (2 * len(nsocks) - 1))
     for b in sizes:
         med = [statistics.median(cells[(k, b)]) for k in nsocks]
-        ratios = [f"{m / med[0]:.2f}" for m in med[1:]]
         print(f"| {size(b)} | " + " | ".join(f"{m:.2f}" for m in med) + " | "
-              + " | ".join(ratios) + " |")
+              + " | ".join(f"{m / med[0]:.2f}" for m in med[1:]) + " |")
 EOF
