@@ -330,6 +330,19 @@ impl Transport {
         Ok(n)
     }
 
+    /// [`Transport::recv_on`] into several buffers in turn (one `readv`).
+    pub fn recv_vectored_on(
+        &mut self,
+        peer: usize,
+        lane: usize,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> io::Result<usize> {
+        let mut s = lane_of(&self.peer(peer)?.rx, lane)?;
+        let n = s.read_vectored(bufs)?;
+        self.bytes_received += n as u64;
+        Ok(n)
+    }
+
     /// Sleep until some connection becomes readable or writable, or `deadline`.
     /// Returns false when the deadline passed.
     pub fn wait(&mut self, deadline: Instant) -> Result<bool> {
@@ -400,7 +413,7 @@ impl Transport {
     pub fn take_abort(&mut self, peer: usize, h: &Header) -> String {
         let mut raw = [0u8; HEADER_LEN];
         match self.recv(peer, &mut raw) {
-            Ok(HEADER_LEN) => read_abort_text(self, peer, 0, h.len),
+            Ok(HEADER_LEN) => read_abort_text(self, peer, 0, &[], h.len),
             _ => String::from("(abort text lost)"),
         }
     }
@@ -414,7 +427,7 @@ impl Transport {
         let got = read_until(|b| self.recv(peer, b), &mut raw, deadline, Duration::ZERO);
         match Header::decode(&raw) {
             Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => {
-                Some(read_abort_text(self, peer, 0, h.len))
+                Some(read_abort_text(self, peer, 0, &[], h.len))
             }
             _ => None,
         }
@@ -824,6 +837,13 @@ pub enum RecvError {
     Protocol(String),
 }
 
+/// Payload bytes read in the same system call as the header: a small
+/// message then costs one `readv` instead of a read for the header and
+/// another for the payload (latency-bound collectives are all such calls).
+/// They wait here until the header has been checked, so nothing from a
+/// mismatched or aborting peer reaches the caller's buffer.
+const STASH: usize = 256;
+
 /// An incoming message: the header is read and checked against the
 /// expected one, then the payload is handed out piece by piece.
 pub struct Incoming {
@@ -833,6 +853,11 @@ pub struct Incoming {
     header: [u8; HEADER_LEN],
     got_header: usize,
     got: u64,
+    stash: [u8; STASH],
+    /// Bytes in `stash` (payload read along with the header), and how many
+    /// of them were handed out.
+    stash_len: usize,
+    stash_out: usize,
 }
 
 impl Incoming {
@@ -845,6 +870,9 @@ impl Incoming {
             header: [0; HEADER_LEN],
             got_header: 0,
             got: 0,
+            stash: [0; STASH],
+            stash_len: 0,
+            stash_out: 0,
         }
     }
     /// The same message, expected on connection `lane` (a stripe).
@@ -876,14 +904,25 @@ impl Incoming {
     /// Read the header if it is not complete; Ok(true) once it is in and valid.
     fn header(&mut self, t: &mut Transport) -> std::result::Result<bool, RecvError> {
         while self.got_header < HEADER_LEN {
-            match t.recv_on(self.peer, self.lane, &mut self.header[self.got_header..]) {
+            // Never more than the expected frame, so no byte of the next
+            // frame is taken.
+            let ahead = (self.expect.len as usize).min(STASH);
+            let mut bufs = [
+                io::IoSliceMut::new(&mut self.header[self.got_header..]),
+                io::IoSliceMut::new(&mut self.stash[..ahead]),
+            ];
+            match t.recv_vectored_on(self.peer, self.lane, &mut bufs) {
                 Ok(0) => {
                     return Err(RecvError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "connection closed by peer",
                     )))
                 }
-                Ok(n) => self.got_header += n,
+                Ok(n) => {
+                    let h = n.min(HEADER_LEN - self.got_header);
+                    self.got_header += h;
+                    self.stash_len = n - h;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(RecvError::Io(e)),
@@ -897,9 +936,10 @@ impl Incoming {
             )));
         }
         if h.kind == Kind::Abort {
-            return Err(RecvError::Aborted(read_abort_text(
-                t, self.peer, self.lane, h.len,
-            )));
+            // The text's first bytes may have come with the header.
+            let had = self.stash_len.min(h.len as usize);
+            let text = read_abort_text(t, self.peer, self.lane, &self.stash[..had], h.len);
+            return Err(RecvError::Aborted(text));
         }
         if h.seq != self.expect.seq || h.desc != self.expect.desc || h.len != self.expect.len {
             return Err(RecvError::Mismatch(self.expect, h));
@@ -919,7 +959,10 @@ impl Incoming {
             return Ok(0);
         }
         let want = dst.len().min(self.remaining());
-        let mut filled = 0;
+        let stashed = (self.stash_len - self.stash_out).min(want);
+        dst[..stashed].copy_from_slice(&self.stash[self.stash_out..self.stash_out + stashed]);
+        self.stash_out += stashed;
+        let mut filled = stashed;
         while filled < want {
             match t.recv_on(self.peer, self.lane, &mut dst[filled..want]) {
                 Ok(0) => {
@@ -939,18 +982,19 @@ impl Incoming {
     }
 }
 
-/// Read an abort frame's text from connection `lane`, waiting at most a
-/// moment for it.
-fn read_abort_text(t: &mut Transport, peer: usize, lane: usize, len: u64) -> String {
+/// Read an abort frame's text of `len` bytes from connection `lane`, of
+/// which `had` came with the header, waiting at most a moment for the rest.
+fn read_abort_text(t: &mut Transport, peer: usize, lane: usize, had: &[u8], len: u64) -> String {
     let mut buf = vec![0u8; len as usize];
+    buf[..had.len()].copy_from_slice(had);
     let deadline = Instant::now() + Duration::from_millis(500);
     let got = read_until(
         |b| t.recv_on(peer, lane, b),
-        &mut buf,
+        &mut buf[had.len()..],
         deadline,
         Duration::ZERO,
     );
-    String::from_utf8_lossy(&buf[..got]).into_owned()
+    String::from_utf8_lossy(&buf[..had.len() + got]).into_owned()
 }
 
 /// Fill `buf` from a non-blocking `read` until it is full, the stream ends or
