@@ -16,6 +16,9 @@
 # (medians over reps: kolo auto, the best fixed kolo algorithm per size, gloo, MPI, and the
 # busbw ratios kolo/gloo and kolo/mpi) and writes out/compare_<stamp>/table_np<N>.md and
 # out/compare_<stamp>/busbw_np<N>.png (matplotlib, installed into .venv here if missing).
+# On another machine (say one without cargo or network): COMPARE_BIN=<dir with kolorun and
+# kolo-bench> skips the build, COMPARE_BASELINES=<copy of the baselines dir> and
+# COMPARE_PYTHON=<a python with torch 2.11.0> replace ../shared/baselines and its venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${1:-1}
@@ -24,17 +27,24 @@ MINB=${3:-8}
 MAXB=${4:-256M}
 ALGOS=${5:-"auto ring tree rhd rd"}
 WARMUP=${COMPARE_WARMUP:-20}
-BASE=$(cd .. && pwd)/shared/baselines
+BASE=${COMPARE_BASELINES:-$(cd .. && pwd)/shared/baselines}
 [ -d "$BASE" ] || { echo "compare.sh: $BASE not found" >&2; exit 1; }
-if [ ! -x "$BASE/.venv/bin/python" ] || ! command -v mpicc >/dev/null; then
+BASE=$(cd "$BASE" && pwd)
+PY=${COMPARE_PYTHON:-$BASE/.venv/bin/python}
+if [ ! -x "$PY" ] || ! command -v mpicc >/dev/null; then
     (cd "$BASE" && ./setup.sh)
 fi
 mkdir -p "$BASE/bin"
 mpicc -O2 -Wall -o "$BASE/bin/mpi_allreduce_bench" "$BASE/mpi_allreduce_bench.c"
-cargo build --release --bins
+if [ -n "${COMPARE_BIN:-}" ]; then
+    BIN=$COMPARE_BIN
+else
+    cargo build --release --bins
+    BIN=target/release
+fi
 # Fail early on a bad algorithm name, before any timed run.
 for a in $ALGOS; do
-    target/release/kolo-bench -a "$a" -h >/dev/null 2>&1 \
+    "$BIN/kolo-bench" -a "$a" -h >/dev/null 2>&1 \
         || { echo "compare.sh: unknown algorithm $a (auto ring tree rhd rd binomial)" >&2; exit 2; }
 done
 label() { if [ "$1" = auto ]; then echo kolo; else echo "kolo_$1"; fi; }
@@ -51,12 +61,12 @@ for r in $(seq 1 "$REPEATS"); do
             wait_quiet "$OUT/quiet.log"
             echo "== N=$n rep $r: $l" >&2
             # Rank 0 prints JSON lines ("[0] {...}" under kolorun); keep them without the prefix.
-            target/release/kolorun -np "$n" target/release/kolo-bench -b "$lo" -e "$hi" -f 2 -c 1 -w "$WARMUP" -a "$a" --json \
+            "$BIN/kolorun" -np "$n" "$BIN/kolo-bench" -b "$lo" -e "$hi" -f 2 -c 1 -w "$WARMUP" -a "$a" --json \
                 | sed -n 's/^\[0\] //p' > "$OUT/${l}_np${n}_r${r}.jsonl"
         done
         wait_quiet "$OUT/quiet.log"
         echo "== N=$n rep $r: gloo" >&2
-        (cd "$BASE" && .venv/bin/python gloo_allreduce_bench.py -n "$n" -b "$lo" -e "$hi" -w "$WARMUP") > "$OUT/gloo_np${n}_r${r}.txt"
+        (cd "$BASE" && "$PY" gloo_allreduce_bench.py -n "$n" -b "$lo" -e "$hi" -w "$WARMUP") > "$OUT/gloo_np${n}_r${r}.txt"
         wait_quiet "$OUT/quiet.log"
         echo "== N=$n rep $r: mpi tcp" >&2
         mpirun --allow-run-as-root --oversubscribe -np "$n" --mca pml ob1 --mca btl tcp,self \
@@ -66,7 +76,10 @@ done
 
 # Plotting needs matplotlib: a venv in the repo root (gitignored), made on first use.
 PLOT=1
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
+PLOTPY=.venv/bin/python
+if "$PY" -c "import matplotlib" 2>/dev/null; then
+    PLOTPY=$PY
+elif [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
     echo "== setting up .venv with matplotlib for the plots" >&2
     { [ -x .venv/bin/python ] || python3 -m venv .venv; } && .venv/bin/pip install -q matplotlib >&2 \
         || { echo "compare.sh: could not install matplotlib into .venv; no plots" >&2; PLOT=0; }
@@ -81,7 +94,7 @@ for n in $NPROCS; do
         --title "N=$n, float32 sum, loopback TCP, $MINB..$MAXB, median of $REPEATS rep(s)" "${cfg[@]}" \
         | tee "$OUT/table_np${n}.md"
     if [ "$PLOT" = 1 ]; then
-        .venv/bin/python scripts/plot_compare.py "$OUT/busbw_np${n}.png" "${cfg[@]}" >/dev/null || rc=1
+        "$PLOTPY" scripts/plot_compare.py "$OUT/busbw_np${n}.png" "${cfg[@]}" >/dev/null || rc=1
         [ -f "$OUT/busbw_np${n}.png" ] && echo "plot: $OUT/busbw_np${n}.png"
     else
         rc=1
