@@ -262,8 +262,17 @@ impl Communicator {
         if crate::calibrate::measures(&comm.cfg) {
             comm.model = crate::calibrate::measure(&comm)?;
         }
-        let one_host = comm.local_size() == comm.size();
-        comm.auto = algo::cost::table(&comm.model, comm.size(), one_host);
+        // The tree's edge over the ring is a CPU-bound host's (see
+        // `cost::select`): with a core per rank the ring is faster (16-core
+        // host, N = 2..4, README § Algorithms). Ranks may be bound to
+        // different core sets, so they agree on the answer.
+        let mut crowded = [0i32];
+        if comm.local_size() == comm.size() && comm.size() > 1 {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            crowded[0] = i32::from(comm.local_size() >= cores);
+            comm.allreduce_with(&mut crowded, ReduceOp::Max, Algo::Rd)?;
+        }
+        comm.auto = algo::cost::table(&comm.model, comm.size(), crowded[0] == 1);
         Ok(comm)
     }
 

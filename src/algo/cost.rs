@@ -204,12 +204,13 @@ impl Model {
 ///
 /// The model decides between latency and bandwidth: recursive doubling or
 /// halving-doubling replace the ring when [`predict`] says they are at least
-/// 10% faster ([`SWITCH_MARGIN`]). Where the ring stays, up to 4 ranks on one
-/// host run the double binary tree instead: measured 1.1-1.6x the ring's
-/// busbw there (README § Algorithms), because its reduce and broadcast overlap
-/// segment by segment, which a per-rank α-β-γ model cannot see (it flatters
-/// the tree at small sizes and undersells it on a CPU-bound host, so the tree
-/// is not ranked by the model).
+/// 10% faster ([`SWITCH_MARGIN`]). Where the ring stays, up to 4 ranks on a
+/// `crowded` host (every rank on it, and no more cores than ranks) run the
+/// double binary tree instead: measured 1.1-1.6x the ring's busbw on 2 cores
+/// (README § Algorithms), because its reduce and broadcast overlap segment
+/// by segment, which a per-rank α-β-γ model cannot see (it flatters the tree
+/// at small sizes and undersells it on a CPU-bound host, so the tree is not
+/// ranked by the model). With a core per rank the ring wins again.
 ///
 /// ```
 /// use kolo::algo::cost::{select, Algo, Model};
@@ -219,7 +220,7 @@ impl Model {
 /// assert_eq!(select(&m, 4, true, 256 << 20), Algo::Tree);
 /// assert_eq!(select(&m, 8, true, 256 << 20), Algo::Ring);
 /// ```
-pub fn select(model: &Model, size: usize, one_host: bool, bytes: usize) -> Algo {
+pub fn select(model: &Model, size: usize, crowded: bool, bytes: usize) -> Algo {
     if size <= 1 {
         return Algo::Rd;
     }
@@ -235,7 +236,7 @@ pub fn select(model: &Model, size: usize, one_host: bool, bytes: usize) -> Algo 
         );
     if t < SWITCH_MARGIN * ring {
         other
-    } else if one_host && size <= 4 {
+    } else if crowded && size <= 4 {
         Algo::Tree
     } else {
         Algo::Ring
@@ -252,9 +253,9 @@ pub fn select(model: &Model, size: usize, one_host: bool, bytes: usize) -> Algo 
 /// assert_eq!(t[bucket(8)], Algo::Rd);
 /// assert_eq!(t[bucket(64 << 20)], Algo::Tree);
 /// ```
-pub fn table(model: &Model, size: usize, one_host: bool) -> Vec<Algo> {
+pub fn table(model: &Model, size: usize, crowded: bool) -> Vec<Algo> {
     (0..=40)
-        .map(|k| select(model, size, one_host, 1usize << k))
+        .map(|k| select(model, size, crowded, 1usize << k))
         .collect()
 }
 
