@@ -1262,6 +1262,7 @@ fn run_elastic(opts: Opts) -> i32 {
      -> Result<(), String> {
         let id = job.ranks.len();
         let local = is_local_host(host, &me);
+        store_reachable_from(host, local, &master_addr)?;
         let (rank, size) = launch.unwrap_or((id, id + 1));
         let mut env: Vec<(String, String)> = [
             ("KOLO_RANK", rank.to_string()),
@@ -1467,9 +1468,42 @@ fn run_elastic(opts: Opts) -> i32 {
     exit_code.or(got_signal.map(|s| 128 + s)).unwrap_or(0)
 }
 
+/// A rank on another host must be told a store address it can reach. With no
+/// remote host at start and no `--master-addr`, an elastic job's store is at
+/// 127.0.0.1, and a rank started on a host found later would only time out
+/// connecting to its own loopback: refuse to start it, saying why.
+fn store_reachable_from(host: &str, local: bool, master_addr: &str) -> Result<(), String> {
+    let loopback = master_addr == "localhost"
+        || master_addr
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !local && loopback {
+        return Err(format!(
+            "cannot start a rank on {host}: the store's address is {master_addr}, a loopback address \
+             (no remote host was known at start); pass --master-addr with this host's address as {host} reaches it"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_ranks_are_not_sent_to_a_loopback_store() {
+        for addr in ["127.0.0.1", "localhost", "::1", "[::1]"] {
+            let e = store_reachable_from("node7", false, addr).unwrap_err();
+            assert!(
+                e.contains("node7") && e.contains(addr) && e.contains("--master-addr"),
+                "{e}"
+            );
+            assert!(store_reachable_from("localhost", true, addr).is_ok());
+        }
+        assert!(store_reachable_from("node7", false, "10.0.0.1").is_ok());
+        assert!(store_reachable_from("node7", false, "head.example").is_ok());
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
