@@ -753,10 +753,9 @@ impl Communicator {
                     call.name,
                     call.seq
                 ));
-                let clean = vec![true; self.size()];
                 inner
                     .transport
-                    .abort_all(call.desc, call.seq, &e.to_string(), &clean);
+                    .abort_all(call.desc, call.seq, &e.to_string());
                 Err(e)
             }
             Ok(()) => {

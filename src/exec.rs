@@ -20,8 +20,8 @@ use crate::algo::{Apply, Buf, Op, Region, Schedule};
 use crate::element::DType;
 use crate::error::{Error, Result};
 use crate::reduce::{self, ReduceOp};
-use crate::transport::frame::{Desc, Header, Kind, HEADER_LEN};
-use crate::transport::{Incoming, Outgoing, RecvError, Transport};
+use crate::transport::frame::{Desc, Header, Kind};
+use crate::transport::{Incoming, Outgoing, RecvError, Transport, DUPLEX, DUPLEX_MAX};
 use std::time::{Duration, Instant};
 
 /// Identity of one collective call, for frame headers and error messages.
@@ -165,12 +165,11 @@ pub fn run(
     ws: &mut Workspace,
     opts: Opts,
 ) -> Result<()> {
-    let mut clean = vec![true; t.size()];
-    let res = run_rounds(t, sched, call, input, output, ws, opts, &mut clean);
+    let res = run_rounds(t, sched, call, input, output, ws, opts);
     match res {
         Ok(()) => Ok(()),
         Err(e) => {
-            t.send_aborts(call.desc, call.seq, &e.to_string(), &clean);
+            t.send_aborts(call.desc, call.seq, &e.to_string());
             let e = find_hung(t, e, chain_wait(opts.timeout));
             t.close_all();
             Err(e)
@@ -286,7 +285,6 @@ fn run_rounds(
     output: &mut [u8],
     ws: &mut Workspace,
     opts: Opts,
-    clean: &mut [bool],
 ) -> Result<()> {
     let elem = call.dtype.size();
     let narrow = call.wire != call.dtype;
@@ -337,6 +335,7 @@ fn run_rounds(
                 }
                 Op::Send { peer, from } => {
                     for (lane, from) in stripes(from, elem, t.lanes(), opts.min_stripe) {
+                        let lane = small_on_duplex(lane, &from, elem, t.lanes(), opts.min_stripe);
                         let stage = narrow.then(|| {
                             let k = sends.iter().filter(|s| s.stage.is_some()).count();
                             if ws.stages.len() <= k {
@@ -371,6 +370,7 @@ fn run_rounds(
                 }
                 Op::Recv { peer, into, apply } => {
                     for (lane, into) in stripes(into, elem, t.lanes(), opts.min_stripe) {
+                        let lane = small_on_duplex(lane, &into, elem, t.lanes(), opts.min_stripe);
                         let seg = if narrow || matches!(apply, Apply::Reduce { .. }) {
                             nseg += 1;
                             nseg - 1
@@ -411,28 +411,17 @@ fn run_rounds(
                     Ok(done) => {
                         s.done = done;
                         moved |= s.out.remaining(payload) != before;
-                        // An abort frame (on lane 0) can follow only at a
-                        // frame boundary.
-                        let left = s.out.remaining(payload);
-                        if s.out.lane() == 0 {
-                            clean[s.out.peer()] = left == 0 || left == payload.len() + HEADER_LEN;
-                        }
                     }
                     Err(e) => {
                         let peer = s.out.peer();
-                        clean[peer] = false;
                         // The peer may have closed after telling us why (on
-                        // lane 0, readable only at a frame boundary there).
-                        let receiving = recvs
-                            .iter()
-                            .any(|r| r.inc.peer() == peer && r.inc.lane() == 0 && r.inc.started());
+                        // a lane-0 connection, readable only at a frame
+                        // boundary there; the transport checks).
                         if let Some(text) = t.back_abort(peer, BACK_WAIT) {
                             return Err(aborted(t, call, peer, text, ""));
                         }
-                        if !receiving {
-                            if let Some(text) = t.pending_abort(peer) {
-                                return Err(aborted(t, call, peer, text, ""));
-                            }
+                        if let Some(text) = t.pending_abort(peer) {
+                            return Err(aborted(t, call, peer, text, ""));
                         }
                         let on = on_lane(t, s.out.lane());
                         return Err(peer_lost(t, call, peer, &format!("send failed{on}: {e}")));
@@ -481,7 +470,7 @@ fn run_rounds(
             }
             // Anything a bystander sent earlier has no readiness edge left
             // to wake us, so look before sleeping.
-            check_bystanders(t, call, &recvs, &|t: &Transport| {
+            check_bystanders(t, call, &|t: &Transport| {
                 pending_desc(t, &sends, &recvs, &mem, &ws.stages)
             })?;
             let mut wake = deadline;
@@ -553,6 +542,25 @@ fn stripes(
             },
         )
     })
+}
+
+/// The lane of one piece from [`stripes`]: a small message (at most
+/// [`DUPLEX_MAX`] bytes, so never striped) goes on [`DUPLEX`], where both
+/// directions of a pair share a connection. Sender and receiver decide alike.
+fn small_on_duplex(
+    lane: usize,
+    piece: &Region,
+    elem: usize,
+    lanes: usize,
+    min_stripe: usize,
+) -> usize {
+    let bytes = piece.len * elem;
+    let whole = lanes == 1 || bytes < 2 * min_stripe;
+    if lane == 0 && whole && bytes <= DUPLEX_MAX {
+        DUPLEX
+    } else {
+        lane
+    }
 }
 
 /// How often a waiting collective asks the kernel whether the peers it waits
@@ -665,23 +673,42 @@ fn lost_peer_in(text: &str) -> Option<(usize, String)> {
 fn check_bystanders(
     t: &mut Transport,
     call: &Call,
-    recvs: &[RecvState],
     pending: &dyn Fn(&Transport) -> String,
 ) -> Result<()> {
-    for peer in (0..t.size()).filter(|&p| p != t.rank()) {
-        // Headers are peeked on lane 0 (aborts and small frames travel
-        // there), which is at a frame boundary unless a receive on it began.
-        if recvs
-            .iter()
-            .any(|r| r.inc.peer() == peer && r.inc.lane() == 0 && r.inc.started())
-        {
-            continue;
+    let me = t.rank();
+    for peer in (0..t.size()).filter(|&p| p != me) {
+        // Headers are peeked on the lane-0 connections (aborts and small
+        // frames travel there), each unless a frame on it is partly read.
+        // A frame on the one this rank does not expect it on means the
+        // peer's sizes differ: its header says how.
+        let lanes = if t.duplex_apart(peer) {
+            &[0, DUPLEX][..]
+        } else {
+            &[0][..]
+        };
+        for &lane in lanes {
+            if t.in_mid(peer, lane) {
+                continue;
+            }
+            check_bystander(t, call, peer, lane, pending)?;
         }
-        match t.peek_header(peer) {
+    }
+    Ok(())
+}
+
+fn check_bystander(
+    t: &mut Transport,
+    call: &Call,
+    peer: usize,
+    lane: usize,
+    pending: &dyn Fn(&Transport) -> String,
+) -> Result<()> {
+    {
+        match t.peek_header(peer, lane) {
             // Frames of later collectives wait until this rank gets there.
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq > call.seq => {}
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.kind == Kind::Abort => {
-                let detail = t.take_abort(peer, &h);
+                let detail = t.take_abort(peer, lane, &h);
                 return Err(aborted(t, call, peer, detail, &pending(t)));
             }
             Some(Ok(h)) if h.comm_id == t.comm_id() && h.seq == call.seq && h.desc != call.desc => {
@@ -804,7 +831,9 @@ fn f32s_mut(b: &mut [u8]) -> &mut [f32] {
 /// " (stream L of N)" when there are several connections per peer (`KOLO_NSOCKS`),
 /// so a failure says which one broke; empty otherwise.
 fn on_lane(t: &Transport, lane: usize) -> String {
-    if t.lanes() > 1 {
+    if lane == DUPLEX {
+        String::new()
+    } else if t.lanes() > 1 {
         format!(" (stream {lane} of {})", t.lanes())
     } else {
         String::new()

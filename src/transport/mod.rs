@@ -21,16 +21,45 @@ use std::time::{Duration, Instant};
 /// the kernel's delivery of incoming segments while this rank sends, so the
 /// two directions contend; separate sockets let them run in parallel.
 ///
+/// Small frames are the exception ([`DUPLEX`]): both directions share the
+/// lane-0 connection dialed by the lower rank, so that a reply carries the
+/// TCP acknowledgement of the request it answers. On one-way connections
+/// every small frame also costs a bare ACK segment the other way (the kernel
+/// acknowledges every second small segment at once), which is a quarter of
+/// a small exchange's time on loopback.
+///
 /// With `KOLO_NSOCKS` > 1 there are that many connections each way ("lanes"):
 /// large messages are striped across them (see [`crate::exec`]); lane 0 also
-/// carries everything small, aborts and the back channel.
+/// carries aborts and the back channel.
 struct Peer {
     /// Dialed by this rank; carry our frames to the peer. Lane 0 first.
     tx: Vec<TcpStream>,
     /// Accepted from the peer; carry its frames to us. Lane 0 first.
     rx: Vec<TcpStream>,
     host: String,
+    /// Per lane-0 connection ([`MINE`]: `tx[0]`, [`THEIRS`]: `rx[0]`): our
+    /// frame on it is partly written, so an abort frame cannot follow.
+    out_mid: [bool; 2],
+    /// Per lane-0 connection: a frame from the peer on it is partly read, so
+    /// its next bytes are not a header.
+    in_mid: [bool; 2],
 }
+
+/// Index of `tx[0]` (dialed by this rank) in [`Peer`]'s flags.
+const MINE: usize = 0;
+/// Index of `rx[0]` (dialed by the peer) in [`Peer`]'s flags.
+const THEIRS: usize = 1;
+
+/// The lane of small frames: a frame of at most [`DUPLEX_MAX`] payload bytes
+/// to or from a peer travels on the lane-0 connection that the lower rank of
+/// the two dialed, in both directions (see [`Peer`]). Sender and receiver
+/// both derive the lane from the length they expect.
+pub const DUPLEX: usize = usize::MAX;
+
+/// Largest payload that travels on [`DUPLEX`]: above this, a message is bulk
+/// data and takes the sender's own connection, so the two directions of a
+/// full-duplex exchange do not contend for one socket.
+pub const DUPLEX_MAX: usize = 64 << 10;
 
 /// The connections of one rank to every other rank.
 pub struct Transport {
@@ -166,12 +195,20 @@ impl Transport {
                 host: addrs
                     .get(j)
                     .map_or(from.ip().to_string(), |a| a.ip().to_string()),
+                out_mid: [false; 2],
+                in_mid: [false; 2],
             };
             // Tokens only need to differ from the waker's: readiness is
-            // never routed by token.
+            // never routed by token. `tx[0]` also receives: the peer's small
+            // frames when this rank is the lower, its back-channel aborts.
             for (l, s) in p.tx.iter_mut().enumerate() {
+                let interest = if l == 0 {
+                    Interest::WRITABLE | Interest::READABLE
+                } else {
+                    Interest::WRITABLE
+                };
                 poll.registry()
-                    .register(s, Token(2 * (j * lanes + l)), Interest::WRITABLE)
+                    .register(s, Token(2 * (j * lanes + l)), interest)
                     .map_err(|e| io_err("epoll register", e))?;
             }
             for (l, s) in p.rx.iter_mut().enumerate() {
@@ -257,50 +294,148 @@ impl Transport {
     /// After the connection from `peer` failed (closed mid-frame, reset): did
     /// the peer abort and say why on the back channel? [`Transport::abort_all`]
     /// writes its abort frame, besides on its own sending connection, back up
-    /// the connection this rank dials to it (our `tx`, which carries nothing
-    /// else toward us, so it is always at a frame boundary). Waits at most
-    /// `wait`; `None` when nothing (or not an abort of this job) arrives.
+    /// the connection this rank dials to it (our `tx[0]`). That connection
+    /// carries nothing else toward us, except the peer's small frames when
+    /// this rank is the lower ([`DUPLEX`]); those are skipped. Waits at most
+    /// `wait`; `None` when nothing (or not an abort of this job) arrives, or
+    /// when a small frame on it is partly read.
     pub fn back_abort(&self, peer: usize, wait: Duration) -> Option<String> {
         let p = self.peer(peer).ok()?;
-        let mut raw = [0u8; HEADER_LEN];
+        if p.in_mid[MINE] {
+            return None;
+        }
         let deadline = Instant::now() + wait;
         let mut s = &p.tx[0];
         let nap = Duration::from_millis(1);
-        let got = read_until(|b| s.read(b), &mut raw, deadline, nap);
-        let h = match Header::decode(&raw) {
-            Ok(h) if got == HEADER_LEN && h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
-            _ => return None,
-        };
-        let mut text = vec![0u8; (h.len as usize).min(frame::MAX_ABORT_LEN as usize)];
-        let got = read_until(|b| s.read(b), &mut text, deadline, nap);
-        Some(String::from_utf8_lossy(&text[..got]).into_owned())
+        loop {
+            let mut raw = [0u8; HEADER_LEN];
+            let got = read_until(|b| s.read(b), &mut raw, deadline, nap);
+            let h = match Header::decode(&raw) {
+                Ok(h) if got == HEADER_LEN && h.comm_id == self.comm_id => h,
+                _ => return None,
+            };
+            if h.kind == Kind::Abort {
+                let mut text = vec![0u8; (h.len as usize).min(frame::MAX_ABORT_LEN as usize)];
+                let got = read_until(|b| s.read(b), &mut text, deadline, nap);
+                return Some(String::from_utf8_lossy(&text[..got]).into_owned());
+            }
+            // The peer's small data frame, which this failed collective no
+            // longer needs.
+            if h.len as usize > DUPLEX_MAX {
+                return None;
+            }
+            let mut skip = vec![0u8; h.len as usize];
+            if read_until(|b| s.read(b), &mut skip, deadline, nap) < skip.len() {
+                return None;
+            }
+        }
     }
 
     /// Every abort that has fully arrived on a back channel (see
-    /// [`Transport::back_abort`]), as (peer, text), without waiting.
+    /// [`Transport::back_abort`]), as (peer, text), without waiting. Small
+    /// data frames ahead of it are consumed: only a failed rank asks.
     pub fn poll_back_aborts(&self) -> Vec<(usize, String)> {
         let mut out = Vec::new();
         for (j, p) in self.peers.iter().enumerate() {
             let Some(p) = p else { continue };
-            let mut raw = [0u8; HEADER_LEN];
-            let h = match p.tx[0].peek(&mut raw) {
-                Ok(HEADER_LEN) => match Header::decode(&raw) {
-                    Ok(h) if h.kind == Kind::Abort && h.comm_id == self.comm_id => h,
-                    _ => continue,
-                },
-                _ => continue,
-            };
-            let total = HEADER_LEN + (h.len as usize).min(frame::MAX_ABORT_LEN as usize);
-            let mut buf = vec![0u8; total];
-            if p.tx[0].peek(&mut buf).ok() != Some(total) {
-                continue; // the text is still on its way
+            if p.in_mid[MINE] {
+                continue;
             }
-            let mut s = &p.tx[0];
-            if s.read_exact(&mut buf).is_ok() {
-                out.push((j, String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned()));
+            loop {
+                let mut raw = [0u8; HEADER_LEN];
+                let h = match p.tx[0].peek(&mut raw) {
+                    Ok(HEADER_LEN) => match Header::decode(&raw) {
+                        Ok(h) if h.comm_id == self.comm_id => h,
+                        _ => break,
+                    },
+                    _ => break,
+                };
+                let abort = h.kind == Kind::Abort;
+                let len = if abort {
+                    (h.len as usize).min(frame::MAX_ABORT_LEN as usize)
+                } else if h.len as usize <= DUPLEX_MAX {
+                    h.len as usize
+                } else {
+                    break;
+                };
+                let mut buf = vec![0u8; HEADER_LEN + len];
+                if p.tx[0].peek(&mut buf).ok() != Some(buf.len()) {
+                    break; // the rest is still on its way
+                }
+                let mut s = &p.tx[0];
+                if s.read_exact(&mut buf).is_err() {
+                    break;
+                }
+                if abort {
+                    out.push((j, String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned()));
+                    break;
+                }
             }
         }
         out
+    }
+
+    /// Which lane-0 connection ([`MINE`] or [`THEIRS`]) a frame on `lane` to
+    /// (`outgoing`) or from `peer` uses; `None` for the striping lanes.
+    fn link(&self, peer: usize, lane: usize, outgoing: bool) -> Option<usize> {
+        match lane {
+            DUPLEX if self.rank < peer => Some(MINE),
+            DUPLEX => Some(THEIRS),
+            0 if outgoing => Some(MINE),
+            0 => Some(THEIRS),
+            _ => None,
+        }
+    }
+
+    fn out_stream(&self, peer: usize, lane: usize) -> io::Result<&TcpStream> {
+        let p = self.peer(peer)?;
+        match self.link(peer, lane, true) {
+            Some(MINE) => lane_of(&p.tx, 0),
+            Some(_) => lane_of(&p.rx, 0),
+            None => lane_of(&p.tx, lane),
+        }
+    }
+
+    fn in_stream(&self, peer: usize, lane: usize) -> io::Result<&TcpStream> {
+        let p = self.peer(peer)?;
+        match self.link(peer, lane, false) {
+            Some(MINE) => lane_of(&p.tx, 0),
+            Some(_) => lane_of(&p.rx, 0),
+            None => lane_of(&p.rx, lane),
+        }
+    }
+
+    /// Record whether our frame on `lane` to `peer` is partly written.
+    fn set_out_mid(&mut self, peer: usize, lane: usize, mid: bool) {
+        if let Some(k) = self.link(peer, lane, true) {
+            if let Some(Some(p)) = self.peers.get_mut(peer) {
+                p.out_mid[k] = mid;
+            }
+        }
+    }
+
+    /// Record whether a frame from `peer` on `lane` is partly read.
+    fn set_in_mid(&mut self, peer: usize, lane: usize, mid: bool) {
+        if let Some(k) = self.link(peer, lane, false) {
+            if let Some(Some(p)) = self.peers.get_mut(peer) {
+                p.in_mid[k] = mid;
+            }
+        }
+    }
+
+    /// Whether a frame from `peer` on `lane` is partly read (so the next
+    /// bytes there are not a header). False for the striping lanes.
+    pub fn in_mid(&self, peer: usize, lane: usize) -> bool {
+        match (self.link(peer, lane, false), self.peer(peer)) {
+            (Some(k), Ok(p)) => p.in_mid[k],
+            _ => false,
+        }
+    }
+
+    /// Whether `lane` from `peer` is a different connection than lane 0:
+    /// [`DUPLEX`] when this rank is the lower of the two.
+    pub fn duplex_apart(&self, peer: usize) -> bool {
+        self.rank < peer
     }
 
     /// Non-blocking vectored send on lane 0 (MSG_NOSIGNAL: a dead peer is an
@@ -311,7 +446,7 @@ impl Transport {
 
     /// [`Transport::send`] on connection `lane` to `peer`.
     pub fn send_on(&mut self, peer: usize, lane: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let s = lane_of(&self.peer(peer)?.tx, lane)?;
+        let s = self.out_stream(peer, lane)?;
         let n = SockRef::from(s).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)?;
         self.bytes_sent += n as u64;
         Ok(n)
@@ -324,7 +459,7 @@ impl Transport {
 
     /// [`Transport::recv`] on connection `lane` from `peer`.
     pub fn recv_on(&mut self, peer: usize, lane: usize, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = lane_of(&self.peer(peer)?.rx, lane)?;
+        let mut s = self.in_stream(peer, lane)?;
         let n = s.read(buf)?;
         self.bytes_received += n as u64;
         Ok(n)
@@ -337,7 +472,7 @@ impl Transport {
         lane: usize,
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> io::Result<usize> {
-        let mut s = lane_of(&self.peer(peer)?.rx, lane)?;
+        let mut s = self.in_stream(peer, lane)?;
         let n = s.read_vectored(bufs)?;
         self.bytes_received += n as u64;
         Ok(n)
@@ -374,8 +509,15 @@ impl Transport {
     pub fn wait_incoming(&mut self, deadline: Instant) -> Result<Activity> {
         loop {
             for (j, p) in self.peers.iter().enumerate() {
-                if let Some(p) = p {
-                    match p.rx[0].peek(&mut [0u8; 1]) {
+                let Some(p) = p else { continue };
+                // Small frames from a higher rank come on our own connection.
+                let streams = if self.rank < j {
+                    &[&p.rx[0], &p.tx[0]][..]
+                } else {
+                    &[&p.rx[0]][..]
+                };
+                for s in streams {
+                    match s.peek(&mut [0u8; 1]) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         // Data, end of stream or an error: the next collective finds out which.
@@ -398,30 +540,38 @@ impl Transport {
         }
     }
 
-    /// Look at the next frame header from `peer` without consuming it; `None`
-    /// when a whole header has not arrived. Only meaningful at a frame boundary.
-    pub fn peek_header(&self, peer: usize) -> Option<std::result::Result<Header, String>> {
-        let p = self.peer(peer).ok()?;
+    /// Look at the next frame header from `peer` on `lane` (0 or
+    /// [`DUPLEX`]) without consuming it; `None` when a whole header has not
+    /// arrived. Only meaningful at a frame boundary ([`Transport::in_mid`]).
+    pub fn peek_header(
+        &self,
+        peer: usize,
+        lane: usize,
+    ) -> Option<std::result::Result<Header, String>> {
+        let s = self.in_stream(peer, lane).ok()?;
         let mut raw = [0u8; HEADER_LEN];
-        match p.rx[0].peek(&mut raw) {
+        match s.peek(&mut raw) {
             Ok(HEADER_LEN) => Some(Header::decode(&raw)),
             _ => None,
         }
     }
 
-    /// Consume an abort frame whose header was peeked, returning its text.
-    pub fn take_abort(&mut self, peer: usize, h: &Header) -> String {
+    /// Consume an abort frame whose header was peeked on `lane`, returning its text.
+    pub fn take_abort(&mut self, peer: usize, lane: usize, h: &Header) -> String {
         let mut raw = [0u8; HEADER_LEN];
-        match self.recv(peer, &mut raw) {
-            Ok(HEADER_LEN) => read_abort_text(self, peer, 0, &[], h.len),
+        match self.recv_on(peer, lane, &mut raw) {
+            Ok(HEADER_LEN) => read_abort_text(self, peer, lane, &[], h.len),
             _ => String::from("(abort text lost)"),
         }
     }
 
     /// After a send to `peer` failed: if the peer left an abort frame on its
-    /// connection to us before closing, return its text. Only meaningful when
-    /// no frame from `peer` is partly read.
+    /// connection to us before closing, return its text. `None` when a frame
+    /// from `peer` on that connection is partly read.
     pub fn pending_abort(&mut self, peer: usize) -> Option<String> {
+        if self.in_mid(peer, 0) {
+            return None;
+        }
         let mut raw = [0u8; HEADER_LEN];
         let deadline = Instant::now() + Duration::from_millis(200);
         let got = read_until(|b| self.recv(peer, b), &mut raw, deadline, Duration::ZERO);
@@ -436,14 +586,18 @@ impl Transport {
     /// Best effort: tell every peer why this rank gives up, then close every
     /// connection so nobody waits on us. A connection in the middle of a frame
     /// cannot take the abort frame; closing it is the message.
-    pub fn abort_all(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
-        self.send_aborts(desc, seq, why, clean);
+    pub fn abort_all(&mut self, desc: Desc, seq: u64, why: &str) {
+        self.send_aborts(desc, seq, why);
         self.close_all();
     }
 
     /// The sending half of [`Transport::abort_all`]: the connections stay
-    /// open, so an answer (a peer's own abort) can still be read.
-    pub fn send_aborts(&mut self, desc: Desc, seq: u64, why: &str, clean: &[bool]) {
+    /// open, so an answer (a peer's own abort) can still be read. The abort
+    /// goes on both lane-0 connections to each peer, wherever our last frame
+    /// there is complete: first back up the connection the peer dialed (which
+    /// carries at most our small frames, so even a peer whose frame from us is
+    /// cut off learns why), then on our own.
+    pub fn send_aborts(&mut self, desc: Desc, seq: u64, why: &str) {
         let text = why.as_bytes();
         let text = &text[..text.len().min(frame::MAX_ABORT_LEN as usize)];
         let hdr = Header {
@@ -455,31 +609,22 @@ impl Transport {
         }
         .encode();
         let deadline = Instant::now() + Duration::from_millis(200);
-        // The back channel first (see `back_abort`): it is always at a frame
-        // boundary, so even a peer whose frame from us is cut off learns why.
         let mut msg = hdr.to_vec();
         msg.extend_from_slice(text);
-        for p in self.peers.iter().flatten() {
-            let s = SockRef::from(&p.rx[0]);
-            let mut done = 0;
-            while done < msg.len() && Instant::now() < deadline {
-                match s.send_with_flags(&msg[done..], libc::MSG_NOSIGNAL) {
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
+        for k in [THEIRS, MINE] {
+            for p in self.peers.iter().flatten() {
+                if p.out_mid[k] {
+                    continue;
                 }
-            }
-        }
-        for j in 0..self.size {
-            if self.peers[j].is_none() || !clean.get(j).copied().unwrap_or(true) {
-                continue;
-            }
-            let mut out = Outgoing::new(j, hdr);
-            while Instant::now() < deadline {
-                match out.progress(self, text) {
-                    Ok(true) | Err(_) => break,
-                    Ok(false) => std::thread::yield_now(),
+                let s = SockRef::from(if k == MINE { &p.tx[0] } else { &p.rx[0] });
+                let mut done = 0;
+                while done < msg.len() && Instant::now() < deadline {
+                    match s.send_with_flags(&msg[done..], libc::MSG_NOSIGNAL) {
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
                 }
             }
         }
@@ -814,7 +959,10 @@ impl Outgoing {
                         "connection closed",
                     ))
                 }
-                Ok(n) => self.done += n,
+                Ok(n) => {
+                    self.done += n;
+                    t.set_out_mid(self.peer, self.lane, self.done < total);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -922,6 +1070,7 @@ impl Incoming {
                     let h = n.min(HEADER_LEN - self.got_header);
                     self.got_header += h;
                     self.stash_len = n - h;
+                    t.set_in_mid(self.peer, self.lane, true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -978,6 +1127,9 @@ impl Incoming {
             }
         }
         self.got += filled as u64;
+        if self.is_done() {
+            t.set_in_mid(self.peer, self.lane, false);
+        }
         Ok(filled)
     }
 }
@@ -1024,4 +1176,136 @@ fn read_until(
         }
     }
     got
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use frame::Desc;
+
+    /// Ranks 0 and 1 connected in-process over loopback.
+    fn pair() -> (Transport, Transport) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let l0 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        let a = addrs.clone();
+        let t1 = std::thread::spawn(move || {
+            Transport::establish(1, 2, 7, l1, &a, deadline, 0, None).unwrap()
+        });
+        let t0 = Transport::establish(0, 2, 7, l0, &addrs, deadline, 0, None).unwrap();
+        (t0, t1.join().unwrap())
+    }
+
+    fn header(len: usize) -> Header {
+        Header {
+            kind: Kind::Data,
+            desc: Desc {
+                count: len as u64,
+                ..Desc::default()
+            },
+            comm_id: 7,
+            seq: 1,
+            len: len as u64,
+        }
+    }
+
+    fn send(t: &mut Transport, peer: usize, lane: usize, payload: &[u8]) {
+        let mut out = Outgoing::new(peer, header(payload.len()).encode()).on_lane(lane);
+        while !out.progress(t, payload).unwrap() {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Wait until a whole header from `peer` is there on `lane`.
+    fn arrived(t: &Transport, peer: usize, lane: usize) -> Option<Header> {
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if let Some(h) = t.peek_header(peer, lane) {
+                return Some(h.unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    #[test]
+    fn small_frames_share_the_lower_ranks_connection_both_ways() {
+        let (mut t0, mut t1) = pair();
+        assert!(t0.duplex_apart(1) && !t1.duplex_apart(0));
+        // The higher rank's small frame comes on the connection rank 0 dialed...
+        send(&mut t1, 0, DUPLEX, &[1; 8]);
+        assert_eq!(arrived(&t0, 1, DUPLEX).map(|h| h.len), Some(8));
+        // ...not on the one rank 1 dialed, which only bulk data uses.
+        assert!(t0.peek_header(1, 0).is_none());
+        send(&mut t1, 0, 0, &[2; 16]);
+        assert_eq!(arrived(&t0, 1, 0).map(|h| h.len), Some(16));
+        // Partly read, then complete: the connection is mid-frame in between.
+        let mut inc = Incoming::new(1, header(8)).on_lane(DUPLEX);
+        let mut one = [0u8; 1];
+        assert_eq!(inc.progress(&mut t0, &mut one).unwrap(), 1);
+        assert!(t0.in_mid(1, DUPLEX) && !t0.in_mid(1, 0));
+        let mut rest = [0u8; 7];
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut got = 0;
+        while got < 7 && Instant::now() < until {
+            got += inc.progress(&mut t0, &mut rest[got..]).unwrap();
+        }
+        assert_eq!((one[0], rest), (1, [1; 7]));
+        assert!(!t0.in_mid(1, DUPLEX));
+        // The lower rank's small frame goes the same way back.
+        send(&mut t0, 1, DUPLEX, &[3; 8]);
+        assert_eq!(arrived(&t1, 0, DUPLEX).map(|h| h.len), Some(8));
+        assert_eq!(
+            arrived(&t1, 0, 0).map(|h| h.len),
+            Some(8),
+            "one connection for rank 1"
+        );
+    }
+
+    #[test]
+    fn a_back_channel_abort_behind_small_frames_is_found() {
+        let (mut t0, mut t1) = pair();
+        // Rank 1 sends two small frames rank 0 never reads, then gives up.
+        send(&mut t1, 0, DUPLEX, &[1; 8]);
+        send(&mut t1, 0, DUPLEX, &[2; 300]);
+        t1.send_aborts(Desc::default(), 1, "rank 1 gave up");
+        let text = t0.back_abort(1, Duration::from_secs(5));
+        assert_eq!(text.as_deref(), Some("rank 1 gave up"));
+        // And on the one-way connection, behind nothing, the same text.
+        assert_eq!(t0.pending_abort(1).as_deref(), Some("rank 1 gave up"));
+    }
+
+    #[test]
+    fn polled_back_aborts_skip_small_frames_but_not_a_partly_read_one() {
+        let (mut t0, mut t1) = pair();
+        // A small frame whose payload, past what a header read takes along,
+        // looks like an abort frame.
+        let fake = Header {
+            kind: Kind::Abort,
+            len: 4,
+            ..header(0)
+        };
+        let mut payload = vec![0u8; STASH];
+        payload.extend_from_slice(&fake.encode());
+        payload.extend_from_slice(b"fake");
+        send(&mut t1, 0, DUPLEX, &payload);
+        let mut inc = Incoming::new(1, header(payload.len())).on_lane(DUPLEX);
+        let mut got = vec![0u8; payload.len()];
+        let until = Instant::now() + Duration::from_secs(5);
+        while inc.progress(&mut t0, &mut got[..1]).unwrap() == 0 {
+            assert!(Instant::now() < until);
+        }
+        t1.send_aborts(Desc::default(), 1, "stop");
+        std::thread::sleep(Duration::from_millis(50));
+        // Mid-frame: the next bytes are payload, whatever they look like.
+        assert!(t0.poll_back_aborts().is_empty());
+        let mut at = 1;
+        while at < got.len() {
+            at += inc.progress(&mut t0, &mut got[at..]).unwrap();
+            assert!(Instant::now() < until);
+        }
+        assert_eq!(got, payload);
+        assert_eq!(t0.poll_back_aborts(), vec![(1, "stop".to_string())]);
+    }
 }
