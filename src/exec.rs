@@ -204,7 +204,10 @@ fn find_hung(t: &Transport, e: Error, wait: Duration) -> Error {
     waits[me] = Some(start);
     let until = Instant::now() + wait;
     loop {
-        for (a, text) in t.poll_back_aborts() {
+        // The aborts already read (among them the one that failed this
+        // collective, whose other copy may never come) and those arriving.
+        t.poll_back_aborts();
+        for (a, text) in t.aborts_heard() {
             if let Some(b) = waited_on(&text).filter(|&b| b != a && b < t.size()) {
                 waits[a] = Some(b);
             }

@@ -76,6 +76,11 @@ pub struct Transport {
     pub bytes_sent: u64,
     /// Payload and header bytes read from sockets since creation.
     pub bytes_received: u64,
+    /// Every abort text read so far, as (peer, text), whichever connection
+    /// and reader it came through: a failed rank follows the chain of waits
+    /// from them (a peer's abort arrives twice, and the copy read first may
+    /// be the one that failed the collective). See [`Transport::aborts_heard`].
+    heard: std::cell::RefCell<Vec<(usize, String)>>,
 }
 
 /// Token of the cross-thread waker in the data connections' epoll set.
@@ -229,6 +234,7 @@ impl Transport {
             waker: None,
             bytes_sent: 0,
             bytes_received: 0,
+            heard: Default::default(),
         })
     }
 
@@ -317,7 +323,9 @@ impl Transport {
             if h.kind == Kind::Abort {
                 let mut text = vec![0u8; (h.len as usize).min(frame::MAX_ABORT_LEN as usize)];
                 let got = read_until(|b| s.read(b), &mut text, deadline, nap);
-                return Some(String::from_utf8_lossy(&text[..got]).into_owned());
+                let text = String::from_utf8_lossy(&text[..got]).into_owned();
+                self.heard.borrow_mut().push((peer, text.clone()));
+                return Some(text);
             }
             // The peer's small data frame, which this failed collective no
             // longer needs.
@@ -367,12 +375,20 @@ impl Transport {
                     break;
                 }
                 if abort {
-                    out.push((j, String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned()));
+                    let text = String::from_utf8_lossy(&buf[HEADER_LEN..]).into_owned();
+                    self.heard.borrow_mut().push((j, text.clone()));
+                    out.push((j, text));
                     break;
                 }
             }
         }
         out
+    }
+
+    /// Take every abort text this transport has read (by any reader, on any
+    /// connection) since the last call, as (peer, text), oldest first.
+    pub fn aborts_heard(&self) -> Vec<(usize, String)> {
+        std::mem::take(&mut *self.heard.borrow_mut())
     }
 
     /// Which lane-0 connection ([`MINE`] or [`THEIRS`]) a frame on `lane` to
@@ -1146,7 +1162,9 @@ fn read_abort_text(t: &mut Transport, peer: usize, lane: usize, had: &[u8], len:
         deadline,
         Duration::ZERO,
     );
-    String::from_utf8_lossy(&buf[..had.len() + got]).into_owned()
+    let text = String::from_utf8_lossy(&buf[..had.len() + got]).into_owned();
+    t.heard.borrow_mut().push((peer, text.clone()));
+    text
 }
 
 /// Fill `buf` from a non-blocking `read` until it is full, the stream ends or
@@ -1307,5 +1325,28 @@ mod tests {
         }
         assert_eq!(got, payload);
         assert_eq!(t0.poll_back_aborts(), vec![(1, "stop".to_string())]);
+    }
+
+    #[test]
+    fn an_abort_read_by_a_receive_is_remembered_for_the_chain_of_waits() {
+        let (mut t0, mut t1) = pair();
+        t1.send_aborts(Desc::default(), 1, "rank 1: waits on rank 2");
+        // Rank 0 expects a small frame on DUPLEX (its back channel to rank 1)
+        // and reads the abort there; the other copy is then still on lane 0.
+        let mut inc = Incoming::new(1, header(8)).on_lane(DUPLEX);
+        let mut got = [0u8; 8];
+        let until = Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            match inc.progress(&mut t0, &mut got) {
+                Err(RecvError::Aborted(text)) => break text,
+                Ok(0) => assert!(Instant::now() < until),
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(text, "rank 1: waits on rank 2");
+        // The back channel has nothing left, but the text is not lost.
+        assert!(t0.poll_back_aborts().is_empty());
+        assert_eq!(t0.aborts_heard(), vec![(1, text)]);
+        assert!(t0.aborts_heard().is_empty());
     }
 }
