@@ -175,7 +175,14 @@ impl Worker {
             let woke = self.comm.wait_incoming(deadline);
             self.shared.sleeping.store(false, Ordering::SeqCst);
             if let Activity::Peer(_) = woke? {
-                // A peer started a round.
+                // A peer started a round. With nothing of this rank's waiting,
+                // none of its tensors can become ready in it, but this rank's
+                // own may be on their way (the peer's burst ended first): wait
+                // a cycle for them, so that the step runs in this one round
+                // rather than in an empty one and another.
+                if self.pending.is_empty() && self.join.is_none() && self.shutdown.is_none() {
+                    self.finish_burst(self.cycle_time);
+                }
                 self.round()?;
             }
         }
@@ -204,7 +211,12 @@ impl Worker {
                 break;
             }
             match self.comm.wait_incoming(until.min(now + pause))? {
-                Activity::Peer(_) => break,
+                Activity::Peer(_) => {
+                    // The peer waits in the round; take the rest of this
+                    // burst into it first.
+                    self.finish_burst(pause.min(until - now));
+                    break;
+                }
                 Activity::Woken | Activity::Deadline => {
                     if self.rx.is_empty() {
                         break;
@@ -215,6 +227,31 @@ impl Worker {
         }
         self.drain();
         Ok(())
+    }
+
+    /// While a peer waits for this rank in a round it started: take
+    /// submissions as they come, the first within `first`, each next within
+    /// a pause of an eighth of the cycle time, and none later than the cycle
+    /// time after the first news. Waits on the queue, not the sockets (whose
+    /// readiness is the peer's round, already known).
+    fn finish_burst(&mut self, first: Duration) {
+        let start = Instant::now();
+        let mut wait = first;
+        let mut any = false;
+        while let Ok(m) = self.rx.recv_timeout(wait) {
+            self.take(m);
+            any = true;
+            let until = self.news_since.unwrap_or(start) + self.cycle_time;
+            let now = Instant::now();
+            if now >= until || self.stop {
+                break;
+            }
+            wait = (self.cycle_time / 8).min(until - now);
+        }
+        if any {
+            // Refused submissions have their answers already.
+            self.shared.notify();
+        }
     }
 
     fn drain(&mut self) {
