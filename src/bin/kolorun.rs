@@ -37,6 +37,8 @@ struct Opts {
     exports: Vec<(String, Option<String>)>,
     master_addr: Option<String>,
     grace: Duration,
+    /// `--bind-to core`: pin each local rank to its share of the cores.
+    bind: bool,
     cmd: Vec<String>,
     /// Elastic mode (`--min-np`/`--max-np`).
     elastic: Option<Box<Elastic>>,
@@ -82,6 +84,10 @@ OPTIONS:
     --master-addr A        address remote hosts use to reach kolorun's store (default: the
                            local address that routes to the first remote host)
     --grace S              seconds between forwarding SIGTERM/SIGINT and SIGKILL (default 5)
+    --bind-to core|none    core (default): when this host has at least as many usable cores
+                           as local ranks, pin local rank i to the i-th equal share of them
+                           (as mpirun binds), so two ranks never share a core while another
+                           idles; none: leave placement to the kernel. Not in elastic mode
     --min-np A             elastic mode: keep the job alive while at least A ranks live; a rank
                            that fails no longer stops the others (they re-form the group, see
                            kolo::elastic). Default with --max-np: -np
@@ -190,6 +196,7 @@ fn parse_args(args: &[String]) -> Result<Action, String> {
         exports: Vec::new(),
         master_addr: None,
         grace: Duration::from_secs(5),
+        bind: true,
         cmd: Vec::new(),
         elastic: None,
     };
@@ -270,6 +277,13 @@ fn parse_args(args: &[String]) -> Result<Action, String> {
             }
             "--master-addr" => o.master_addr = Some(value(&mut i)?),
             "--grace" => o.grace = Duration::from_secs_f64(secs(&value(&mut i)?, flag)?),
+            "--bind-to" => {
+                o.bind = match value(&mut i)?.trim() {
+                    "core" => true,
+                    "none" => false,
+                    v => return Err(format!("{flag} {v:?}: expected core or none")),
+                }
+            }
             "--min-np" | "--max-np" | "--max-host-failures" => {
                 let v = value(&mut i)?;
                 let n: usize = v
@@ -569,6 +583,7 @@ fn rank_command(
     cwd: &str,
     env: &[(String, String)],
     secret: &str,
+    cpus: Option<Vec<usize>>,
 ) -> Command {
     let mut cmd = if local {
         let mut c = Command::new(&opts.cmd[0]);
@@ -576,6 +591,9 @@ fn rank_command(
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KOLO_SECRET", secret)
             .stdin(Stdio::null());
+        if let Some(cpus) = cpus {
+            pin_to(&mut c, &cpus);
+        }
         c
     } else {
         let mut c = ssh_command(host, cwd, env, &opts.cmd);
@@ -586,6 +604,52 @@ fn rank_command(
         .stderr(Stdio::piped())
         .process_group(0);
     cmd
+}
+
+/// The CPUs this process may run on (its affinity mask), in order.
+fn usable_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; the kernel fills at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// `--bind-to core`: local rank `local_rank` of `local_size` gets the
+/// `local_rank`-th of `local_size` equal, consecutive shares of `cpus` (the
+/// remainder unused); `None` when there are fewer CPUs than ranks, where
+/// pinning would only stack ranks (mpirun does not bind oversubscribed
+/// ranks either).
+fn core_share(cpus: &[usize], local_rank: usize, local_size: usize) -> Option<Vec<usize>> {
+    if local_size == 0 || local_rank >= local_size || cpus.len() < local_size {
+        return None;
+    }
+    let k = cpus.len() / local_size;
+    Some(cpus[local_rank * k..(local_rank + 1) * k].to_vec())
+}
+
+/// Pin the child to `cpus` between fork and exec. Best effort: a rank that
+/// cannot be pinned (a CPU gone offline, a restrictive cgroup) runs unpinned.
+fn pin_to(cmd: &mut Command, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data, filled here before the fork.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: c < CPU_SETSIZE (it came from CPU_ISSET's range).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: the hook makes one async-signal-safe system call on a copy of
+    // the set and touches nothing else of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
 }
 
 /// Spawn a rank from [`rank_command`]: hand an ssh its secret line, and start
@@ -962,7 +1026,12 @@ fn run(opts: Opts) -> i32 {
         .map(|(k, v)| (k.to_string(), v))
         .chain(exports.iter().cloned())
         .collect();
-        let cmd = rank_command(&opts, p.local, &p.host, &cwd, &env, &secret);
+        let cpus = if p.local && opts.bind {
+            core_share(&usable_cpus(), p.local_rank, p.local_size)
+        } else {
+            None
+        };
+        let cmd = rank_command(&opts, p.local, &p.host, &cwd, &env, &secret, cpus);
         match start_rank(cmd, &secret, rank, &tx) {
             Ok(child) => {
                 open_pipes += 2;
@@ -1284,7 +1353,7 @@ fn run_elastic(opts: Opts) -> i32 {
         if launch.is_none() {
             env.push(("KOLO_ELASTIC_NEW".into(), "1".into()));
         }
-        let cmd = rank_command(&opts, local, host, &cwd, &env, &secret);
+        let cmd = rank_command(&opts, local, host, &cwd, &env, &secret, None);
         // Listed as alive before it can register, so a change in progress waits for it.
         job.ranks.push(Rank {
             child: None,
@@ -1507,6 +1576,59 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn bind_to_parses_and_defaults_to_core() {
+        let run = |a: &[&str]| match parse_args(&s(a)) {
+            Ok(Action::Run(o)) => Ok(o.bind),
+            Ok(_) => panic!("not a run"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(run(&["-np", "2", "x"]), Ok(true));
+        assert_eq!(run(&["-np", "2", "--bind-to", "none", "x"]), Ok(false));
+        assert_eq!(run(&["--bind-to", "core", "-np", "2", "x"]), Ok(true));
+        let e = run(&["-np", "2", "--bind-to", "socket", "x"]).unwrap_err();
+        assert!(e.contains("--bind-to") && e.contains("socket"), "{e}");
+    }
+
+    #[test]
+    fn core_shares_are_disjoint_equal_and_skip_oversubscription() {
+        let cpus: Vec<usize> = vec![0, 1, 2, 3, 4, 5, 6, 8]; // a hole in the mask
+        assert_eq!(core_share(&cpus, 0, 2), Some(vec![0, 1, 2, 3]));
+        assert_eq!(core_share(&cpus, 1, 2), Some(vec![4, 5, 6, 8]));
+        assert_eq!(core_share(&cpus, 2, 3), Some(vec![4, 5]));
+        assert_eq!(core_share(&cpus, 7, 8), Some(vec![8]));
+        assert_eq!(core_share(&cpus, 0, 9), None);
+        assert_eq!(core_share(&cpus, 3, 3), None);
+        assert_eq!(core_share(&[], 0, 1), None);
+        for n in 1..=8 {
+            let all: Vec<usize> = (0..n)
+                .flat_map(|r| core_share(&cpus, r, n).unwrap())
+                .collect();
+            let mut dedup = all.clone();
+            dedup.dedup();
+            assert_eq!(all, dedup, "n={n}");
+            assert_eq!(all.len(), cpus.len() / n * n, "n={n}");
+        }
+    }
+
+    /// A pinned child runs only on its share: `sched_getaffinity` in the
+    /// child (read through /proc) lists exactly the CPUs it was given.
+    #[test]
+    fn pinned_child_sees_only_its_cpus() {
+        let cpus = usable_cpus();
+        assert!(!cpus.is_empty());
+        let mine = vec![*cpus.last().unwrap()];
+        let mut c = Command::new("sh");
+        c.args(["-c", "grep Cpus_allowed_list /proc/self/status"]);
+        pin_to(&mut c, &mine);
+        let out = String::from_utf8(c.output().unwrap().stdout).unwrap();
+        assert_eq!(
+            out.split_whitespace().last(),
+            Some(mine[0].to_string().as_str()),
+            "{out}"
+        );
     }
 
     #[test]
@@ -1831,6 +1953,7 @@ mod tests {
             "-x",
             "--master-addr",
             "--grace",
+            "--bind-to",
         ] {
             assert!(u.contains(f), "{f}");
         }
