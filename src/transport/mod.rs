@@ -403,20 +403,13 @@ impl Transport {
         }
     }
 
-    fn out_stream(&self, peer: usize, lane: usize) -> io::Result<&TcpStream> {
+    /// The connection a frame on `lane` to (`outgoing`) or from `peer` uses.
+    fn stream(&self, peer: usize, lane: usize, outgoing: bool) -> io::Result<&TcpStream> {
         let p = self.peer(peer)?;
-        match self.link(peer, lane, true) {
+        match self.link(peer, lane, outgoing) {
             Some(MINE) => lane_of(&p.tx, 0),
             Some(_) => lane_of(&p.rx, 0),
-            None => lane_of(&p.tx, lane),
-        }
-    }
-
-    fn in_stream(&self, peer: usize, lane: usize) -> io::Result<&TcpStream> {
-        let p = self.peer(peer)?;
-        match self.link(peer, lane, false) {
-            Some(MINE) => lane_of(&p.tx, 0),
-            Some(_) => lane_of(&p.rx, 0),
+            None if outgoing => lane_of(&p.tx, lane),
             None => lane_of(&p.rx, lane),
         }
     }
@@ -462,7 +455,7 @@ impl Transport {
 
     /// [`Transport::send`] on connection `lane` to `peer`.
     pub fn send_on(&mut self, peer: usize, lane: usize, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let s = self.out_stream(peer, lane)?;
+        let s = self.stream(peer, lane, true)?;
         let n = SockRef::from(s).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)?;
         self.bytes_sent += n as u64;
         Ok(n)
@@ -475,7 +468,7 @@ impl Transport {
 
     /// [`Transport::recv`] on connection `lane` from `peer`.
     pub fn recv_on(&mut self, peer: usize, lane: usize, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = self.in_stream(peer, lane)?;
+        let mut s = self.stream(peer, lane, false)?;
         let n = s.read(buf)?;
         self.bytes_received += n as u64;
         Ok(n)
@@ -488,7 +481,7 @@ impl Transport {
         lane: usize,
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> io::Result<usize> {
-        let mut s = self.in_stream(peer, lane)?;
+        let mut s = self.stream(peer, lane, false)?;
         let n = s.read_vectored(bufs)?;
         self.bytes_received += n as u64;
         Ok(n)
@@ -564,7 +557,7 @@ impl Transport {
         peer: usize,
         lane: usize,
     ) -> Option<std::result::Result<Header, String>> {
-        let s = self.in_stream(peer, lane).ok()?;
+        let s = self.stream(peer, lane, false).ok()?;
         let mut raw = [0u8; HEADER_LEN];
         match s.peek(&mut raw) {
             Ok(HEADER_LEN) => Some(Header::decode(&raw)),
