@@ -406,6 +406,85 @@ impl Communicator {
         Ok(())
     }
 
+    /// One allreduce over several buffers as if they were laid end to end,
+    /// each reduced in place (Gloo's allreduce over a list of pointers):
+    /// tensors of a training step reduced by one collective, without copying
+    /// them into one buffer and back. Every rank passes buffers of the same
+    /// total length (how it is split may differ); the algorithm is chosen by
+    /// the total size, and the bits equal [`Communicator::allreduce`] of the
+    /// concatenation.
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// let (mut a, mut b) = (vec![1.0f32; 3], vec![2.0f32; 5]);
+    /// comm.allreduce_parts(&mut [&mut a[..], &mut b[..]], kolo::ReduceOp::Sum)?;
+    /// assert_eq!((a[0], b[4]), (1.0, 2.0));
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce_parts<T: Element>(&self, parts: &mut [&mut [T]], op: ReduceOp) -> Result<()> {
+        let bytes = parts.iter().map(|p| std::mem::size_of_val(*p)).sum();
+        self.allreduce_parts_with(parts, op, self.allreduce_algo(bytes))
+    }
+
+    /// [`Communicator::allreduce_parts`] with a given algorithm (every rank
+    /// the same, as for [`Communicator::allreduce_with`]).
+    ///
+    /// ```
+    /// use kolo::algo::cost::Algo;
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// let (mut a, mut b) = (vec![1i32; 2], vec![2i32; 2]);
+    /// comm.allreduce_parts_with(&mut [&mut a[..], &mut b[..]], kolo::ReduceOp::Max, Algo::Ring)?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn allreduce_parts_with<T: Element>(
+        &self,
+        parts: &mut [&mut [T]],
+        op: ReduceOp,
+        algo: Algo,
+    ) -> Result<()> {
+        let mut bytes: Vec<&mut [u8]> = parts.iter_mut().map(|p| as_bytes_mut(p)).collect();
+        self.allreduce_parts_bytes(T::DTYPE, &mut bytes, op, Some(algo))
+    }
+
+    /// [`Communicator::allreduce_parts_with`] on raw bytes of `dtype`
+    /// elements (each part a whole number of them, aligned), for the engine;
+    /// `None`: the algorithm `auto` picks for the total size.
+    pub(crate) fn allreduce_parts_bytes(
+        &self,
+        dtype: DType,
+        parts: &mut [&mut [u8]],
+        op: ReduceOp,
+        algo: Option<Algo>,
+    ) -> Result<()> {
+        let elem = dtype.size();
+        let bytes: usize = parts.iter().map(|p| p.len()).sum();
+        let check = match parts
+            .iter()
+            .find(|p| p.len() % elem != 0 || (p.as_ptr() as usize) % elem != 0)
+        {
+            Some(_) => Err(format!(
+                "a part is not a whole number of aligned {dtype} elements"
+            )),
+            None => Ok(()),
+        };
+        let count = bytes / elem;
+        let algo = algo.unwrap_or(self.allreduce_algo(bytes));
+        let sched = self.allreduce_schedule(algo, count, elem);
+        let mut call = self.call::<u8>("allreduce", coll::ALLREDUCE, op, 0, count);
+        call.dtype = dtype;
+        call.wire = dtype;
+        call.desc.dtype = dtype.code();
+        self.run_with(call, check, |t, call, ws, opts| {
+            exec::run_parts(t, &sched, call, parts, ws, opts)
+        })?;
+        if op == ReduceOp::Avg {
+            for p in parts.iter_mut() {
+                reduce::divide_bytes(dtype, p, self.size());
+            }
+        }
+        Ok(())
+    }
+
     fn allreduce_schedule(&self, algo: Algo, count: usize, elem: usize) -> Schedule {
         let (r, n) = (self.rank(), self.size());
         match algo {
@@ -732,11 +811,24 @@ impl Communicator {
     /// tells the peers, so no rank is left waiting on a call that never comes.
     fn run(
         &self,
-        mut call: Call,
+        call: Call,
         sched: &Schedule,
         input: &[u8],
         output: &mut [u8],
         check: std::result::Result<(), String>,
+    ) -> Result<()> {
+        self.run_with(call, check, |t, call, ws, opts| {
+            exec::run(t, sched, call, input, output, ws, opts)
+        })
+    }
+
+    /// [`Communicator::run`] with the executor call given (`exec::run` or
+    /// `exec::run_parts`).
+    fn run_with(
+        &self,
+        mut call: Call,
+        check: std::result::Result<(), String>,
+        exec: impl FnOnce(&mut Transport, &Call, &mut Workspace, Opts) -> Result<()>,
     ) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = &g.failed {
@@ -766,15 +858,7 @@ impl Communicator {
                     timeout: self.cfg.timeout,
                     peer_timeout: self.cfg.peer_timeout,
                 };
-                exec::run(
-                    &mut inner.transport,
-                    sched,
-                    &call,
-                    input,
-                    output,
-                    &mut inner.ws,
-                    opts,
-                )
+                exec(&mut inner.transport, &call, &mut inner.ws, opts)
             }
         };
         if let Err(e) = &res {

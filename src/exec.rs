@@ -85,41 +85,142 @@ fn words(bytes: usize) -> usize {
 /// of them is written (checked by `Schedule::check_disjoint` in the tests of
 /// every algorithm), which is what makes handing out slices from these
 /// pointers sound.
-struct Mem {
+struct Mem<'a> {
     input: (*const u8, usize),
-    output: (*mut u8, usize),
+    /// The output buffer as pieces in order: one for a contiguous buffer;
+    /// one per tensor for a fused allreduce over the tensors' own memory.
+    output: &'a [Piece],
     scratch: (*mut u8, usize),
     elem: usize,
     /// Bytes per element on the wire.
     wire: usize,
 }
 
-impl Mem {
+/// A run of output bytes starting `at` bytes into the (logical) output.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    at: usize,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mem<'_> {
     fn bytes(&self, r: &Region) -> (usize, usize) {
         (r.start * self.elem, r.len * self.elem)
+    }
+    /// The bytes `from..from + len` of region `r` as runs of memory, in order.
+    fn runs(&self, r: &Region, from: usize, len: usize) -> Vec<(*mut u8, usize)> {
+        let (off, rlen) = self.bytes(r);
+        assert!(from + len <= rlen, "range outside region {r:?}");
+        let (start, end) = (off + from, off + from + len);
+        let (p, cap) = match r.buf {
+            Buf::Input => (self.input.0 as *mut u8, self.input.1),
+            Buf::Scratch => self.scratch,
+            Buf::Output => {
+                let total = self.output.last().map_or(0, |p| p.at + p.len);
+                assert!(end <= total, "schedule region {r:?} outside its buffer");
+                let first = self.output.partition_point(|p| p.at + p.len <= start);
+                let mut out = Vec::new();
+                for p in &self.output[first.min(self.output.len())..] {
+                    if p.at >= end {
+                        break;
+                    }
+                    let a = start.max(p.at);
+                    let b = end.min(p.at + p.len);
+                    if b > a {
+                        // SAFETY: within the piece (a, b clipped to it).
+                        out.push((unsafe { p.ptr.add(a - p.at) }, b - a));
+                    }
+                }
+                return out;
+            }
+        };
+        assert!(end <= cap, "schedule region {r:?} outside its buffer");
+        // SAFETY: in bounds (asserted).
+        vec![(unsafe { p.add(start) }, len)]
+    }
+    /// Whether region `r` lies in one piece of memory (always, but for a
+    /// fused allreduce's output regions that cross tensors).
+    fn whole(&self, r: &Region) -> bool {
+        if r.buf != Buf::Output || self.output.len() == 1 {
+            return true;
+        }
+        let (off, len) = self.bytes(r);
+        let i = self.output.partition_point(|p| p.at + p.len <= off);
+        len == 0
+            || self
+                .output
+                .get(i)
+                .is_some_and(|p| off + len <= p.at + p.len)
     }
     fn slice(&self, r: &Region) -> &[u8] {
         let (off, len) = self.bytes(r);
         let (p, cap) = match r.buf {
             Buf::Input => self.input,
-            Buf::Output => (self.output.0 as *const u8, self.output.1),
+            Buf::Output => return self.slice_mut(r),
             Buf::Scratch => (self.scratch.0 as *const u8, self.scratch.1),
         };
         assert!(off + len <= cap, "schedule region {r:?} outside its buffer");
         // SAFETY: in bounds (asserted); see the type's comment for aliasing.
         unsafe { std::slice::from_raw_parts(p.add(off), len) }
     }
+    /// The region as one slice; for output regions only when [`Mem::whole`].
     #[allow(clippy::mut_from_ref)]
     fn slice_mut(&self, r: &Region) -> &mut [u8] {
         let (off, len) = self.bytes(r);
         let (p, cap) = match r.buf {
             Buf::Input => panic!("schedule writes to the input buffer"),
-            Buf::Output => self.output,
+            Buf::Output => {
+                let i = self
+                    .output
+                    .partition_point(|p| p.at + p.len <= off)
+                    .min(self.output.len().saturating_sub(1));
+                let piece = self.output[i];
+                assert!(
+                    len == 0 || (off >= piece.at && off + len <= piece.at + piece.len),
+                    "schedule region {r:?} outside its buffer or across pieces"
+                );
+                if len == 0 {
+                    // An aligned empty slice (reductions check alignment).
+                    // SAFETY: zero length at a piece's (aligned) start.
+                    return unsafe { std::slice::from_raw_parts_mut(piece.ptr, 0) };
+                }
+                (piece.ptr.wrapping_sub(piece.at), piece.at + piece.len)
+            }
             Buf::Scratch => self.scratch,
         };
         assert!(off + len <= cap, "schedule region {r:?} outside its buffer");
         // SAFETY: in bounds (asserted); see the type's comment for aliasing.
-        unsafe { std::slice::from_raw_parts_mut(p.add(off), len) }
+        unsafe { std::slice::from_raw_parts_mut(p.wrapping_add(off), len) }
+    }
+}
+
+/// Call `f(src, dst)` on matching chunks of two equally long lists of runs.
+fn zip_runs(
+    src: &[(*mut u8, usize)],
+    dst: &[(*mut u8, usize)],
+    mut f: impl FnMut(&[u8], &mut [u8]),
+) {
+    let (mut i, mut j, mut a, mut b) = (0, 0, 0, 0);
+    while i < src.len() && j < dst.len() {
+        let k = (src[i].1 - a).min(dst[j].1 - b);
+        // SAFETY: both chunks lie within their runs; source and destination
+        // regions of one operation are disjoint (Schedule::check_disjoint).
+        let (x, y) = unsafe {
+            (
+                std::slice::from_raw_parts(src[i].0.add(a), k),
+                std::slice::from_raw_parts_mut(dst[j].0.add(b), k),
+            )
+        };
+        f(x, y);
+        a += k;
+        b += k;
+        if a == src[i].1 {
+            (i, a) = (i + 1, 0);
+        }
+        if b == dst[j].1 {
+            (j, b) = (j + 1, 0);
+        }
     }
 }
 
@@ -137,6 +238,26 @@ impl SendState {
             Some(k) => &bytes_ref(&stages[k])[..self.from.len * mem.wire],
             None => mem.slice(&self.from),
         }
+    }
+    /// Write what the socket takes; true once sent. A region across pieces
+    /// goes as one message gathered from them.
+    fn progress(
+        &mut self,
+        t: &mut Transport,
+        mem: &Mem,
+        stages: &[Vec<u64>],
+    ) -> std::io::Result<bool> {
+        if self.stage.is_some() || mem.whole(&self.from) {
+            return self.out.progress(t, self.payload(mem, stages));
+        }
+        let (_, len) = mem.bytes(&self.from);
+        let parts: Vec<&[u8]> = mem
+            .runs(&self.from, 0, len)
+            .into_iter()
+            // SAFETY: runs of the region, which nothing writes while it is sent.
+            .map(|(p, n)| unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
+            .collect();
+        self.out.progress_parts(t, &parts)
     }
 }
 
@@ -162,6 +283,55 @@ pub fn run(
     call: &Call,
     input: &[u8],
     output: &mut [u8],
+    ws: &mut Workspace,
+    opts: Opts,
+) -> Result<()> {
+    let one = [Piece {
+        at: 0,
+        ptr: output.as_mut_ptr(),
+        len: output.len(),
+    }];
+    run_on(t, sched, call, input, &one, ws, opts)
+}
+
+/// [`run`] with an output made of `parts` laid end to end (their bytes in
+/// order are the output buffer), written in place: a fused allreduce runs
+/// over the tensors' own memory instead of copying them into one buffer and
+/// back. Not for narrowing calls. Each part holds whole elements, aligned.
+pub fn run_parts(
+    t: &mut Transport,
+    sched: &Schedule,
+    call: &Call,
+    parts: &mut [&mut [u8]],
+    ws: &mut Workspace,
+    opts: Opts,
+) -> Result<()> {
+    let mut pieces = Vec::with_capacity(parts.len());
+    let mut at = 0;
+    for p in parts.iter_mut().filter(|p| !p.is_empty()) {
+        pieces.push(Piece {
+            at,
+            ptr: p.as_mut_ptr(),
+            len: p.len(),
+        });
+        at += p.len();
+    }
+    if pieces.is_empty() {
+        pieces.push(Piece {
+            at: 0,
+            ptr: std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+            len: 0,
+        });
+    }
+    run_on(t, sched, call, &[], &pieces, ws, opts)
+}
+
+fn run_on(
+    t: &mut Transport,
+    sched: &Schedule,
+    call: &Call,
+    input: &[u8],
+    output: &[Piece],
     ws: &mut Workspace,
     opts: Opts,
 ) -> Result<()> {
@@ -285,7 +455,7 @@ fn run_rounds(
     sched: &Schedule,
     call: &Call,
     input: &[u8],
-    output: &mut [u8],
+    output: &[Piece],
     ws: &mut Workspace,
     opts: Opts,
 ) -> Result<()> {
@@ -307,7 +477,7 @@ fn run_rounds(
     }
     let mem = Mem {
         input: (input.as_ptr(), input.len()),
-        output: (output.as_mut_ptr(), output.len()),
+        output,
         scratch: (ws.scratch.as_mut_ptr().cast(), scratch_bytes),
         elem,
         wire,
@@ -332,9 +502,15 @@ fn run_rounds(
         let mut nseg = 0;
         for op in &round.ops {
             match *op {
-                Op::Copy { from, to } => {
+                Op::Copy { from, to } if mem.whole(&from) && mem.whole(&to) => {
                     let src = mem.slice(&from);
                     mem.slice_mut(&to).copy_from_slice(src);
+                }
+                Op::Copy { from, to } => {
+                    let len = from.len * elem;
+                    zip_runs(&mem.runs(&from, 0, len), &mem.runs(&to, 0, len), |a, b| {
+                        b.copy_from_slice(a)
+                    });
                 }
                 Op::Send { peer, from } => {
                     for (lane, from) in stripes(from, elem, t.lanes(), opts.min_stripe) {
@@ -408,12 +584,12 @@ fn run_rounds(
             let mut moved = false;
             // Sends first: a peer may be waiting for exactly this message.
             for s in sends.iter_mut().filter(|s| !s.done) {
-                let payload = s.payload(&mem, &ws.stages);
-                let before = s.out.remaining(payload);
-                match s.out.progress(t, payload) {
+                let len = s.from.len * wire;
+                let before = s.out.remaining(len);
+                match s.progress(t, &mem, &ws.stages) {
                     Ok(done) => {
                         s.done = done;
-                        moved |= s.out.remaining(payload) != before;
+                        moved |= s.out.remaining(len) != before;
                     }
                     Err(e) => {
                         let peer = s.out.peer();
@@ -438,7 +614,7 @@ fn run_rounds(
                 match progress_recv(t, &mut recvs[i], &mem, ws, seg_bytes, call) {
                     Ok(m) => moved |= m,
                     Err(e) => {
-                        let pending = pending_desc(t, &sends, &recvs, &mem, &ws.stages);
+                        let pending = pending_desc(t, &sends, &recvs, &mem);
                         let e = match e {
                             RecvError::Io(e) if t.lanes() > 1 => {
                                 let on = on_lane(t, recvs[i].inc.lane());
@@ -474,7 +650,7 @@ fn run_rounds(
             // Anything a bystander sent earlier has no readiness edge left
             // to wake us, so look before sleeping.
             check_bystanders(t, call, &|t: &Transport| {
-                pending_desc(t, &sends, &recvs, &mem, &ws.stages)
+                pending_desc(t, &sends, &recvs, &mem)
             })?;
             let mut wake = deadline;
             if let Some(limit) = opts.peer_timeout {
@@ -485,15 +661,7 @@ fn run_rounds(
                 wake = wake.min(next_liveness);
             }
             if !t.wait(wake)? && wake >= deadline {
-                return Err(timeout(
-                    t,
-                    call,
-                    opts.timeout,
-                    &sends,
-                    &recvs,
-                    &mem,
-                    &ws.stages,
-                ));
+                return Err(timeout(t, call, opts.timeout, &sends, &recvs, &mem));
             }
             idle_since = None;
         }
@@ -504,10 +672,17 @@ fn run_rounds(
                 incoming_first,
             } = *op
             {
-                let acc = mem.slice_mut(&into);
-                reduce::reduce_bytes(call.dtype, call.op, acc, mem.slice(&from), incoming_first);
-                if narrow {
-                    reduce::round_to(call.wire, f32s_mut(acc));
+                let combine = |inc: &[u8], acc: &mut [u8]| {
+                    reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first);
+                    if narrow {
+                        reduce::round_to(call.wire, f32s_mut(acc));
+                    }
+                };
+                if mem.whole(&from) && mem.whole(&into) {
+                    combine(mem.slice(&from), mem.slice_mut(&into));
+                } else {
+                    let len = into.len * elem;
+                    zip_runs(&mem.runs(&from, 0, len), &mem.runs(&into, 0, len), combine);
                 }
             }
         }
@@ -752,11 +927,16 @@ fn progress_recv(
     seg_bytes: usize,
     call: &Call,
 ) -> std::result::Result<bool, RecvError> {
-    let dest = mem.slice_mut(&r.into);
     // When narrowing, wire bytes are half the f32 bytes of `dest`.
     let narrow = call.wire != call.dtype;
     let wire_len = r.into.len * mem.wire;
     let mut moved = false;
+    if !mem.whole(&r.into) {
+        // Across pieces (never narrowed): straight into them, or through a
+        // segment reduced piece by piece.
+        return progress_recv_parts(t, r, mem, ws, seg_bytes, call);
+    }
+    let dest = mem.slice_mut(&r.into);
     if let (Apply::Copy, false) = (r.apply, narrow) {
         // Straight into place.
         loop {
@@ -800,6 +980,57 @@ fn progress_recv(
             continue;
         }
         if r.inc.is_done() {
+            r.done = true;
+        }
+        if r.done || n == 0 {
+            return Ok(moved);
+        }
+    }
+}
+
+/// [`progress_recv`] for a region across pieces of the output.
+fn progress_recv_parts(
+    t: &mut Transport,
+    r: &mut RecvState,
+    mem: &Mem,
+    ws: &mut Workspace,
+    seg_bytes: usize,
+    call: &Call,
+) -> std::result::Result<bool, RecvError> {
+    let len = r.into.len * mem.elem;
+    let mut moved = false;
+    loop {
+        let n = match r.apply {
+            Apply::Copy => {
+                let runs = mem.runs(&r.into, r.pos, len - r.pos);
+                let mut parts: Vec<&mut [u8]> = runs
+                    .into_iter()
+                    .take(crate::transport::MAX_PARTS)
+                    // SAFETY: runs of the region this receive owns in its round.
+                    .map(|(p, n)| unsafe { std::slice::from_raw_parts_mut(p, n) })
+                    .collect();
+                let n = r.inc.progress_parts(t, &mut parts)?;
+                r.pos += n;
+                n
+            }
+            Apply::Reduce { incoming_first } => {
+                let seg_len = seg_bytes.min(len - r.pos);
+                let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
+                let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
+                r.fill += n;
+                if r.fill == seg_len && seg_len > 0 {
+                    let seg = (buf.as_mut_ptr(), seg_len);
+                    zip_runs(&[seg], &mem.runs(&r.into, r.pos, seg_len), |inc, acc| {
+                        reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
+                    });
+                    r.pos += seg_len;
+                    r.fill = 0;
+                }
+                n
+            }
+        };
+        moved |= n > 0;
+        if r.inc.is_done() && r.fill == 0 {
             r.done = true;
         }
         if r.done || n == 0 {
@@ -915,7 +1146,6 @@ fn timeout(
     sends: &[SendState],
     recvs: &[RecvState],
     mem: &Mem,
-    stages: &[Vec<u64>],
 ) -> Error {
     Error::Timeout {
         rank: t.rank(),
@@ -923,20 +1153,14 @@ fn timeout(
         waited,
         detail: format!(
             "nothing moved for that long; still {}",
-            pending_desc(t, sends, recvs, mem, stages)
+            pending_desc(t, sends, recvs, mem)
         ),
     }
 }
 
 /// The unfinished operations of a round: `receiving from rank 3 (10.0.0.4):
 /// 0 of 4096 bytes; sending to rank 1 (...): 12 bytes left`.
-fn pending_desc(
-    t: &Transport,
-    sends: &[SendState],
-    recvs: &[RecvState],
-    mem: &Mem,
-    stages: &[Vec<u64>],
-) -> String {
+fn pending_desc(t: &Transport, sends: &[SendState], recvs: &[RecvState], mem: &Mem) -> String {
     let mut parts: Vec<String> = recvs
         .iter()
         .filter(|r| !r.done)
@@ -955,7 +1179,7 @@ fn pending_desc(
             "sending to rank {} ({}): {} bytes left",
             s.out.peer(),
             t.host(s.out.peer()),
-            s.out.remaining(s.payload(mem, stages))
+            s.out.remaining(s.from.len * mem.wire)
         )
     }));
     parts.join("; ")

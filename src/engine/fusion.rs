@@ -1,7 +1,7 @@
 //! Which ready allreduces share a fusion buffer. Pure planning: the worker
 //! copies tensors in, runs one collective per batch and copies them out.
 
-use super::negotiate::{Coll, Ready};
+use super::negotiate::{Coll, Spec};
 use crate::ReduceOp;
 
 /// Tensors reduced by one collective.
@@ -29,13 +29,21 @@ pub fn wire_op(op: ReduceOp) -> ReduceOp {
 /// rank computes the same plan from the same ready list.
 ///
 /// ```ignore
-/// let batches = plan(&ready, 64 << 20, 1 << 20);
+/// let batches = plan(ready.iter().map(Ready::spec), 64 << 20, 1 << 20);
 /// ```
-pub fn plan(ready: &[Ready], threshold: usize, inplace: usize) -> Vec<Batch> {
+pub fn plan<'a>(
+    ready: impl IntoIterator<Item = &'a Spec>,
+    threshold: usize,
+    inplace: usize,
+) -> Vec<Batch> {
     let mut open: Vec<((u8, ReduceOp, &str), Batch)> = Vec::new();
     let mut done: Vec<Batch> = Vec::new();
-    for (i, r) in ready.iter().enumerate() {
-        let s = r.spec();
+    // Compared per tensor: the string only when one is not empty (an equal
+    // comparison of two empty strings still calls memcmp).
+    let same = |a: &(u8, ReduceOp, &str), b: &(u8, ReduceOp, &str)| {
+        a.0 == b.0 && a.1 == b.1 && (a.2.is_empty() && b.2.is_empty() || a.2 == b.2)
+    };
+    for (i, s) in ready.into_iter().enumerate() {
         if s.coll != Coll::Allreduce {
             continue;
         }
@@ -54,7 +62,7 @@ pub fn plan(ready: &[Ready], threshold: usize, inplace: usize) -> Vec<Batch> {
             });
             continue;
         }
-        match open.iter_mut().find(|(k, _)| *k == key) {
+        match open.iter_mut().find(|(k, _)| same(k, &key)) {
             Some((_, b)) if b.bytes + bytes <= threshold => {
                 b.members.push(i);
                 b.bytes += bytes;
@@ -87,7 +95,7 @@ pub fn plan(ready: &[Ready], threshold: usize, inplace: usize) -> Vec<Batch> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::negotiate::Spec;
+    use crate::engine::negotiate::Ready;
     use crate::DType;
 
     fn ready(name: &str, dtype: DType, op: ReduceOp, len: u64) -> Ready {
@@ -108,7 +116,7 @@ mod tests {
 
     #[test]
     fn packs_by_dtype_and_wire_op_up_to_the_threshold() {
-        let r = vec![
+        let r = [
             ready("a", DType::F32, ReduceOp::Sum, 10),  // 40 B
             ready("b", DType::F64, ReduceOp::Sum, 10),  // 80 B
             ready("c", DType::F32, ReduceOp::Avg, 10),  // fuses with a
@@ -116,7 +124,7 @@ mod tests {
             ready("e", DType::F32, ReduceOp::Sum, 100), // 400 B: alone
             ready("f", DType::F32, ReduceOp::Sum, 10),  // a+c+f = 120 > 100: new batch
         ];
-        let b = plan(&r, 100, usize::MAX);
+        let b = plan(r.iter().map(Ready::spec), 100, usize::MAX);
         let m: Vec<Vec<usize>> = b.iter().map(|b| b.members.clone()).collect();
         assert_eq!(m, vec![vec![0, 2], vec![1], vec![3], vec![4], vec![5]]);
         assert_eq!(b[0].bytes, 80);
@@ -127,9 +135,9 @@ mod tests {
         let r: Vec<Ready> = (0..3)
             .map(|i| ready(&i.to_string(), DType::F32, ReduceOp::Sum, 4))
             .collect();
-        assert_eq!(plan(&r, 0, usize::MAX).len(), 3);
+        assert_eq!(plan(r.iter().map(Ready::spec), 0, usize::MAX).len(), 3);
         // Big tensors stay out of fusion buffers.
-        assert_eq!(plan(&r, 1 << 20, 16).len(), 3);
-        assert_eq!(plan(&r, 1 << 20, 17).len(), 1);
+        assert_eq!(plan(r.iter().map(Ready::spec), 1 << 20, 16).len(), 3);
+        assert_eq!(plan(r.iter().map(Ready::spec), 1 << 20, 17).len(), 1);
     }
 }

@@ -130,7 +130,11 @@ impl Slot {
 }
 
 pub(crate) enum Msg {
-    Submit(Vec<Request>),
+    /// One tensor (the common case: no vector to allocate and free across
+    /// threads per tensor).
+    Submit(Request),
+    /// The members of a group, handed over together.
+    Group(Vec<Request>),
     Join(Sender<Result<usize>>, Instant),
     /// Stop together with the other ranks (reply when they all asked).
     Shutdown(Sender<()>),
@@ -376,7 +380,7 @@ impl Group<'_> {
             r.spec.group = Some((self.name.clone(), n));
         }
         let reqs = std::mem::take(&mut self.reqs);
-        self.engine.send(Msg::Submit(reqs))
+        self.engine.send(Msg::Group(reqs))
     }
 }
 
@@ -443,8 +447,11 @@ impl Engine {
     }
 
     fn send(&self, m: Msg) -> Result<()> {
-        if let Some(e) = self.shared.dead() {
-            return Err(e);
+        // The flag spares a lock per submission while the engine lives.
+        if self.shared.exited.load(Ordering::Acquire) {
+            if let Some(e) = self.shared.dead() {
+                return Err(e);
+            }
         }
         self.tx.send(m).map_err(|_| {
             self.shared.dead().unwrap_or_else(|| {
@@ -523,7 +530,7 @@ impl Engine {
     pub fn submit<T: Element + Default>(&self, op: Op<T>) -> Result<Handle<Vec<T>>> {
         let name = op.spec.name.clone();
         let (req, h) = self.prepare(op.spec, Box::new(op.buf), into_vec::<T>);
-        self.send(Msg::Submit(vec![req?])).inspect_err(|_| {
+        self.send(Msg::Submit(req?)).inspect_err(|_| {
             self.shared.release(&name);
         })?;
         Ok(h)
@@ -708,7 +715,7 @@ impl Engine {
             },
         };
         let (req, h) = self.prepare(spec, Box::new(Raw { ptr, len, dtype }), |_| ());
-        self.send(Msg::Submit(vec![req?])).inspect_err(|_| {
+        self.send(Msg::Submit(req?)).inspect_err(|_| {
             self.shared.release(name);
         })?;
         Ok(h)

@@ -279,7 +279,27 @@ impl State {
     pub fn cached(&self, rank: usize, spec: &Spec) -> Option<usize> {
         let slot = *self.index.get(&spec.name)?;
         let specs = self.cache[slot].as_ref()?;
-        (specs[rank].as_ref() == Some(spec)).then_some(slot)
+        // The index matched the name; compare the rest, cheapest first (the
+        // pattern names every field, so a new one cannot be forgotten here).
+        let Spec {
+            name: _,
+            coll,
+            dtype,
+            op,
+            root,
+            shape,
+            group,
+            compression,
+        } = specs[rank].as_ref()?;
+        let same = *coll == spec.coll
+            && *dtype == spec.dtype
+            && *op == spec.op
+            && *root == spec.root
+            && *shape == spec.shape
+            && *group == spec.group
+            && (compression.is_empty() && spec.compression.is_empty()
+                || *compression == spec.compression);
+        same.then_some(slot)
     }
 
     /// Whether `rank` has joined.

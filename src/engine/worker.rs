@@ -68,6 +68,9 @@ pub(crate) struct Worker {
     /// When the first news since the last round arrived (for the cycle time).
     news_since: Option<Instant>,
     wants_census: bool,
+    /// A submission was refused since waiters were last woken: its handle
+    /// waits for a wake-up (accepted ones are woken after their round).
+    refused: bool,
     cancel: Vec<String>,
     stop: bool,
     /// A coordinated shutdown was asked for: (reply, told the others yet).
@@ -106,6 +109,7 @@ impl Worker {
             dirty: false,
             news_since: None,
             wants_census: false,
+            refused: false,
             cancel: Vec::new(),
             stop: false,
             shutdown: None,
@@ -237,10 +241,8 @@ impl Worker {
     fn finish_burst(&mut self, first: Duration) {
         let start = Instant::now();
         let mut wait = first;
-        let mut any = false;
         while let Ok(m) = self.rx.recv_timeout(wait) {
             self.take(m);
-            any = true;
             let until = self.news_since.unwrap_or(start) + self.cycle_time;
             let now = Instant::now();
             if now >= until || self.stop {
@@ -248,20 +250,20 @@ impl Worker {
             }
             wait = (self.cycle_time / 8).min(until - now);
         }
-        if any {
-            // Refused submissions have their answers already.
-            self.shared.notify();
-        }
+        self.wake_refused();
     }
 
     fn drain(&mut self) {
-        let mut any = false;
         while let Ok(m) = self.rx.try_recv() {
             self.take(m);
-            any = true;
         }
-        if any {
-            // Refused submissions have their answers already.
+        self.wake_refused();
+    }
+
+    /// Wake the handles of refused submissions (their answers are in). Only
+    /// then: a wake-up is a system call, and drains happen many times a step.
+    fn wake_refused(&mut self) {
+        if std::mem::take(&mut self.refused) {
             self.shared.notify();
         }
     }
@@ -291,41 +293,48 @@ impl Worker {
                 });
                 self.news(now);
             }
-            Msg::Submit(reqs) => {
+            Msg::Submit(req) => self.submit(req, now),
+            Msg::Group(reqs) => {
                 for req in reqs {
-                    let name = req.spec.name.clone();
-                    let refuse = if self.stop || self.shutdown.is_some() {
-                        Some("submitted while the engine shuts down")
-                    } else if self.join.is_some() {
-                        Some("submitted after join; a joined rank submits nothing until every rank has joined")
-                    } else {
-                        None
-                    };
-                    if let Some(why) = refuse {
-                        self.shared.release(&name);
-                        req.reply.send(Err(Error::InvalidArgument(format!(
-                            "rank {}: engine tensor {name:?}: {why}",
-                            self.me
-                        ))));
-                        continue;
-                    }
-                    let stage = match self.state.cached(self.me, &req.spec) {
-                        Some(slot) => Stage::Held(slot),
-                        None => Stage::New,
-                    };
-                    self.pending.insert(
-                        name,
-                        Pending {
-                            warned: req.submitted,
-                            req,
-                            stage,
-                            cancel_sent: false,
-                        },
-                    );
-                    self.news(now);
+                    self.submit(req, now);
                 }
             }
         }
+    }
+
+    /// Take one tensor into `pending`, or refuse it (answered at once).
+    fn submit(&mut self, req: Request, now: Instant) {
+        let refuse = if self.stop || self.shutdown.is_some() {
+            Some("submitted while the engine shuts down")
+        } else if self.join.is_some() {
+            Some("submitted after join; a joined rank submits nothing until every rank has joined")
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            let name = &req.spec.name;
+            self.shared.release(name);
+            req.reply.send(Err(Error::InvalidArgument(format!(
+                "rank {}: engine tensor {name:?}: {why}",
+                self.me
+            ))));
+            self.refused = true;
+            return;
+        }
+        let stage = match self.state.cached(self.me, &req.spec) {
+            Some(slot) => Stage::Held(slot),
+            None => Stage::New,
+        };
+        self.pending.insert(
+            req.spec.name.clone(),
+            Pending {
+                warned: req.submitted,
+                req,
+                stage,
+                cancel_sent: false,
+            },
+        );
+        self.news(now);
     }
 
     fn news(&mut self, now: Instant) {
@@ -607,7 +616,7 @@ impl Worker {
             items.push(Item { ready: r, local });
         }
         let batches = fusion::plan(
-            &items.iter().map(|i| i.ready.clone()).collect::<Vec<_>>(),
+            items.iter().map(|i| i.ready.spec()),
             self.fusion_threshold,
             self.fusion_inplace,
         );
@@ -705,50 +714,115 @@ impl Worker {
                 reduce::divide_bytes(dtype, bytes, it.ready.contributors.max(1));
             }
         } else {
-            let words = b.bytes.div_ceil(8);
+            // Tensors of at least IN_PLACE_MIN bytes are reduced in their own
+            // memory (one allreduce over the list of them); smaller ones, and
+            // a joined rank's stand-ins, are staged in the fusion buffer, where
+            // neighbours form one part. Compressed batches stage everything.
+            let compressed = !first.compression.is_empty();
+            let lens: Vec<usize> = b
+                .members
+                .iter()
+                .map(|&i| items[i].ready.spec().count() as usize * dtype.size())
+                .collect();
+            let staged: Vec<bool> = b
+                .members
+                .iter()
+                .zip(&lens)
+                .map(|(&i, &len)| compressed || len < IN_PLACE_MIN || items[i].local.is_none())
+                .collect();
+            let stage_bytes: usize = lens
+                .iter()
+                .zip(&staged)
+                .filter(|p| *p.1)
+                .map(|p| *p.0)
+                .sum();
+            let words = stage_bytes.div_ceil(8);
             if self.fusion.len() < words {
                 self.fusion.resize(words, 0);
             }
-            let fusion = &mut as_bytes_mut(&mut self.fusion)[..b.bytes];
+            let fusion = &mut as_bytes_mut(&mut self.fusion)[..stage_bytes];
             let mut at = 0;
-            for &i in &b.members {
-                let it = &items[i];
-                let len = it.ready.spec().count() as usize * dtype.size();
-                let dst = &mut fusion[at..at + len];
-                match &it.local {
+            for (k, &i) in b.members.iter().enumerate() {
+                if !staged[k] {
+                    continue;
+                }
+                let dst = &mut fusion[at..at + lens[k]];
+                match &items[i].local {
                     Some(p) => dst.copy_from_slice(p.req.buf.bytes()),
                     None => reduce::fill_identity(dtype, wire, dst),
                 }
-                at += len;
+                at += lens[k];
             }
             let copied = Instant::now();
-            reduce_maybe_compressed(
-                &self.comm,
-                &mut self.compress,
-                dtype,
-                fusion,
-                wire,
-                &first.compression,
-                None,
-            )?;
-            let reduced = Instant::now();
-            let mut at = 0;
-            for &i in &b.members {
-                let it = &mut items[i];
-                let len = it.ready.spec().count() as usize * dtype.size();
-                if let Some(p) = &mut it.local {
-                    // Divide after the copy, while the tensor is in cache; a
-                    // joined rank's stand-in needs neither.
-                    let dst = p.req.buf.bytes_mut();
-                    dst.copy_from_slice(&fusion[at..at + len]);
-                    if ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
-                        reduce::divide_bytes(dtype, dst, it.ready.contributors.max(1));
+            if compressed {
+                reduce_maybe_compressed(
+                    &self.comm,
+                    &mut self.compress,
+                    dtype,
+                    fusion,
+                    wire,
+                    &first.compression,
+                    None,
+                )?;
+            } else {
+                // The parts in member order: members are increasing indices,
+                // so one pass over the items lends each buffer once.
+                let mut parts: Vec<&mut [u8]> = Vec::with_capacity(b.members.len());
+                let mut rest: &mut [u8] = fusion;
+                let mut run = 0;
+                let mut k = 0;
+                for (i, it) in items.iter_mut().enumerate() {
+                    if k == b.members.len() {
+                        break;
                     }
+                    if b.members[k] != i {
+                        continue;
+                    }
+                    if staged[k] {
+                        run += lens[k];
+                    } else {
+                        if run > 0 {
+                            let (head, tail) = std::mem::take(&mut rest).split_at_mut(run);
+                            parts.push(head);
+                            rest = tail;
+                            run = 0;
+                        }
+                        let p = it.local.as_mut().expect("in-place members are local");
+                        parts.push(p.req.buf.bytes_mut());
+                    }
+                    k += 1;
                 }
-                at += len;
+                if run > 0 {
+                    parts.push(rest);
+                }
+                self.comm
+                    .allreduce_parts_bytes(dtype, &mut parts, wire, None)?;
+            }
+            let reduced = Instant::now();
+            let fusion = &as_bytes_mut(&mut self.fusion)[..stage_bytes];
+            let mut at = 0;
+            for (k, &i) in b.members.iter().enumerate() {
+                let it = &mut items[i];
+                let from = at;
+                if staged[k] {
+                    at += lens[k];
+                }
+                let Some(p) = &mut it.local else {
+                    // A joined rank's stand-in needs no result.
+                    continue;
+                };
+                // Divide after the copy, while the tensor is in cache.
+                let dst = p.req.buf.bytes_mut();
+                if staged[k] {
+                    dst.copy_from_slice(&fusion[from..at]);
+                }
+                if ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
+                    reduce::divide_bytes(dtype, dst, it.ready.contributors.max(1));
+                }
             }
             let done = Instant::now();
             if let Some(tl) = &mut self.timeline {
+                let in_place = staged.iter().filter(|&&s| !s).count();
                 for &i in &b.members {
                     let name = &items[i].ready.spec().name;
                     tl.span(name, "QUEUE", decided, started, None);
@@ -758,7 +832,7 @@ impl Worker {
                         "ALLREDUCE",
                         copied,
                         reduced,
-                        Some(serde_json::json!({"algorithm": algo, "bytes": b.bytes, "fused": b.members.len()})),
+                        Some(serde_json::json!({"algorithm": algo, "bytes": b.bytes, "fused": b.members.len(), "in_place": in_place})),
                     );
                     tl.span(name, "COPY_OUT", reduced, done, None);
                 }
@@ -931,6 +1005,11 @@ fn reduce_maybe_compressed(
 fn run_allreduce(comm: &Communicator, dtype: DType, bytes: &mut [u8], op: ReduceOp) -> Result<()> {
     with_dtype!(dtype, T => comm.allreduce(cast_mut::<T>(bytes).ok_or_else(misaligned)?, op))
 }
+
+/// Fused tensors at least this big are reduced in their own memory rather
+/// than copied into the fusion buffer and back: below it, the per-part costs
+/// of vectored I/O and of reducing piece by piece exceed a copy's.
+const IN_PLACE_MIN: usize = 1024;
 
 /// A unit buffer stands in for an output that went back to the caller.
 impl Buffer for () {

@@ -937,9 +937,9 @@ impl Outgoing {
     pub fn lane(&self) -> usize {
         self.lane
     }
-    /// Bytes of the payload still to send.
-    pub fn remaining(&self, payload: &[u8]) -> usize {
-        HEADER_LEN + payload.len() - self.done
+    /// Bytes (of the header and a payload of `len` bytes) still to send.
+    pub fn remaining(&self, len: usize) -> usize {
+        HEADER_LEN + len - self.done
     }
     /// Write as much as the socket takes; true once everything is sent.
     pub fn progress(&mut self, t: &mut Transport, payload: &[u8]) -> io::Result<bool> {
@@ -980,6 +980,54 @@ impl Outgoing {
         Ok(true)
     }
 }
+
+impl Outgoing {
+    /// [`Outgoing::progress`] for a payload in several parts (a fused
+    /// allreduce sending from the tensors' own memory): one `writev` takes
+    /// the header and up to [`MAX_PARTS`] parts.
+    pub fn progress_parts(&mut self, t: &mut Transport, parts: &[&[u8]]) -> io::Result<bool> {
+        let total = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut bufs: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_PARTS + 1);
+        while self.done < total {
+            bufs.clear();
+            if self.done < HEADER_LEN {
+                bufs.push(IoSlice::new(&self.header[self.done..]));
+            }
+            let mut skip = self.done.saturating_sub(HEADER_LEN);
+            for p in parts {
+                if bufs.len() > MAX_PARTS {
+                    break;
+                }
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                bufs.push(IoSlice::new(&p[skip..]));
+                skip = 0;
+            }
+            match t.send_on(self.peer, self.lane, &bufs) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "connection closed",
+                    ))
+                }
+                Ok(n) => {
+                    self.done += n;
+                    t.set_out_mid(self.peer, self.lane, self.done < total);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Most buffers one vectored send or receive of parts passes to the kernel
+/// (well under the kernel's 1024).
+pub const MAX_PARTS: usize = 256;
 
 /// Why a receive failed, before the executor adds rank/op context.
 #[derive(Debug)]
@@ -1133,6 +1181,60 @@ impl Incoming {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(RecvError::Io(e)),
+            }
+        }
+        self.got += filled as u64;
+        if self.is_done() {
+            t.set_in_mid(self.peer, self.lane, false);
+        }
+        Ok(filled)
+    }
+}
+
+impl Incoming {
+    /// [`Incoming::progress`] into several parts in order (a fused allreduce
+    /// receiving into the tensors' own memory), at most the payload still
+    /// expected; one `readv` per call. Returns how many bytes arrived.
+    pub fn progress_parts(
+        &mut self,
+        t: &mut Transport,
+        parts: &mut [&mut [u8]],
+    ) -> std::result::Result<usize, RecvError> {
+        if self.got_header < HEADER_LEN && !self.header(t)? {
+            return Ok(0);
+        }
+        let want: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(want <= self.remaining(), "receive parts exceed the message");
+        // Bytes that came with the header first.
+        let mut filled = 0;
+        let mut stashed = self.stash_len - self.stash_out;
+        for p in parts.iter_mut() {
+            if stashed == 0 {
+                break;
+            }
+            let k = stashed.min(p.len());
+            p[..k].copy_from_slice(&self.stash[self.stash_out..self.stash_out + k]);
+            self.stash_out += k;
+            stashed -= k;
+            filled += k;
+        }
+        if filled == 0 && want > 0 {
+            let mut bufs: Vec<io::IoSliceMut<'_>> =
+                parts.iter_mut().map(|p| io::IoSliceMut::new(p)).collect();
+            loop {
+                match t.recv_vectored_on(self.peer, self.lane, &mut bufs) {
+                    Ok(0) => {
+                        return Err(RecvError::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed by peer",
+                        )))
+                    }
+                    Ok(n) => filled = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(RecvError::Io(e)),
+                }
+                break;
             }
         }
         self.got += filled as u64;
