@@ -2,6 +2,9 @@
 //! `path.<rank>.json`): one row per tensor, with its NEGOTIATE, QUEUE,
 //! COPY_IN, collective and COPY_OUT spans. Open it in chrome://tracing or
 //! ui.perfetto.dev; `scripts/merge-timeline` merges the ranks into one file.
+//! A fused allreduce reduces tensors of 1 KiB and more in their own memory
+//! (its ALLREDUCE span's `in_place` counts them): for those, COPY_IN is only
+//! the staging of the small ones, and COPY_OUT the division of an average.
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;

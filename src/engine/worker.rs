@@ -767,6 +767,7 @@ impl Worker {
             } else {
                 // The parts in member order: members are increasing indices,
                 // so one pass over the items lends each buffer once.
+                debug_assert!(b.members.windows(2).all(|w| w[0] < w[1]));
                 let mut parts: Vec<&mut [u8]> = Vec::with_capacity(b.members.len());
                 let mut rest: &mut [u8] = fusion;
                 let mut run = 0;
