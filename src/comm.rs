@@ -264,15 +264,17 @@ impl Communicator {
         }
         // The tree's edge over the ring is a CPU-bound host's (see
         // `cost::select`): with a core per rank the ring is faster (16-core
-        // host, N = 2..4, README § Algorithms). Ranks may be bound to
-        // different core sets, so they agree on the answer.
-        let mut crowded = [0i32];
+        // host, N = 2..4, README § Algorithms). The cores the ranks share are
+        // the union of their affinity masks, not any one rank's: a launcher
+        // that pins each rank to its own share leaves each seeing only that.
+        let mut crowded = false;
         if comm.local_size() == comm.size() && comm.size() > 1 {
-            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-            crowded[0] = i32::from(comm.local_size() >= cores);
-            comm.allreduce_with(&mut crowded, ReduceOp::Max, Algo::Rd)?;
+            let mine = crate::host::cpu_mask(&crate::host::usable_cpus());
+            let mut all = vec![0i64; mine.len() * comm.size()];
+            comm.allgather(&mine, &mut all)?;
+            crowded = comm.size() >= crate::host::count_union(&all);
         }
-        comm.auto = algo::cost::table(&comm.model, comm.size(), crowded[0] == 1);
+        comm.auto = algo::cost::table(&comm.model, comm.size(), crowded);
         Ok(comm)
     }
 

@@ -26,6 +26,7 @@ pub mod element;
 pub mod engine;
 pub mod error;
 pub mod exec;
+pub mod host;
 pub mod net;
 pub mod reduce;
 pub mod rendezvous;

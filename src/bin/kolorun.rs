@@ -606,20 +606,6 @@ fn rank_command(
     cmd
 }
 
-/// The CPUs this process may run on (its affinity mask), in order.
-fn usable_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; the kernel fills at most its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
-
 /// `--bind-to core`: local rank `local_rank` of `local_size` gets the
 /// `local_rank`-th of `local_size` equal, consecutive shares of `cpus` (the
 /// remainder unused); `None` when there are fewer CPUs than ranks, where
@@ -1027,7 +1013,7 @@ fn run(opts: Opts) -> i32 {
         .chain(exports.iter().cloned())
         .collect();
         let cpus = if p.local && opts.bind {
-            core_share(&usable_cpus(), p.local_rank, p.local_size)
+            core_share(&kolo::host::usable_cpus(), p.local_rank, p.local_size)
         } else {
             None
         };
@@ -1617,7 +1603,7 @@ mod tests {
     /// child (read through /proc) lists exactly the CPUs it was given.
     #[test]
     fn pinned_child_sees_only_its_cpus() {
-        let cpus = usable_cpus();
+        let cpus = kolo::host::usable_cpus();
         assert!(!cpus.is_empty());
         let mine = vec![*cpus.last().unwrap()];
         let mut c = Command::new("sh");
