@@ -29,9 +29,9 @@ use crate::element::{as_bytes, as_bytes_mut, DType, Element};
 use crate::error::{Error, Result};
 use crate::{Communicator, ReduceOp};
 use crossbeam_channel::Sender;
-use negotiate::{Coll, Spec};
+use negotiate::{Coll, Name, Spec};
+use rustc_hash::FxHashSet;
 use std::any::Any;
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -145,7 +145,7 @@ pub(crate) enum Msg {
 /// State shared by the engine handle, the handles and the thread.
 pub(crate) struct Shared {
     /// Names submitted on this rank and not yet completed.
-    inflight: Mutex<HashSet<String>>,
+    inflight: Mutex<FxHashSet<Name>>,
     /// Why the engine stopped, once it has.
     dead: Mutex<Option<Error>>,
     /// The engine thread sleeps waiting for work and wants a wake-up call;
@@ -196,7 +196,7 @@ impl Shared {
 /// # Ok::<(), kolo::Error>(())
 /// ```
 pub struct Handle<O> {
-    name: String,
+    name: Name,
     slot: Arc<Slot>,
     done: Option<Outcome>,
     shared: Arc<Shared>,
@@ -280,7 +280,7 @@ impl<T: Element + Default> Op<T> {
     fn new(name: &str, coll: Coll, buf: Vec<T>, op: Option<ReduceOp>, root: usize) -> Op<T> {
         Op {
             spec: Spec {
-                name: name.to_string(),
+                name: name.into(),
                 coll,
                 dtype: T::DTYPE.code(),
                 op: op.map_or(0, ReduceOp::code),
@@ -414,7 +414,7 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (rank, size) = (comm.rank(), comm.size());
         let shared = Arc::new(Shared {
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(FxHashSet::default()),
             dead: Mutex::new(None),
             sleeping: std::sync::atomic::AtomicBool::new(false),
             generation: Mutex::new(0),
@@ -498,7 +498,7 @@ impl Engine {
             && crate::compress::Compression::parse(&spec.compression).is_none()
         {
             Err(format!("unknown compression {:?}", spec.compression))
-        } else if spec.name.is_empty() || spec.name == negotiate::JOIN {
+        } else if spec.name.is_empty() || &*spec.name == negotiate::JOIN {
             Err(format!("{:?} is not a valid tensor name", spec.name))
         } else if !self
             .shared
@@ -702,7 +702,7 @@ impl Engine {
             ptr
         };
         let spec = Spec {
-            name: name.to_string(),
+            name: name.into(),
             coll: Coll::Allreduce,
             dtype: dtype.code(),
             op: op.code(),

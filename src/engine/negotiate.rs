@@ -12,9 +12,14 @@
 //!
 //! This module never touches sockets; [`super::worker`] moves the bytes.
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+
+/// A tensor's name, shared rather than copied between the handle, the
+/// in-flight set, the engine's maps and the cache.
+pub type Name = Arc<str>;
 
 /// The collective a named tensor asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -48,8 +53,9 @@ impl Coll {
 /// (for allgather, on all but the first dimension).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spec {
-    /// The tensor's name, unique among a rank's tensors in flight.
-    pub name: String,
+    /// The tensor's name, unique among a rank's tensors in flight; shared
+    /// (not copied) by the handle, the in-flight set and the engine's maps.
+    pub name: Name,
     /// Requested collective.
     pub coll: Coll,
     /// Wire code of the dtype ([`crate::DType::code`]).
@@ -155,8 +161,9 @@ pub struct Local {
     pub has_content: bool,
     /// This rank asks every rank to list its pending names.
     pub wants_census: bool,
-    /// Cache slots of the tensors this rank has pending in cached form.
-    pub held: BTreeSet<usize>,
+    /// Cache slots of the tensors this rank has pending in cached form, in
+    /// any order.
+    pub held: Vec<usize>,
 }
 
 /// A tensor every rank has agreed to run now.
@@ -200,10 +207,10 @@ pub struct Outcome {
     /// Tensors that fail on every rank that submitted them: (name, which
     /// ranks, message). A rank fails its pending tensor of that name only if
     /// it is among the ranks listed.
-    pub failed: Vec<(String, Vec<usize>, Failure)>,
+    pub failed: Vec<(Name, Vec<usize>, Failure)>,
     /// Cache entries dropped because some rank changed the tensor; ranks
     /// holding them in cached form must announce them again.
-    pub evicted: Vec<String>,
+    pub evicted: Vec<Name>,
     /// Filled after a census: who is missing what.
     pub stalls: Option<Vec<Stall>>,
     /// Every rank has joined: the joins complete, returning this last rank.
@@ -234,9 +241,9 @@ pub struct State {
     capacity: usize,
     /// Slot → per-rank specs of a negotiated tensor; `None` marks a free slot.
     cache: Vec<Option<Arc<Vec<Option<Spec>>>>>,
-    index: HashMap<String, usize>,
+    index: FxHashMap<Name, usize>,
     /// Announced but not yet ready (or failed and awaiting remaining ranks).
-    table: BTreeMap<String, Entry>,
+    table: BTreeMap<Name, Entry>,
     joined: Vec<bool>,
     stopping: Vec<bool>,
     last_joined: usize,
@@ -265,7 +272,7 @@ impl State {
             n,
             capacity,
             cache: Vec::new(),
-            index: HashMap::new(),
+            index: FxHashMap::default(),
             table: BTreeMap::new(),
             joined: vec![false; n],
             stopping: vec![false; n],
@@ -314,7 +321,7 @@ impl State {
 
     /// Names in the table (announced by some rank, not yet run or failed).
     pub fn waiting(&self) -> impl Iterator<Item = &str> {
-        self.table.keys().map(String::as_str)
+        self.table.keys().map(|k| &**k)
     }
 
     fn any_joined(&self) -> bool {
@@ -330,9 +337,13 @@ impl State {
         let mut v = vec![0i32; 2 + c + if holds { c } else { 0 }];
         v[0] = local.has_content as i32;
         v[1] = local.wants_census as i32;
+        let mut is_held = vec![false; c];
+        for &s in local.held.iter().filter(|&&s| s < c) {
+            is_held[s] = true;
+        }
         for (i, slot) in self.cache.iter().enumerate() {
             let Some(specs) = slot else { continue };
-            let held = local.held.contains(&i);
+            let held = is_held[i];
             let stands_in = self.joined[me]
                 && specs[me]
                     .as_ref()
@@ -429,7 +440,7 @@ impl State {
         }
 
         // Announced tensors: failures, and those every rank now has.
-        let mut table_ready: Vec<String> = Vec::new();
+        let mut table_ready: Vec<Name> = Vec::new();
         for (name, e) in self.table.iter_mut() {
             let announced: Vec<usize> = (0..n).filter(|&r| e.specs[r].is_some()).collect();
             if let Some(f) = &e.error {
@@ -495,7 +506,7 @@ impl State {
             .zip(keep)
             .filter_map(|(r, k)| k.then_some(r))
             .collect();
-        let kept_names: BTreeSet<String> = if census.is_some() {
+        let kept_names: BTreeSet<Name> = if census.is_some() {
             kept.iter().map(|r| r.spec().name.clone()).collect()
         } else {
             BTreeSet::new()
@@ -533,7 +544,7 @@ impl State {
                         || (name != JOIN && self.is_allreduce(name) && joined_at_start[r])
                 };
                 let missing: Vec<usize> = (0..n).filter(|&r| !present(r)).collect();
-                if !missing.is_empty() && !kept_names.contains(name) {
+                if !missing.is_empty() && !kept_names.contains(name.as_str()) {
                     stalls.push(Stall {
                         name: name.clone(),
                         have: have.iter().copied().collect(),
@@ -548,10 +559,10 @@ impl State {
                             self.joined[*r] = false;
                             out.join_cancelled.push(*r);
                         }
-                    } else if !out.failed.iter().any(|(f, _, _)| f == name) {
-                        self.table.remove(name);
+                    } else if !out.failed.iter().any(|(f, _, _)| **f == **name) {
+                        self.table.remove(name.as_str());
                         out.failed.push((
-                            name.clone(),
+                            name.as_str().into(),
                             st.have.clone(),
                             Failure::Stalled(st.clone()),
                         ));
@@ -677,7 +688,7 @@ mod tests {
     }
 
     fn names(o: &Outcome) -> Vec<String> {
-        o.ready.iter().map(|r| r.spec().name.clone()).collect()
+        o.ready.iter().map(|r| r.spec().name.to_string()).collect()
     }
 
     #[test]
@@ -738,7 +749,7 @@ mod tests {
         );
         for o in &o {
             let (name, ranks, f) = &o.failed[0];
-            assert_eq!(name, "w");
+            assert_eq!(&**name, "w");
             assert_eq!(ranks, &[0, 1]);
             match f {
                 Failure::Mismatch(0, 1, m) => {
@@ -830,7 +841,9 @@ mod tests {
             ..Default::default()
         };
         let o = round(&mut st, &[held, l()], &[Contribution::default(), c(6)]);
-        assert!(o.iter().all(|o| o.ready.is_empty() && o.evicted == ["b"]));
+        assert!(o
+            .iter()
+            .all(|o| o.ready.is_empty() && o.evicted.len() == 1 && &*o.evicted[0] == "b"));
         assert_eq!(st[1].cached(1, &spec("b", 4)), None);
         // Rank 0 re-announces its (old) shape: a mismatch on both.
         let o = round(
@@ -978,7 +991,7 @@ mod tests {
         );
         for o in &o {
             assert!(
-                matches!(&o.failed[0], (n, r, Failure::Stalled(_)) if n == "s" && r == &[0, 1])
+                matches!(&o.failed[0], (n, r, Failure::Stalled(_)) if &**n == "s" && r == &[0, 1])
             );
         }
         assert_eq!(st[2].waiting().count(), 0);

@@ -2,7 +2,7 @@
 //! other ranks, and executes what every rank agreed on.
 
 use super::fusion::{self, wire_op};
-use super::negotiate::{Coll, Contribution, Failure, Local, Ready, Spec, State, JOIN};
+use super::negotiate::{Coll, Contribution, Failure, Local, Name, Ready, Spec, State, JOIN};
 use super::timeline::Timeline;
 use super::{Buffer, Msg, Request, Shared, IDLE_SLEEP};
 use crate::compress::{CompressState, Compression, Prescale};
@@ -12,7 +12,8 @@ use crate::reduce::{self, ReduceOp};
 use crate::transport::Activity;
 use crate::Communicator;
 use crossbeam_channel::{Receiver, Sender};
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ pub(crate) struct Worker {
     rx: Receiver<Msg>,
     shared: Arc<Shared>,
     state: State,
-    pending: HashMap<String, Pending>,
+    pending: FxHashMap<Name, Pending>,
     join: Option<JoinWait>,
     me: usize,
     n: usize,
@@ -94,7 +95,7 @@ impl Worker {
             rx,
             shared,
             state: State::new(n, cfg.cache_capacity),
-            pending: HashMap::new(),
+            pending: FxHashMap::default(),
             join: None,
             me,
             n,
@@ -378,7 +379,7 @@ impl Worker {
             if let Some(s) = shut {
                 if !p.cancel_sent && now >= p.req.submitted + s {
                     p.cancel_sent = true;
-                    self.cancel.push(name.clone());
+                    self.cancel.push(name.to_string());
                     census = true;
                 }
             }
@@ -404,7 +405,7 @@ impl Worker {
 
     /// One negotiation round, then run what became ready.
     fn round(&mut self) -> Result<()> {
-        let held: BTreeSet<usize> = self
+        let held: Vec<usize> = self
             .pending
             .values()
             .filter_map(|p| match p.stage {
@@ -442,7 +443,7 @@ impl Worker {
         let contribs = if State::exchange_needed(&v) {
             let mut pending: Option<Vec<String>> = None;
             if State::census_needed(&v) {
-                let mut names: Vec<String> = self.pending.keys().cloned().collect();
+                let mut names: Vec<String> = self.pending.keys().map(|k| k.to_string()).collect();
                 if self.join.is_some() {
                     names.push(JOIN.to_string());
                 }
@@ -596,7 +597,7 @@ impl Worker {
         }
         let mut items: Vec<Item> = Vec::with_capacity(ready.len());
         for r in ready {
-            let local = self.pending.remove(r.spec().name.as_str());
+            let local = self.pending.remove(&r.spec().name);
             let name = &r.spec().name;
             if let (Some(tl), Some(p)) = (&mut self.timeline, &local) {
                 tl.span(name, "NEGOTIATE", p.req.submitted, decided, None);
@@ -649,7 +650,7 @@ impl Worker {
             items
                 .iter()
                 .filter_map(|i| i.local.as_ref())
-                .map(|p| p.req.spec.name.as_str()),
+                .map(|p| &*p.req.spec.name),
         );
         for (i, item) in items.into_iter().enumerate() {
             let Some(p) = item.local else { continue };
@@ -700,7 +701,7 @@ impl Worker {
                     s
                 }
             };
-            let name = it.ready.spec().name.as_str();
+            let name = &*it.ready.spec().name;
             reduce_maybe_compressed(
                 &self.comm,
                 &mut self.compress,
