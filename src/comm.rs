@@ -11,7 +11,7 @@ use crate::exec::{self, Call, Opts, Workspace};
 use crate::reduce::{self, ReduceOp};
 use crate::rendezvous::{self, StoreClient, StoreServer};
 use crate::transport::frame::Desc;
-use crate::transport::{Activity, Transport};
+use crate::transport::{shm, Activity, Transport};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -229,20 +229,29 @@ impl Communicator {
                 cfg.nsocks as u64,
                 deadline,
             )?;
-            (
-                Transport::establish_lanes(
-                    rank,
-                    cfg.size,
-                    comm_id,
-                    listener,
-                    &addrs,
-                    deadline,
-                    cfg.socket_buffer,
-                    cfg.secret.as_ref(),
-                    cfg.nsocks,
-                )?,
-                store,
-            )
+            // Ranks that advertise the same address share a host: bulk
+            // payloads between them may go through shared memory. Each rank
+            // makes its incoming rings before it connects, so once the mesh
+            // is up every peer's rings exist and can be opened.
+            let local: Vec<bool> = addrs.iter().map(|a| a.ip() == mine.ip()).collect();
+            if cfg.shm_bytes > 0 {
+                shm::sweep_stale(std::path::Path::new(shm::DIR));
+            }
+            let incoming = shm::create_incoming(comm_id, rank, &local, cfg.nsocks, cfg.shm_bytes);
+            let mut transport = Transport::establish_lanes(
+                rank,
+                cfg.size,
+                comm_id,
+                listener,
+                &addrs,
+                deadline,
+                cfg.socket_buffer,
+                cfg.secret.as_ref(),
+                cfg.nsocks,
+            )?;
+            let outgoing = shm::open_outgoing(comm_id, rank, &local, cfg.nsocks);
+            transport.attach_shm(outgoing, incoming);
+            (transport, store)
         };
         let model = crate::calibrate::configured(&cfg);
         let mut comm = Communicator {
@@ -257,8 +266,14 @@ impl Communicator {
             }),
             _store: store,
         };
-        // Nobody returns before everyone is connected, so the store may go away.
+        // Nobody returns before everyone is connected, so the store may go
+        // away, and every peer has opened this rank's rings.
         comm.barrier()?;
+        comm.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .transport
+            .unlink_shm();
         if crate::calibrate::measures(&comm.cfg) {
             comm.model = crate::calibrate::measure(&comm)?;
         }
@@ -298,10 +313,27 @@ impl Communicator {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
-    /// Bytes this rank has written to / read from its sockets (headers included).
+    /// Bytes this rank has sent / received (headers included, and payloads
+    /// that went through shared memory to ranks of this host).
     pub fn bytes_on_wire(&self) -> (u64, u64) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         (g.transport.bytes_sent, g.transport.bytes_received)
+    }
+
+    /// Of the bytes sent, the payload bytes that went through shared-memory
+    /// rings to ranks of this host (`KOLO_SHM_BYTES`) rather than a socket.
+    ///
+    /// ```
+    /// let comm = kolo::Communicator::init(kolo::Config::local(0, 1, 0))?;
+    /// assert_eq!(comm.bytes_through_shm(), 0);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn bytes_through_shm(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .transport
+            .bytes_shm
     }
 
     /// The algorithm [`Communicator::allreduce`] uses for `bytes` bytes.

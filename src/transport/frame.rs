@@ -22,6 +22,10 @@ pub enum Kind {
     Data = 1,
     /// The sender failed the collective; the payload is its error text.
     Abort = 2,
+    /// A piece of a collective's payload that is not on the connection: the
+    /// sender put its `len` bytes in the shared-memory ring of this
+    /// connection ([`super::shm`]), in frame order.
+    Shm = 3,
 }
 
 /// What every rank must agree on for one collective call.
@@ -118,6 +122,7 @@ impl Header {
         let kind = match b.get_u8() {
             1 => Kind::Data,
             2 => Kind::Abort,
+            3 => Kind::Shm,
             k => return Err(format!("unknown frame kind {k}")),
         };
         let coll = b.get_u8();

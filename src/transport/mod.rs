@@ -4,6 +4,7 @@
 //! [`crate::exec`] decides where received bytes go.
 
 pub mod frame;
+pub mod shm;
 
 use crate::auth::{self, Secret};
 use crate::error::{Error, Result};
@@ -72,8 +73,12 @@ pub struct Transport {
     events: Events,
     /// Wakes [`Transport::wait_incoming`] from another thread (created on first use).
     waker: Option<std::sync::Arc<mio::Waker>>,
-    /// Payload and header bytes written to sockets since creation.
+    /// Payload and header bytes sent since creation (payloads that went
+    /// through a shared-memory ring included).
     pub bytes_sent: u64,
+    /// Of [`Transport::bytes_sent`], the payload bytes that went through
+    /// shared-memory rings.
+    pub bytes_shm: u64,
     /// Payload and header bytes read from sockets since creation.
     pub bytes_received: u64,
     /// Every abort text read so far, as (peer, text), whichever connection
@@ -81,6 +86,11 @@ pub struct Transport {
     /// from them (a peer's abort arrives twice, and the copy read first may
     /// be the one that failed the collective). See [`Transport::aborts_heard`].
     heard: std::cell::RefCell<Vec<(usize, String)>>,
+    /// Shared-memory rings for bulk payloads to ([`shm`]) each peer of this
+    /// host, per connection; empty when there are none.
+    shm_out: shm::Rings,
+    /// The rings this rank created for bulk payloads from each peer.
+    shm_in: shm::Rings,
 }
 
 /// Token of the cross-thread waker in the data connections' epoll set.
@@ -233,9 +243,78 @@ impl Transport {
             events: Events::with_capacity(256),
             waker: None,
             bytes_sent: 0,
+            bytes_shm: 0,
             bytes_received: 0,
             heard: Default::default(),
+            shm_out: Vec::new(),
+            shm_in: Vec::new(),
         })
+    }
+
+    /// Use shared-memory rings for bulk payloads ([`shm`]): `outgoing`
+    /// opened on the peers' side, `incoming` created on this one.
+    pub fn attach_shm(&mut self, outgoing: shm::Rings, incoming: shm::Rings) {
+        self.shm_out = outgoing;
+        self.shm_in = incoming;
+    }
+
+    /// Remove the names of this rank's rings once every peer has opened
+    /// them (after the first barrier): nothing is left in `/dev/shm` when
+    /// the job ends, however it ends.
+    pub fn unlink_shm(&mut self) {
+        for r in self.shm_in.iter_mut().flatten().flatten() {
+            r.unlink();
+        }
+    }
+
+    /// The ring of bulk frames to (`outgoing`) or from `peer` on `lane`.
+    fn ring(&self, peer: usize, lane: usize, outgoing: bool) -> Option<&shm::Ring> {
+        let rings = if outgoing {
+            &self.shm_out
+        } else {
+            &self.shm_in
+        };
+        rings.get(peer)?.get(lane)?.as_ref()
+    }
+
+    /// Put a bulk payload in the ring to `peer` on `lane`; false if there is
+    /// no ring or not room enough (the frame then goes inline).
+    fn push_ring(&mut self, peer: usize, lane: usize, parts: &[&[u8]]) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len <= DUPLEX_MAX || lane == DUPLEX {
+            return false;
+        }
+        let pushed = self.ring(peer, lane, true).is_some_and(|r| r.push(parts));
+        if pushed {
+            self.bytes_sent += len as u64;
+            self.bytes_shm += len as u64;
+        }
+        pushed
+    }
+
+    /// Take the next `dst.len()` payload bytes of a [`Kind::Shm`] frame from
+    /// `peer` on `lane` out of its ring.
+    fn pop_ring(
+        &mut self,
+        peer: usize,
+        lane: usize,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), RecvError> {
+        let r = self.ring(peer, lane, false).ok_or_else(|| {
+            RecvError::Protocol(
+                "a shared-memory frame, but this rank made no ring for that connection".into(),
+            )
+        })?;
+        r.pop(dst).map_err(RecvError::Protocol)?;
+        self.bytes_received += dst.len() as u64;
+        Ok(())
+    }
+
+    /// Whether payloads to (`outgoing`) or from `peer` on `lane` may go
+    /// through a ring: bulk frames only (small ones share [`DUPLEX`], where
+    /// the socket's latency is the cost, not its copies).
+    pub fn has_ring(&self, peer: usize, lane: usize, outgoing: bool) -> bool {
+        lane != DUPLEX && self.ring(peer, lane, outgoing).is_some()
     }
 
     /// This rank.
@@ -912,6 +991,9 @@ pub struct Outgoing {
     lane: usize,
     header: [u8; HEADER_LEN],
     done: usize,
+    /// Whether the payload went through the peer's ring (decided at the
+    /// first call, `None` before): then only the header is sent.
+    shm: Option<bool>,
 }
 
 impl Outgoing {
@@ -922,6 +1004,7 @@ impl Outgoing {
             lane: 0,
             header,
             done: 0,
+            shm: None,
         }
     }
     /// The same message on connection `lane` (a stripe, see [`crate::exec`]).
@@ -939,10 +1022,33 @@ impl Outgoing {
     }
     /// Bytes (of the header and a payload of `len` bytes) still to send.
     pub fn remaining(&self, len: usize) -> usize {
+        let len = if self.shm == Some(true) { 0 } else { len };
         HEADER_LEN + len - self.done
     }
+
+    /// At the first call: put the payload in the peer's ring if it has one
+    /// with room, and mark the header so; the payload bytes still to write
+    /// on the socket.
+    fn decide(&mut self, t: &mut Transport, parts: &[&[u8]]) -> usize {
+        if self.shm.is_none() {
+            let pushed = t.push_ring(self.peer, self.lane, parts);
+            if pushed {
+                let mut h = Header::decode(&self.header).expect("our own header");
+                h.kind = Kind::Shm;
+                self.header = h.encode();
+            }
+            self.shm = Some(pushed);
+        }
+        match self.shm {
+            Some(true) => 0,
+            _ => parts.iter().map(|p| p.len()).sum(),
+        }
+    }
+
     /// Write as much as the socket takes; true once everything is sent.
     pub fn progress(&mut self, t: &mut Transport, payload: &[u8]) -> io::Result<bool> {
+        let inline = self.decide(t, &[payload]);
+        let payload = &payload[..inline];
         let total = HEADER_LEN + payload.len();
         while self.done < total {
             let n = if self.done < HEADER_LEN {
@@ -986,6 +1092,11 @@ impl Outgoing {
     /// allreduce sending from the tensors' own memory): one `writev` takes
     /// the header and up to [`MAX_PARTS`] parts.
     pub fn progress_parts(&mut self, t: &mut Transport, parts: &[&[u8]]) -> io::Result<bool> {
+        let parts = if self.decide(t, parts) == 0 {
+            &[][..]
+        } else {
+            parts
+        };
         let total = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut bufs: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_PARTS + 1);
         while self.done < total {
@@ -1063,6 +1174,8 @@ pub struct Incoming {
     /// of them were handed out.
     stash_len: usize,
     stash_out: usize,
+    /// The header said [`Kind::Shm`]: the payload comes out of the ring.
+    shm: bool,
 }
 
 impl Incoming {
@@ -1078,6 +1191,7 @@ impl Incoming {
             stash: [0; STASH],
             stash_len: 0,
             stash_out: 0,
+            shm: false,
         }
     }
     /// The same message, expected on connection `lane` (a stripe).
@@ -1110,8 +1224,13 @@ impl Incoming {
     fn header(&mut self, t: &mut Transport) -> std::result::Result<bool, RecvError> {
         while self.got_header < HEADER_LEN {
             // Never more than the expected frame, so no byte of the next
-            // frame is taken.
-            let ahead = (self.expect.len as usize).min(STASH);
+            // frame is taken; nothing where the payload may be in a ring
+            // (the bytes after the header are then the next frame's).
+            let ahead = if t.has_ring(self.peer, self.lane, false) {
+                0
+            } else {
+                (self.expect.len as usize).min(STASH)
+            };
             let mut bufs = [
                 io::IoSliceMut::new(&mut self.header[self.got_header..]),
                 io::IoSliceMut::new(&mut self.stash[..ahead]),
@@ -1150,6 +1269,16 @@ impl Incoming {
         if h.seq != self.expect.seq || h.desc != self.expect.desc || h.len != self.expect.len {
             return Err(RecvError::Mismatch(self.expect, h));
         }
+        if h.kind == Kind::Shm {
+            if !t.has_ring(self.peer, self.lane, false) {
+                return Err(RecvError::Protocol(
+                    "a shared-memory frame, but this rank made no ring for that connection".into(),
+                ));
+            }
+            // The frame on the connection ends with its header.
+            self.shm = true;
+            t.set_in_mid(self.peer, self.lane, false);
+        }
         Ok(true)
     }
 
@@ -1165,6 +1294,11 @@ impl Incoming {
             return Ok(0);
         }
         let want = dst.len().min(self.remaining());
+        if self.shm {
+            t.pop_ring(self.peer, self.lane, &mut dst[..want])?;
+            self.got += want as u64;
+            return Ok(want);
+        }
         let stashed = (self.stash_len - self.stash_out).min(want);
         dst[..stashed].copy_from_slice(&self.stash[self.stash_out..self.stash_out + stashed]);
         self.stash_out += stashed;
@@ -1205,6 +1339,13 @@ impl Incoming {
         }
         let want: usize = parts.iter().map(|p| p.len()).sum();
         assert!(want <= self.remaining(), "receive parts exceed the message");
+        if self.shm {
+            for p in parts.iter_mut() {
+                t.pop_ring(self.peer, self.lane, p)?;
+            }
+            self.got += want as u64;
+            return Ok(want);
+        }
         // Bytes that came with the header first.
         let mut filled = 0;
         let mut stashed = self.stash_len - self.stash_out;

@@ -1,0 +1,395 @@
+//! Payloads between ranks of one host through shared memory: one ring per
+//! direction and connection, created by the receiver in `/dev/shm`. A bulk
+//! frame's header still travels on its TCP connection (so ordering, aborts,
+//! deadlines and every error path stay the socket's), but the payload is
+//! copied once into the ring and once out of it instead of going through
+//! the kernel's TCP stack. A payload that does not fit the ring's free space
+//! goes inline on the socket as before, so nothing ever waits on a ring.
+//!
+//! One producer and one consumer per ring: `head` (bytes ever written) is
+//! the sender's, `tail` (bytes ever read) the receiver's.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes before the data: `head` (and the creator's pid) and `tail` on
+/// cache lines of their own.
+const META: usize = 128;
+/// Where the creator's pid is kept, for [`sweep_stale`].
+const PID_AT: usize = 16;
+/// The names of rings start so in `/dev/shm`.
+const PREFIX: &str = "kolo-";
+
+/// A ring buffer in a shared mapping.
+pub struct Ring {
+    base: *mut u8,
+    cap: usize,
+    /// Set on the creator until [`Ring::unlink`] removed the name.
+    path: Option<PathBuf>,
+}
+
+// SAFETY: the mapping lives as long as the ring; only the owning transport
+// touches it from this process.
+unsafe impl Send for Ring {}
+
+fn map(file: &File, len: usize) -> io::Result<*mut u8> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh shared mapping of a file we hold open, of its size.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            // Fault every page in now, not on the first pass of the data.
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+impl Ring {
+    /// Create the ring at `path` (which must not exist) with `cap` data bytes,
+    /// readable only by this user.
+    ///
+    /// ```
+    /// use kolo::transport::shm::Ring;
+    /// let path = std::env::temp_dir().join(format!("kolo-doc-ring-{}", std::process::id()));
+    /// let mut rx = Ring::create(&path, 64)?;
+    /// let tx = Ring::open(&path)?;
+    /// rx.unlink();
+    /// assert!(tx.push(&[b"hello", b" ring"]));
+    /// let mut out = [0u8; 10];
+    /// rx.pop(&mut out).unwrap();
+    /// assert_eq!(&out, b"hello ring");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn create(path: &Path, cap: usize) -> io::Result<Ring> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        let made = file
+            .set_len((META + cap) as u64)
+            .and_then(|_| map(&file, META + cap));
+        match made {
+            Ok(base) => {
+                let ring = Ring {
+                    base,
+                    cap,
+                    path: Some(path.to_path_buf()),
+                };
+                ring.counter(PID_AT)
+                    .store(u64::from(std::process::id()), Ordering::Relaxed);
+                Ok(ring)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Open a ring a peer created, checking that this user owns it and
+    /// nobody else may read it.
+    pub fn open(path: &Path) -> io::Result<Ring> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let meta = file.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o077 != 0 || (meta.len() as usize) <= META {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: not a ring of this user", path.display()),
+            ));
+        }
+        let len = meta.len() as usize;
+        Ok(Ring {
+            base: map(&file, len)?,
+            cap: len - META,
+            path: None,
+        })
+    }
+
+    /// Remove the ring's name (the creator does, once the peer has opened
+    /// it); the mapping stays.
+    pub fn unlink(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    fn counter(&self, at: usize) -> &AtomicU64 {
+        // SAFETY: `at` is 0, PID_AT or 64, inside the mapping and 8-aligned
+        // (mmap returns page-aligned memory).
+        unsafe { &*self.base.add(at).cast::<AtomicU64>() }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the data follows the counters inside the mapping.
+        unsafe { self.base.add(META) }
+    }
+
+    /// Producer: append the concatenation of `parts` if it fits in the free
+    /// space; false (and nothing written) if it does not.
+    pub fn push(&self, parts: &[&[u8]]) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let head = self.counter(0).load(Ordering::Relaxed);
+        let tail = self.counter(64).load(Ordering::Acquire);
+        let used = head.wrapping_sub(tail) as usize;
+        if used > self.cap || len > self.cap - used {
+            return false;
+        }
+        let mut at = (head % self.cap as u64) as usize;
+        for p in parts {
+            let mut src: &[u8] = p;
+            while !src.is_empty() {
+                let k = src.len().min(self.cap - at);
+                // SAFETY: `at + k <= cap`; the range is free (the consumer is
+                // past it), so only this producer touches it until `head` moves.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(at), k) };
+                src = &src[k..];
+                at = (at + k) % self.cap;
+            }
+        }
+        self.counter(0)
+            .store(head.wrapping_add(len as u64), Ordering::Release);
+        true
+    }
+
+    /// Consumer: take the next `dst.len()` bytes. An error (nothing taken)
+    /// if fewer have been written: a peer that announced a payload it did
+    /// not put here.
+    pub fn pop(&self, dst: &mut [u8]) -> Result<(), String> {
+        let tail = self.counter(64).load(Ordering::Relaxed);
+        let head = self.counter(0).load(Ordering::Acquire);
+        let have = head.wrapping_sub(tail);
+        if have > self.cap as u64 || (dst.len() as u64) > have {
+            return Err(format!(
+                "its shared-memory ring holds {have} bytes, the frame needs {}",
+                dst.len()
+            ));
+        }
+        let len = dst.len();
+        let mut at = (tail % self.cap as u64) as usize;
+        let mut out: &mut [u8] = dst;
+        while !out.is_empty() {
+            let k = out.len().min(self.cap - at);
+            // SAFETY: `at + k <= cap`, written by the producer before `head`
+            // (acquired above) moved past it.
+            unsafe { std::ptr::copy_nonoverlapping(self.data().add(at), out.as_mut_ptr(), k) };
+            out = &mut out[k..];
+            at = (at + k) % self.cap;
+        }
+        self.counter(64)
+            .store(tail.wrapping_add(len as u64), Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.unlink();
+        // SAFETY: the mapping made in `create`/`open`, of this length.
+        unsafe { libc::munmap(self.base.cast(), META + self.cap) };
+    }
+}
+
+/// Remove the rings in `dir` (`/dev/shm`) that this user's processes
+/// created and that outlived them. A ring's name is removed once the peer
+/// has opened it, a moment after the communicator starts; a rank killed in
+/// that moment leaves it behind, so every communicator start sweeps.
+pub fn sweep_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        let Ok(file) = File::open(e.path()) else {
+            continue;
+        };
+        if !file.metadata().is_ok_and(|m| m.uid() == me) {
+            continue;
+        }
+        let mut raw = [0u8; 8];
+        use std::os::unix::fs::FileExt;
+        if file.read_exact_at(&mut raw, PID_AT as u64).is_err() {
+            continue;
+        }
+        let pid = u64::from_le_bytes(raw);
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = pid > 0
+            && pid <= i32::MAX as u64
+            && unsafe { libc::kill(pid as i32, 0) } == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Where rings are made.
+pub const DIR: &str = "/dev/shm";
+
+/// The name of the ring carrying frames from `from` to `to` on connection
+/// `lane` of communicator `comm_id` (a random id per job and epoch).
+pub fn ring_path(comm_id: u64, from: usize, to: usize, lane: usize) -> PathBuf {
+    Path::new(DIR).join(format!("{PREFIX}{comm_id:016x}-{from}-{to}-{lane}"))
+}
+
+/// Rings per peer (outer) and connection (inner); `None` where there is none.
+pub type Rings = Vec<Vec<Option<Ring>>>;
+
+/// Create this rank's incoming rings, from every peer `p` with `local[p]`,
+/// on each of `lanes` connections, `cap` bytes each (none if `cap` is 0). A
+/// ring that cannot be made (no `/dev/shm`, a name taken) is left out: that
+/// peer then sends inline.
+pub fn create_incoming(
+    comm_id: u64,
+    rank: usize,
+    local: &[bool],
+    lanes: usize,
+    cap: usize,
+) -> Rings {
+    local
+        .iter()
+        .enumerate()
+        .map(|(p, &l)| {
+            (0..lanes)
+                .map(|lane| {
+                    (l && cap > 0 && p != rank)
+                        .then(|| Ring::create(&ring_path(comm_id, p, rank, lane), cap).ok())
+                        .flatten()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Open the rings that peers created for frames from this rank (after every
+/// rank created its own: once the connections are up). Missing ones are
+/// left out: this rank then sends inline.
+pub fn open_outgoing(comm_id: u64, rank: usize, local: &[bool], lanes: usize) -> Rings {
+    local
+        .iter()
+        .enumerate()
+        .map(|(p, &l)| {
+            (0..lanes)
+                .map(|lane| {
+                    (l && p != rank)
+                        .then(|| Ring::open(&ring_path(comm_id, rank, p, lane)).ok())
+                        .flatten()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cap: usize) -> (Ring, Ring) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "kolo-ring-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut rx = Ring::create(&path, cap).unwrap();
+        let tx = Ring::open(&path).unwrap();
+        rx.unlink();
+        assert!(!path.exists());
+        (tx, rx)
+    }
+
+    #[test]
+    fn wraps_around_and_refuses_what_does_not_fit() {
+        let (tx, rx) = pair(10);
+        assert!(tx.push(&[b"abcdef"]));
+        assert!(!tx.push(&[b"ghijk"]), "6 + 5 > 10");
+        let mut a = [0u8; 4];
+        rx.pop(&mut a).unwrap();
+        assert_eq!(&a, b"abcd");
+        // 2 bytes left, 8 free: this one wraps.
+        assert!(tx.push(&[b"gh", b"ijklm"]));
+        let mut b = [0u8; 9];
+        rx.pop(&mut b).unwrap();
+        assert_eq!(&b, b"efghijklm");
+        assert!(rx.pop(&mut [0u8; 1]).is_err(), "nothing left");
+        assert!(tx.push(&[&[7u8; 10]]), "a full ring's worth once empty");
+        let mut c = [0u8; 10];
+        rx.pop(&mut c).unwrap();
+        assert_eq!(c, [7u8; 10]);
+    }
+
+    #[test]
+    fn a_stream_through_a_small_ring_arrives_in_order() {
+        let (tx, rx) = pair(4096);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut sent, mut got) = (0, 0);
+        let mut out = vec![0u8; data.len()];
+        while got < data.len() {
+            let k = (data.len() - sent).min(1000);
+            if k > 0 && tx.push(&[&data[sent..sent + k]]) {
+                sent += k;
+            }
+            let k = (sent - got).min(777);
+            rx.pop(&mut out[got..got + k]).unwrap();
+            got += k;
+        }
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn sweep_removes_the_rings_of_dead_processes_only() {
+        let dir = std::env::temp_dir().join(format!("kolo-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mine = dir.join("kolo-live");
+        let ring = Ring::create(&mine, 64).unwrap();
+        // A ring whose creator has exited: a child that made it.
+        let dead = dir.join("kolo-dead");
+        std::fs::copy(&mine, &dead).unwrap();
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let mut child = child;
+        child.wait().unwrap();
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(&dead).unwrap();
+        f.write_all_at(&u64::from(pid).to_le_bytes(), PID_AT as u64)
+            .unwrap();
+        let other = dir.join("not-a-ring");
+        std::fs::write(&other, b"x").unwrap();
+        sweep_stale(&dir);
+        assert!(mine.exists(), "this process is alive");
+        assert!(!dead.exists(), "its creator is gone");
+        assert!(other.exists(), "not kolo's");
+        drop(ring);
+        assert!(!mine.exists(), "the creator unlinks on drop");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn open_refuses_what_others_may_read_and_create_a_taken_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("kolo-ring-mode-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Ring::open(&path).is_err());
+        assert!(Ring::create(&path, 64).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
+}

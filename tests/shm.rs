@@ -1,0 +1,143 @@
+//! Shared memory between ranks of one host (`KOLO_SHM_BYTES`): bulk payloads
+//! go through a ring per connection when it has room and inline on the
+//! socket when it does not. With rings small enough that both happen within
+//! one collective, every algorithm equals the serial reference on every
+//! rank and gives the same bits as a job without rings (the rings move
+//! bytes, they never change an order of operations); the payloads did go
+//! through shared memory; and no ring is left in `/dev/shm` once the
+//! communicators are gone.
+
+mod common;
+
+use common::*;
+use kolo::algo::cost::Algo;
+use kolo::{Communicator, ReduceOp};
+use std::time::Duration;
+
+/// Fingerprints of every algorithm at several counts, an allgather and a
+/// broadcast; and the payload bytes this rank sent through rings.
+fn run(n: usize, shm_bytes: usize, nsocks: usize) -> Vec<(Vec<u64>, u64)> {
+    // Empty, one element, a prime, just over one small frame, 2^20.
+    let counts = [0, 1, 1009, 20_000, 1 << 20];
+    run_ranks_with(
+        n,
+        |cfg| {
+            cfg.shm_bytes = shm_bytes;
+            cfg.nsocks = nsocks;
+            cfg.calibrate = false;
+            cfg.timeout = Duration::from_secs(60);
+        },
+        |c: Communicator| {
+            let (r, n) = (c.rank(), c.size());
+            let mut prints = Vec::new();
+            for algo in Algo::ALL {
+                for (k, &count) in counts.iter().enumerate() {
+                    let seed = 5 + k as u64;
+                    let mut buf: Vec<f32> = (0..count)
+                        .map(|i| input(ReduceOp::Sum, seed, r, i))
+                        .collect();
+                    c.allreduce_with(&mut buf, ReduceOp::Sum, algo).unwrap();
+                    let want = reference::<f32>(ReduceOp::Sum, seed, n, count);
+                    if let Some(i) = first_diff(&buf, &want) {
+                        panic!(
+                            "{} n={n} count={count} rank={r} shm={shm_bytes}: element {i}: got {}, want {}",
+                            algo.name(),
+                            buf[i],
+                            want[i]
+                        );
+                    }
+                    let mut x: Vec<f32> = (0..count)
+                        .map(|i| ((mix((r * 7919 + i) as u64 ^ seed) % 2001) as f32 - 1000.0) / 7.0)
+                        .collect();
+                    c.allreduce_with(&mut x, ReduceOp::Sum, algo).unwrap();
+                    prints.push(fingerprint(&x));
+                }
+            }
+            let mut all = vec![0i32; 100_000 * n];
+            c.allgather(&vec![r as i32; 100_000], &mut all).unwrap();
+            let want: Vec<i32> = (0..n).flat_map(|q| vec![q as i32; 100_000]).collect();
+            assert_eq!(all, want, "allgather shm={shm_bytes}");
+            let mut b = vec![r as u8; 300_001];
+            c.broadcast(&mut b, n - 1).unwrap();
+            assert!(
+                b.iter().all(|&v| v as usize == n - 1),
+                "broadcast shm={shm_bytes}"
+            );
+            (prints, c.bytes_through_shm())
+        },
+    )
+}
+
+/// Rings of this process still named in `/dev/shm`.
+fn ours_left() -> Vec<String> {
+    let pid = std::process::id() as u64;
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("kolo-"))
+                .filter(|e| {
+                    use std::os::unix::fs::FileExt;
+                    let mut raw = [0u8; 8];
+                    std::fs::File::open(e.path())
+                        .and_then(|f| f.read_exact_at(&mut raw, 16))
+                        .is_ok()
+                        && u64::from_le_bytes(raw) == pid
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn rings_and_inline_frames_give_the_reference_and_the_bits_of_tcp() {
+    assert!(
+        std::path::Path::new("/dev/shm").is_dir(),
+        "this test needs /dev/shm"
+    );
+    for n in 1..=6 {
+        let tcp = run(n, 0, 1);
+        assert!(
+            tcp.iter().all(|(_, shm)| *shm == 0),
+            "n={n}: no rings asked for"
+        );
+        // 200 KB rings: a 64 KiB-plus frame fits, a 512 KiB segment does not.
+        for (shm_bytes, nsocks) in [(200_000, 1), (1 << 20, 1), (200_000, 2)] {
+            let got = run(n, shm_bytes, nsocks);
+            for (r, ((p, shm), (q, _))) in got.iter().zip(&tcp).enumerate() {
+                assert_eq!(
+                    p, q,
+                    "n={n} rank {r} shm={shm_bytes} nsocks={nsocks}: bits differ from TCP"
+                );
+                if n > 1 {
+                    assert!(
+                        *shm > 0,
+                        "n={n} rank {r} shm={shm_bytes}: nothing went through a ring"
+                    );
+                }
+            }
+            let first = &got[0].0;
+            assert!(got.iter().all(|(p, _)| p == first), "n={n}: ranks differ");
+        }
+    }
+    assert_eq!(ours_left(), Vec::<String>::new(), "rings left in /dev/shm");
+}
+
+#[test]
+fn rings_lose_their_names_once_every_rank_is_connected() {
+    let left = run_ranks_with(
+        3,
+        |cfg| cfg.shm_bytes = 1 << 16,
+        |c: Communicator| {
+            // Every rank has passed the first barrier here.
+            c.barrier().unwrap();
+            let left = ours_left();
+            c.barrier().unwrap();
+            left
+        },
+    );
+    assert!(
+        left.iter().all(|l| l.is_empty()),
+        "named rings while running: {left:?}"
+    );
+}
