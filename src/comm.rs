@@ -269,28 +269,38 @@ impl Communicator {
         // Nobody returns before everyone is connected, so the store may go
         // away, and every peer has opened this rank's rings.
         comm.barrier()?;
-        comm.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .transport
-            .unlink_shm();
+        comm.with_transport(|t| t.unlink_shm());
         if crate::calibrate::measures(&comm.cfg) {
             comm.model = crate::calibrate::measure(&comm)?;
         }
         // The tree's edge over the ring is a CPU-bound host's (see
         // `cost::select`): with a core per rank the ring is faster (16-core
-        // host, N = 2..4, README § Algorithms). The cores the ranks share are
-        // the union of their affinity masks, not any one rank's: a launcher
-        // that pins each rank to its own share leaves each seeing only that.
+        // host, N = 2..4), and so it is for two ranks that share memory
+        // rings (2-core VM: 1.2-1.5x from 4 MiB; with 4 ranks the tree
+        // still wins there; README § Algorithms). The cores the ranks share
+        // are the union of their affinity masks, not any one rank's: a
+        // launcher that pins each rank to its own share leaves each seeing
+        // only that.
         let mut crowded = false;
         if comm.local_size() == comm.size() && comm.size() > 1 {
             let mine = crate::host::cpu_mask(&crate::host::usable_cpus());
             let mut all = vec![0i64; mine.len() * comm.size()];
             comm.allgather(&mine, &mut all)?;
-            crowded = comm.size() >= crate::host::count_union(&all);
+            let mut tcp = [i32::from(!comm.with_transport(|t| t.rings_to_all()))];
+            comm.allreduce_with(&mut tcp, ReduceOp::Max, Algo::Rd)?;
+            crowded =
+                comm.size() >= crate::host::count_union(&all) && (comm.size() > 2 || tcp[0] == 1);
         }
         comm.auto = algo::cost::table(&comm.model, comm.size(), crowded);
         Ok(comm)
+    }
+
+    fn with_transport<R>(&self, f: impl FnOnce(&mut Transport) -> R) -> R {
+        f(&mut self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .transport)
     }
 
     /// This rank, in `0..size()`.
@@ -329,11 +339,7 @@ impl Communicator {
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn bytes_through_shm(&self) -> u64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .transport
-            .bytes_shm
+        self.with_transport(|t| t.bytes_shm)
     }
 
     /// The algorithm [`Communicator::allreduce`] uses for `bytes` bytes.

@@ -267,6 +267,13 @@ impl Transport {
         }
     }
 
+    /// Whether bulk frames to and from every peer can go through rings.
+    pub fn rings_to_all(&self) -> bool {
+        (0..self.size)
+            .filter(|&p| p != self.rank)
+            .all(|p| self.ring(p, 0, true).is_some() && self.ring(p, 0, false).is_some())
+    }
+
     /// The ring of bulk frames to (`outgoing`) or from `peer` on `lane`.
     fn ring(&self, peer: usize, lane: usize, outgoing: bool) -> Option<&shm::Ring> {
         let rings = if outgoing {
