@@ -141,3 +141,82 @@ fn rings_lose_their_names_once_every_rank_is_connected() {
         "named rings while running: {left:?}"
     );
 }
+
+/// Rank 1 of a two-rank transport pair sends a `Shm` header for a payload of
+/// `len` bytes that it never put anywhere; rank 0 (with or without a ring
+/// from rank 1) expects that frame as data. Returns rank 0's error text.
+fn bogus_shm_frame(ring_on_rank0: bool) -> String {
+    use kolo::transport::frame::{Desc, Header, Kind};
+    use kolo::transport::{shm, Incoming, RecvError, Transport};
+    use std::time::Instant;
+    let comm_id = 0x5ead_0000_0000_0000 | u64::from(std::process::id()) << 1 | ring_on_rank0 as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let l0 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+    let a2 = addrs.clone();
+    let t = std::thread::spawn(move || {
+        Transport::establish(1, 2, comm_id, l1, &a2, deadline, 0, None).unwrap()
+    });
+    let mut t0 = Transport::establish(0, 2, comm_id, l0, &addrs, deadline, 0, None).unwrap();
+    let mut t1 = t.join().unwrap();
+    if ring_on_rank0 {
+        let incoming = shm::create_incoming(comm_id, 0, &[true, true], 1, 1 << 20);
+        assert!(incoming[1][0].is_some(), "ring from rank 1 made");
+        t0.attach_shm(Vec::new(), incoming);
+        t0.unlink_shm();
+    }
+    let len = 100_000;
+    let desc = Desc {
+        coll: 1,
+        dtype: 6,
+        op: 1,
+        root: 0,
+        count: len / 4,
+    };
+    let h = Header {
+        kind: Kind::Shm,
+        desc,
+        comm_id,
+        seq: 1,
+        len,
+    };
+    let enc = h.encode();
+    let mut sent = 0;
+    while sent < enc.len() {
+        sent += t1
+            .send(0, &[std::io::IoSlice::new(&enc[sent..])])
+            .unwrap_or(0);
+    }
+    let mut inc = Incoming::new(
+        1,
+        Header {
+            kind: Kind::Data,
+            ..h
+        },
+    );
+    let mut buf = vec![0u8; len as usize];
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match inc.progress(&mut t0, &mut buf) {
+            Err(RecvError::Protocol(m)) => return m,
+            Err(e) => panic!("expected a protocol error, got {e:?}"),
+            Ok(0) => {
+                assert!(Instant::now() < until, "the bogus frame was not refused");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(n) => panic!("{n} bytes taken from a frame with no payload anywhere"),
+        }
+    }
+}
+
+#[test]
+fn a_shm_frame_without_its_payload_is_a_protocol_error() {
+    let no_ring = bogus_shm_frame(false);
+    assert!(no_ring.contains("made no ring"), "{no_ring}");
+    let empty = bogus_shm_frame(true);
+    assert!(
+        empty.contains("ring holds 0 bytes") && empty.contains("100000"),
+        "{empty}"
+    );
+}
