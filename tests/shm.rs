@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use kolo::algo::cost::Algo;
-use kolo::{Communicator, ReduceOp};
+use kolo::Communicator;
 use std::time::Duration;
 
 /// Fingerprints of every algorithm at several counts, an allgather and a
@@ -32,24 +32,8 @@ fn run(n: usize, shm_bytes: usize, nsocks: usize) -> Vec<(Vec<u64>, u64)> {
             let mut prints = Vec::new();
             for algo in Algo::ALL {
                 for (k, &count) in counts.iter().enumerate() {
-                    let seed = 5 + k as u64;
-                    let mut buf: Vec<f32> = (0..count)
-                        .map(|i| input(ReduceOp::Sum, seed, r, i))
-                        .collect();
-                    c.allreduce_with(&mut buf, ReduceOp::Sum, algo).unwrap();
-                    let want = reference::<f32>(ReduceOp::Sum, seed, n, count);
-                    if let Some(i) = first_diff(&buf, &want) {
-                        panic!(
-                            "{} n={n} count={count} rank={r} shm={shm_bytes}: element {i}: got {}, want {}",
-                            algo.name(),
-                            buf[i],
-                            want[i]
-                        );
-                    }
-                    let mut x: Vec<f32> = (0..count)
-                        .map(|i| ((mix((r * 7919 + i) as u64 ^ seed) % 2001) as f32 - 1000.0) / 7.0)
-                        .collect();
-                    c.allreduce_with(&mut x, ReduceOp::Sum, algo).unwrap();
+                    let label = format!("shm={shm_bytes} nsocks={nsocks}");
+                    let x = sum_exact_then_inexact(&c, algo, count, 5 + k as u64, &label);
                     prints.push(fingerprint(&x));
                 }
             }

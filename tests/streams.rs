@@ -20,25 +20,8 @@ use std::time::{Duration, Instant};
 /// reference, then the fingerprint of an inexact float sum (and, below 2^20,
 /// of an fp16-compressed average), to compare across ranks and stream counts.
 fn check(c: &Communicator, algo: Algo, count: usize, seed: u64) -> u64 {
-    let (r, n) = (c.rank(), c.size());
-    let mut buf: Vec<f32> = (0..count)
-        .map(|i| input(ReduceOp::Sum, seed, r, i))
-        .collect();
-    c.allreduce_with(&mut buf, ReduceOp::Sum, algo).unwrap();
-    let want = reference::<f32>(ReduceOp::Sum, seed, n, count);
-    if let Some(i) = first_diff(&buf, &want) {
-        panic!(
-            "{} n={n} count={count} rank={r} nsocks={}: element {i}: got {}, want {}",
-            algo.name(),
-            c.config().nsocks,
-            buf[i],
-            want[i]
-        );
-    }
-    let mut x: Vec<f32> = (0..count)
-        .map(|i| ((mix((r * 7919 + i) as u64 ^ seed) % 2001) as f32 - 1000.0) / 7.0)
-        .collect();
-    c.allreduce_with(&mut x, ReduceOp::Sum, algo).unwrap();
+    let label = format!("nsocks={}", c.config().nsocks);
+    let x = sum_exact_then_inexact(c, algo, count, seed, &label);
     if count >= 1 << 20 {
         return fingerprint(&x);
     }

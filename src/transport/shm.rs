@@ -253,6 +253,27 @@ pub fn ring_path(comm_id: u64, from: usize, to: usize, lane: usize) -> PathBuf {
 /// Rings per peer (outer) and connection (inner); `None` where there is none.
 pub type Rings = Vec<Vec<Option<Ring>>>;
 
+/// A ring per peer `p` with `local[p]` (this rank excluded) and connection,
+/// from `make(p, lane)`; `None` where it fails.
+fn per_peer(
+    rank: usize,
+    local: &[bool],
+    lanes: usize,
+    make: impl Fn(usize, usize) -> io::Result<Ring>,
+) -> Rings {
+    (0..local.len())
+        .map(|p| {
+            (0..lanes)
+                .map(|lane| {
+                    (local[p] && p != rank)
+                        .then(|| make(p, lane).ok())
+                        .flatten()
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Create this rank's incoming rings, from every peer `p` with `local[p]`,
 /// on each of `lanes` connections, `cap` bytes each (none if `cap` is 0). A
 /// ring that cannot be made (no `/dev/shm`, a name taken) is left out: that
@@ -264,38 +285,21 @@ pub fn create_incoming(
     lanes: usize,
     cap: usize,
 ) -> Rings {
-    local
-        .iter()
-        .enumerate()
-        .map(|(p, &l)| {
-            (0..lanes)
-                .map(|lane| {
-                    (l && cap > 0 && p != rank)
-                        .then(|| Ring::create(&ring_path(comm_id, p, rank, lane), cap).ok())
-                        .flatten()
-                })
-                .collect()
-        })
-        .collect()
+    if cap == 0 {
+        return Vec::new();
+    }
+    per_peer(rank, local, lanes, |p, lane| {
+        Ring::create(&ring_path(comm_id, p, rank, lane), cap)
+    })
 }
 
 /// Open the rings that peers created for frames from this rank (after every
 /// rank created its own: once the connections are up). Missing ones are
 /// left out: this rank then sends inline.
 pub fn open_outgoing(comm_id: u64, rank: usize, local: &[bool], lanes: usize) -> Rings {
-    local
-        .iter()
-        .enumerate()
-        .map(|(p, &l)| {
-            (0..lanes)
-                .map(|lane| {
-                    (l && p != rank)
-                        .then(|| Ring::open(&ring_path(comm_id, rank, p, lane)).ok())
-                        .flatten()
-                })
-                .collect()
-        })
-        .collect()
+    per_peer(rank, local, lanes, |p, lane| {
+        Ring::open(&ring_path(comm_id, rank, p, lane))
+    })
 }
 
 #[cfg(test)]

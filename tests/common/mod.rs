@@ -16,6 +16,37 @@ pub fn config(r: usize, n: usize, port: u16) -> Config {
     c
 }
 
+/// One float32 sum of `count` elements with `algo`: exact against the
+/// serial reference (a panic names `label`), then an inexact sum of
+/// arbitrary floats, returned to compare bits across ranks and settings.
+pub fn sum_exact_then_inexact(
+    c: &Communicator,
+    algo: kolo::algo::cost::Algo,
+    count: usize,
+    seed: u64,
+    label: &str,
+) -> Vec<f32> {
+    let (r, n) = (c.rank(), c.size());
+    let mut buf: Vec<f32> = (0..count)
+        .map(|i| input(ReduceOp::Sum, seed, r, i))
+        .collect();
+    c.allreduce_with(&mut buf, ReduceOp::Sum, algo).unwrap();
+    let want = reference::<f32>(ReduceOp::Sum, seed, n, count);
+    if let Some(i) = first_diff(&buf, &want) {
+        panic!(
+            "{} n={n} count={count} rank={r} {label}: element {i}: got {}, want {}",
+            algo.name(),
+            buf[i],
+            want[i]
+        );
+    }
+    let mut x: Vec<f32> = (0..count)
+        .map(|i| ((mix((r * 7919 + i) as u64 ^ seed) % 2001) as f32 - 1000.0) / 7.0)
+        .collect();
+    c.allreduce_with(&mut x, ReduceOp::Sum, algo).unwrap();
+    x
+}
+
 /// Run `f` on `n` ranks (threads) and return each rank's result.
 pub fn run_ranks<R: Send>(n: usize, f: impl Fn(Communicator) -> R + Sync) -> Vec<R> {
     run_ranks_with(n, |_| {}, f)
