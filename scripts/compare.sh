@@ -16,6 +16,10 @@
 # (medians over reps: kolo auto, the best fixed kolo algorithm per size, gloo, MPI, and the
 # busbw ratios kolo/gloo and kolo/mpi) and writes out/compare_<stamp>/table_np<N>.md and
 # out/compare_<stamp>/busbw_np<N>.png (matplotlib, installed into .venv here if missing).
+# kolo moves bulk payloads between ranks of this host through shared memory by default
+# (KOLO_SHM_BYTES; 0 = TCP only, the same wire as the default MPI run). COMPARE_MPI=shm runs
+# Open MPI with its shared-memory transport (btl vader) instead of TCP, for the comparison
+# with kolo's default.
 # On another machine (say one without cargo or network): COMPARE_BIN=<dir with kolorun and
 # kolo-bench> skips the build, COMPARE_BASELINES=<copy of the baselines dir> and
 # COMPARE_PYTHON=<a python with torch 2.11.0> replace ../shared/baselines and its venv.
@@ -27,6 +31,11 @@ MINB=${3:-8}
 MAXB=${4:-256M}
 ALGOS=${5:-"auto ring tree rhd rd"}
 WARMUP=${COMPARE_WARMUP:-20}
+case "${COMPARE_MPI:-tcp}" in
+    tcp) MPI_WIRE=tcp; MPI_BTL=(--mca btl tcp,self --mca btl_tcp_if_include lo) ;;
+    shm) MPI_WIRE="shared memory"; MPI_BTL=(--mca btl vader,self) ;;
+    *) echo "compare.sh: COMPARE_MPI is tcp or shm, not ${COMPARE_MPI}" >&2; exit 2 ;;
+esac
 BASE=${COMPARE_BASELINES:-$(cd .. && pwd)/shared/baselines}
 [ -d "$BASE" ] || { echo "compare.sh: $BASE not found" >&2; exit 1; }
 BASE=$(cd "$BASE" && pwd)
@@ -68,9 +77,9 @@ for r in $(seq 1 "$REPEATS"); do
         echo "== N=$n rep $r: gloo" >&2
         (cd "$BASE" && "$PY" gloo_allreduce_bench.py -n "$n" -b "$lo" -e "$hi" -w "$WARMUP") > "$OUT/gloo_np${n}_r${r}.txt"
         wait_quiet "$OUT/quiet.log"
-        echo "== N=$n rep $r: mpi tcp" >&2
-        mpirun --allow-run-as-root --oversubscribe -np "$n" --mca pml ob1 --mca btl tcp,self \
-            --mca btl_tcp_if_include lo "$BASE/bin/mpi_allreduce_bench" -b "$lo" -e "$hi" -w "$WARMUP" > "$OUT/mpi_np${n}_r${r}.txt"
+        echo "== N=$n rep $r: mpi $MPI_WIRE" >&2
+        mpirun --allow-run-as-root --oversubscribe -np "$n" --mca pml ob1 "${MPI_BTL[@]}" \
+            "$BASE/bin/mpi_allreduce_bench" -b "$lo" -e "$hi" -w "$WARMUP" > "$OUT/mpi_np${n}_r${r}.txt"
     done
 done
 
@@ -91,7 +100,7 @@ for n in $NPROCS; do
     cfg+=("gloo=$OUT/gloo_np${n}_r*.txt" "mpi=$OUT/mpi_np${n}_r*.txt")
     echo
     python3 scripts/compare_table.py \
-        --title "N=$n, float32 sum, loopback TCP, $MINB..$MAXB, median of $REPEATS rep(s)" "${cfg[@]}" \
+        --title "N=$n, float32 sum, kolo KOLO_SHM_BYTES=${KOLO_SHM_BYTES:-default}, MPI over $MPI_WIRE, $MINB..$MAXB, median of $REPEATS rep(s)" "${cfg[@]}" \
         | tee "$OUT/table_np${n}.md"
     if [ "$PLOT" = 1 ]; then
         "$PLOTPY" scripts/plot_compare.py "$OUT/busbw_np${n}.png" "${cfg[@]}" >/dev/null || rc=1
