@@ -95,7 +95,7 @@ def table(cols):
     algos = [label for label, _, _, _ in cols if label.startswith("kolo_")]
     sizes = sorted(set().union(*[set(med) for _, _, med, _ in cols]))
     lines = [
-        "| size | kolo auto | best kolo algo: busbw | gloo | mpi tcp | kolo/gloo busbw | kolo/mpi busbw |",
+        "| size | kolo auto | best kolo algo: busbw | gloo | mpi | kolo/gloo busbw | kolo/mpi busbw |",
         "|---:|---:|:--|---:|---:|---:|---:|",
     ]
     for s in sizes:
