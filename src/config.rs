@@ -34,7 +34,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_GAMMA_GBPS", "measured", "reduction throughput in GB/s, for the algorithm choice (set: not measured)"),
     ("KOLO_NSOCKS", "1", "TCP connections each way per peer (1 to 8); a message of at least twice KOLO_MIN_STRIPE is striped across them (no consistent gain measured on loopback; see the README)"),
     ("KOLO_MIN_STRIPE", "262144", "with KOLO_NSOCKS > 1, the smallest stripe in bytes: smaller messages stay on one connection"),
-    ("KOLO_SHM_BYTES", "1048576", "shared-memory ring per direction and connection between ranks that advertise the same address: bulk payloads (over 64 KiB) go through it when it has room, headers stay on TCP (0: everything over TCP)"),
+    ("KOLO_SHM_BYTES", "1048576", "shared-memory ring per direction and connection between ranks that advertise the same address (at most 64 MiB of rings per rank: smaller with many ranks, none below 128 KiB): bulk payloads (over 64 KiB) go through it when it has room, headers stay on TCP (0: everything over TCP)"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
     ("KOLO_FUSION_THRESHOLD", "67108864", "engine: ready allreduces of one dtype are packed into fusion buffers of at most this many bytes (0: no fusion)"),

@@ -274,17 +274,44 @@ fn per_peer(
         .collect()
 }
 
+/// The most ring memory one rank creates: rings are populated at creation,
+/// so with many ranks on a host each ring shrinks to fit (128 ranks: 512 KiB
+/// each, 64 MiB per rank) rather than the host's memory growing with the
+/// square of the ranks.
+pub const BUDGET: usize = 64 << 20;
+
+/// The size of each ring a rank creates for `rings` rings when asked for
+/// `want` bytes each: within [`BUDGET`], and 0 (none) when that leaves too
+/// little for more than one bulk frame (over 64 KiB) at a time.
+///
+/// ```
+/// use kolo::transport::shm::ring_size;
+/// assert_eq!(ring_size(1 << 20, 3), 1 << 20);
+/// assert_eq!(ring_size(1 << 20, 127), (64 << 20) / 127);
+/// assert_eq!(ring_size(1 << 20, 1000), 0);
+/// ```
+pub fn ring_size(want: usize, rings: usize) -> usize {
+    let cap = want.min(BUDGET / rings.max(1));
+    if cap < 2 * super::DUPLEX_MAX {
+        0
+    } else {
+        cap
+    }
+}
+
 /// Create this rank's incoming rings, from every peer `p` with `local[p]`,
-/// on each of `lanes` connections, `cap` bytes each (none if `cap` is 0). A
-/// ring that cannot be made (no `/dev/shm`, a name taken) is left out: that
-/// peer then sends inline.
+/// on each of `lanes` connections, `want` bytes each as [`ring_size`] allows
+/// (none if it is 0). A ring that cannot be made (no `/dev/shm`, a name
+/// taken) is left out: that peer then sends inline.
 pub fn create_incoming(
     comm_id: u64,
     rank: usize,
     local: &[bool],
     lanes: usize,
-    cap: usize,
+    want: usize,
 ) -> Rings {
+    let peers = (0..local.len()).filter(|&p| local[p] && p != rank).count();
+    let cap = ring_size(want, peers * lanes);
     if cap == 0 {
         return Vec::new();
     }
