@@ -103,7 +103,9 @@ for n in $NPROCS; do
         --title "N=$n, float32 sum, kolo KOLO_SHM_BYTES=${KOLO_SHM_BYTES:-default}, MPI over $MPI_WIRE, $MINB..$MAXB, median of $REPEATS rep(s)" "${cfg[@]}" \
         | tee "$OUT/table_np${n}.md"
     if [ "$PLOT" = 1 ]; then
-        "$PLOTPY" scripts/plot_compare.py "$OUT/busbw_np${n}.png" "${cfg[@]}" >/dev/null || rc=1
+        "$PLOTPY" scripts/plot_compare.py "$OUT/busbw_np${n}.png" --mpi-label "Open MPI ($MPI_WIRE)" \
+            --title "allreduce busbw, N=$n, kolo KOLO_SHM_BYTES=${KOLO_SHM_BYTES:-default}, MPI over $MPI_WIRE (median over reps)" \
+            "${cfg[@]}" >/dev/null || rc=1
         [ -f "$OUT/busbw_np${n}.png" ] && echo "plot: $OUT/busbw_np${n}.png"
     else
         rc=1

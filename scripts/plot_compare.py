@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """plot_compare.py - busbw vs size for kolo (auto and each algorithm), Gloo and Open MPI.
 
-    python3 scripts/plot_compare.py OUT.png [--title T] LABEL=GLOB [LABEL=GLOB ...]
+    python3 scripts/plot_compare.py OUT.png [--title T] [--mpi-label L] LABEL=GLOB [LABEL=GLOB ...]
 
 Same inputs and labels as compare_table.py (medians over reps, busbw recomputed from the median
 time). kolo auto, gloo and mpi are drawn thick, each fixed kolo algorithm (`kolo_<algo>`) thin.
@@ -32,6 +32,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("png")
     p.add_argument("--title", default=None)
+    p.add_argument("--mpi-label", default="Open MPI (TCP)", help="legend of the mpi line")
     p.add_argument("configs", nargs="+", help="LABEL=GLOB")
     a = p.parse_args()
     cols = load(a.configs)
@@ -47,6 +48,8 @@ def main():
         ys = [busbw(s, med[s], nn) for s in xs]
         if label in STYLE:
             st = dict(STYLE[label])
+            if label == "mpi":
+                st["label"] = a.mpi_label
         else:
             name = label[len("kolo_"):] if label.startswith("kolo_") else label
             st = dict(color=next(algo_colors, None), lw=1.0, ls="--", marker=".", ms=3,
