@@ -249,7 +249,13 @@ impl Communicator {
                 cfg.secret.as_ref(),
                 cfg.nsocks,
             )?;
-            let outgoing = shm::open_outgoing(comm_id, rank, &local, cfg.nsocks);
+            // KOLO_SHM_BYTES=0 means everything over TCP, also toward peers
+            // that made rings for this rank.
+            let outgoing = if cfg.shm_bytes > 0 {
+                shm::open_outgoing(comm_id, rank, &local, cfg.nsocks)
+            } else {
+                Vec::new()
+            };
             transport.attach_shm(outgoing, incoming);
             (transport, store)
         };
@@ -326,8 +332,7 @@ impl Communicator {
     /// Bytes this rank has sent / received (headers included, and payloads
     /// that went through shared memory to ranks of this host).
     pub fn bytes_on_wire(&self) -> (u64, u64) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        (g.transport.bytes_sent, g.transport.bytes_received)
+        self.with_transport(|t| (t.bytes_sent, t.bytes_received))
     }
 
     /// Of the bytes sent, the payload bytes that went through shared-memory

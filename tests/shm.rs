@@ -1,8 +1,9 @@
 //! Shared memory between ranks of one host (`KOLO_SHM_BYTES`): bulk payloads
 //! go through a ring per connection when it has room and inline on the
-//! socket when it does not. With rings small enough that both happen within
-//! one collective, every algorithm equals the serial reference on every
-//! rank and gives the same bits as a job without rings (the rings move
+//! socket when it does not. With rings small enough that both happen in one
+//! job (frames under 200 KB fit, 512 KiB segments do not), every algorithm
+//! equals the serial reference on every rank and gives the same bits as a
+//! job without rings (the rings move
 //! bytes, they never change an order of operations); the payloads did go
 //! through shared memory; and no ring is left in `/dev/shm` once the
 //! communicators are gone.
@@ -74,6 +75,27 @@ fn ours_left() -> Vec<String> {
 }
 
 #[test]
+fn a_rank_without_rings_sends_over_tcp_to_peers_that_have_them() {
+    // Rank 1 asks for no rings; the others do and make rings for it.
+    let got = run_ranks_with(
+        3,
+        |cfg| cfg.shm_bytes = if cfg.rank == 1 { 0 } else { 1 << 20 },
+        |c: Communicator| {
+            let n = c.size();
+            let mut v = vec![c.rank() as f32; 300_000];
+            c.allreduce(&mut v, kolo::ReduceOp::Sum).unwrap();
+            assert!(v.iter().all(|&x| x == (n * (n - 1) / 2) as f32));
+            (c.rank(), c.bytes_through_shm())
+        },
+    );
+    for (r, shm) in got {
+        if r == 1 {
+            assert_eq!(shm, 0, "rank 1 asked for everything over TCP");
+        }
+    }
+}
+
+#[test]
 fn rings_and_inline_frames_give_the_reference_and_the_bits_of_tcp() {
     assert!(
         std::path::Path::new("/dev/shm").is_dir(),
@@ -109,21 +131,29 @@ fn rings_and_inline_frames_give_the_reference_and_the_bits_of_tcp() {
 
 #[test]
 fn rings_lose_their_names_once_every_rank_is_connected() {
-    let left = run_ranks_with(
+    let got = run_ranks_with(
         3,
-        |cfg| cfg.shm_bytes = 1 << 16,
+        |cfg| cfg.shm_bytes = 1 << 20,
         |c: Communicator| {
             // Every rank has passed the first barrier here.
             c.barrier().unwrap();
             let left = ours_left();
             c.barrier().unwrap();
-            left
+            // The rings exist all the same: a bulk payload goes through them.
+            let mut v = vec![1.0f32; 100_000];
+            c.broadcast(&mut v, 0).unwrap();
+            (left, c.rank(), c.bytes_through_shm())
         },
     );
-    assert!(
-        left.iter().all(|l| l.is_empty()),
-        "named rings while running: {left:?}"
-    );
+    for (left, r, shm) in &got {
+        assert!(
+            left.is_empty(),
+            "rank {r}: named rings while running: {left:?}"
+        );
+        if *r == 0 {
+            assert!(*shm > 0, "rank 0 sent its broadcast outside the rings");
+        }
+    }
 }
 
 /// Rank 1 of a two-rank transport pair sends a `Shm` header for a payload of

@@ -12,6 +12,9 @@ pub const MAGIC: u32 = 0x4b4f_4c4f;
 pub const VERSION: u16 = 2;
 /// Encoded header size in bytes.
 pub const HEADER_LEN: usize = 48;
+/// Offset of the frame kind in an encoded header (after magic and version),
+/// so a sender can retag a header it has already encoded.
+pub const KIND_AT: usize = 6;
 /// Largest abort message accepted (its text is read into memory).
 pub const MAX_ABORT_LEN: u64 = 64 * 1024;
 
@@ -158,6 +161,20 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kind_at_is_where_encode_puts_the_kind() {
+        for kind in [Kind::Data, Kind::Abort, Kind::Shm] {
+            let h = Header {
+                kind,
+                desc: Desc::default(),
+                comm_id: 1,
+                seq: 2,
+                len: 3,
+            };
+            assert_eq!(h.encode()[KIND_AT], kind as u8);
+        }
+    }
 
     #[test]
     fn rejects_garbage() {

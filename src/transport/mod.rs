@@ -8,7 +8,7 @@ pub mod shm;
 
 use crate::auth::{self, Secret};
 use crate::error::{Error, Result};
-use frame::{Desc, Header, Kind, HEADER_LEN};
+use frame::{Desc, Header, Kind, HEADER_LEN, KIND_AT};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use socket2::SockRef;
@@ -1034,28 +1034,24 @@ impl Outgoing {
     }
 
     /// At the first call: put the payload in the peer's ring if it has one
-    /// with room, and mark the header so; the payload bytes still to write
-    /// on the socket.
-    fn decide(&mut self, t: &mut Transport, parts: &[&[u8]]) -> usize {
-        if self.shm.is_none() {
-            let pushed = t.push_ring(self.peer, self.lane, parts);
-            if pushed {
-                let mut h = Header::decode(&self.header).expect("our own header");
-                h.kind = Kind::Shm;
-                self.header = h.encode();
-            }
-            self.shm = Some(pushed);
+    /// with room, and mark the header so. Whether the payload goes inline.
+    fn inline(&mut self, t: &mut Transport, parts: &[&[u8]]) -> bool {
+        let shm = *self
+            .shm
+            .get_or_insert_with(|| t.push_ring(self.peer, self.lane, parts));
+        if shm && self.done == 0 {
+            self.header[KIND_AT] = Kind::Shm as u8;
         }
-        match self.shm {
-            Some(true) => 0,
-            _ => parts.iter().map(|p| p.len()).sum(),
-        }
+        !shm
     }
 
     /// Write as much as the socket takes; true once everything is sent.
     pub fn progress(&mut self, t: &mut Transport, payload: &[u8]) -> io::Result<bool> {
-        let inline = self.decide(t, &[payload]);
-        let payload = &payload[..inline];
+        let payload = if self.inline(t, &[payload]) {
+            payload
+        } else {
+            &[]
+        };
         let total = HEADER_LEN + payload.len();
         while self.done < total {
             let n = if self.done < HEADER_LEN {
@@ -1099,10 +1095,10 @@ impl Outgoing {
     /// allreduce sending from the tensors' own memory): one `writev` takes
     /// the header and up to [`MAX_PARTS`] parts.
     pub fn progress_parts(&mut self, t: &mut Transport, parts: &[&[u8]]) -> io::Result<bool> {
-        let parts = if self.decide(t, parts) == 0 {
-            &[][..]
-        } else {
+        let parts = if self.inline(t, parts) {
             parts
+        } else {
+            &[][..]
         };
         let total = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
         let mut bufs: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_PARTS + 1);

@@ -72,6 +72,12 @@ impl Ring {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn create(path: &Path, cap: usize) -> io::Result<Ring> {
+        if cap == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a ring of 0 bytes",
+            ));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
