@@ -443,12 +443,11 @@ impl Communicator {
     ) -> Result<()> {
         let (n, count) = (self.size(), buf.len());
         let sched = self.allreduce_schedule(algo, count, T::DTYPE.size());
-        let call = self.call::<T>("allreduce", coll::ALLREDUCE, op, 0, count);
-        self.run(call, &sched, &[], as_bytes_mut(buf), Ok(()))?;
+        let mut call = self.call::<T>("allreduce", coll::ALLREDUCE, op, 0, count);
         if op == ReduceOp::Avg {
-            reduce::divide(buf, n);
+            call.divide_by = n;
         }
-        Ok(())
+        self.run(call, &sched, &[], as_bytes_mut(buf), Ok(()))
     }
 
     /// One allreduce over several buffers as if they were laid end to end,
@@ -488,18 +487,21 @@ impl Communicator {
         algo: Algo,
     ) -> Result<()> {
         let mut bytes: Vec<&mut [u8]> = parts.iter_mut().map(|p| as_bytes_mut(p)).collect();
-        self.allreduce_parts_bytes(T::DTYPE, &mut bytes, op, Some(algo))
+        let n = if op == ReduceOp::Avg { self.size() } else { 1 };
+        self.allreduce_parts_bytes(T::DTYPE, &mut bytes, op, Some(algo), n)
     }
 
     /// [`Communicator::allreduce_parts_with`] on raw bytes of `dtype`
     /// elements (each part a whole number of them, aligned), for the engine;
-    /// `None`: the algorithm `auto` picks for the total size.
+    /// `None`: the algorithm `auto` picks for the total size. An `Avg`
+    /// divides by `divide_by` (the engine's count of contributing ranks).
     pub(crate) fn allreduce_parts_bytes(
         &self,
         dtype: DType,
         parts: &mut [&mut [u8]],
         op: ReduceOp,
         algo: Option<Algo>,
+        divide_by: usize,
     ) -> Result<()> {
         let elem = dtype.size();
         let bytes: usize = parts.iter().map(|p| p.len()).sum();
@@ -519,15 +521,12 @@ impl Communicator {
         call.dtype = dtype;
         call.wire = dtype;
         call.desc.dtype = dtype.code();
+        if op == ReduceOp::Avg {
+            call.divide_by = divide_by;
+        }
         self.run_with(call, check, |t, call, ws, opts| {
             exec::run_parts(t, &sched, call, parts, ws, opts)
-        })?;
-        if op == ReduceOp::Avg {
-            for p in parts.iter_mut() {
-                reduce::divide_bytes(dtype, p, self.size());
-            }
-        }
-        Ok(())
+        })
     }
 
     fn allreduce_schedule(&self, algo: Algo, count: usize, elem: usize) -> Schedule {
@@ -849,6 +848,7 @@ impl Communicator {
             wire: T::DTYPE,
             op,
             name,
+            divide_by: 0,
         }
     }
 

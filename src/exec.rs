@@ -40,6 +40,12 @@ pub struct Call {
     pub op: ReduceOp,
     /// Human name, e.g. "allreduce".
     pub name: &'static str,
+    /// Finish an average: divide the reduced values by this where they form
+    /// ([`Schedule::completions`]), so each is divided once, by the rank that
+    /// reduced it last, and copies travel on; 0 or 1: divide nothing. Only
+    /// for allreduce schedules, not narrowing ones (their wire rounding comes
+    /// before any division).
+    pub divide_by: usize,
 }
 
 impl Call {
@@ -496,7 +502,22 @@ fn run_rounds(
     };
     let mut sends: Vec<SendState> = Vec::new();
     let mut recvs: Vec<RecvState> = Vec::new();
-    for round in &sched.rounds {
+    let finals = (call.divide_by > 1).then(|| sched.completions(output_elems(output, elem)));
+    let divide = |regions: &[Region]| {
+        for r in regions {
+            if mem.whole(r) {
+                reduce::divide_bytes(call.dtype, mem.slice_mut(r), call.divide_by);
+            } else {
+                for (p, len) in mem.runs(r, 0, r.len * elem) {
+                    // SAFETY: a run of the output (Mem::runs), not otherwise
+                    // borrowed between rounds.
+                    let b = unsafe { std::slice::from_raw_parts_mut(p, len) };
+                    reduce::divide_bytes(call.dtype, b, call.divide_by);
+                }
+            }
+        }
+    };
+    for (k, round) in sched.rounds.iter().enumerate() {
         sends.clear();
         recvs.clear();
         let mut nseg = 0;
@@ -686,8 +707,19 @@ fn run_rounds(
                 }
             }
         }
+        if let Some(f) = &finals {
+            divide(&f.after[k]);
+        }
+    }
+    if let Some(f) = &finals {
+        divide(&f.at_end);
     }
     Ok(())
+}
+
+/// Elements in an output made of pieces.
+fn output_elems(output: &[Piece], elem: usize) -> usize {
+    output.last().map_or(0, |p| p.at + p.len) / elem.max(1)
 }
 
 /// How a message of `r` (elements of `elem` bytes) travels over `lanes`

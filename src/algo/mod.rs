@@ -232,6 +232,106 @@ impl Schedule {
     }
 }
 
+/// Where a reduction's final values are formed on one rank: an average is
+/// divided there, once, and copies of it travel on (the ranks that receive
+/// the final values copy them and divide nothing). See
+/// [`Schedule::completions`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completions {
+    /// `after[k]`: output regions whose last write is a reduction in round
+    /// `k` (a reducing receive or a combine): final after that round.
+    pub after: Vec<Vec<Region>>,
+    /// Output regions whose last write is neither a reduction nor a
+    /// received copy (never written, or a local copy): final at the end.
+    pub at_end: Vec<Region>,
+}
+
+impl Schedule {
+    /// For an allreduce of `count` elements, where this rank forms final
+    /// values itself (see [`Completions`]). Follows the last write of every
+    /// output element: in a round, local copies come first, then receives,
+    /// then combines (the executor's order).
+    ///
+    /// ```
+    /// let s = kolo::algo::ring::allreduce(0, 4, 8);
+    /// let c = s.completions(8);
+    /// // Rank 0 finishes one block of 2 at the end of the reduce-scatter
+    /// // (round 2) and receives the other three.
+    /// let mine: usize = c.after.iter().flatten().map(|r| r.len).sum();
+    /// assert_eq!((mine, c.after[2].len(), c.at_end.len()), (2, 1, 0));
+    /// ```
+    pub fn completions(&self, count: usize) -> Completions {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Last {
+            Own,
+            Reduced(usize),
+            Received,
+        }
+        // Every write to the output, in the executor's order.
+        let mut writes: Vec<(Region, Last)> = Vec::new();
+        let mut write = |g: Region, l: Last| {
+            if g.buf == Buf::Output && g.len > 0 {
+                writes.push((g, l));
+            }
+        };
+        for (k, r) in self.rounds.iter().enumerate() {
+            for op in &r.ops {
+                if let Op::Copy { to, .. } = *op {
+                    write(to, Last::Own);
+                }
+            }
+            for op in &r.ops {
+                if let Op::Recv { into, apply, .. } = *op {
+                    let l = match apply {
+                        Apply::Copy => Last::Received,
+                        Apply::Reduce { .. } => Last::Reduced(k),
+                    };
+                    write(into, l);
+                }
+            }
+            for op in &r.ops {
+                if let Op::Combine { into, .. } = *op {
+                    write(into, Last::Reduced(k));
+                }
+            }
+        }
+        let mut cuts = Vec::with_capacity(2 * writes.len() + 2);
+        cuts.extend([0, count]);
+        for (g, _) in &writes {
+            cuts.push(g.start.min(count));
+            cuts.push((g.start + g.len).min(count));
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        // One state per elementary interval cuts[i]..cuts[i + 1].
+        let mut last = vec![Last::Own; cuts.len().saturating_sub(1)];
+        for (g, l) in &writes {
+            let mut i = cuts.partition_point(|&c| c < g.start);
+            while i < last.len() && cuts[i] < g.start + g.len {
+                last[i] = *l;
+                i += 1;
+            }
+        }
+        let mut out = Completions {
+            after: vec![Vec::new(); self.rounds.len()],
+            at_end: Vec::new(),
+        };
+        let push = |list: &mut Vec<Region>, a: usize, b: usize| match list.last_mut() {
+            Some(r) if r.start + r.len == a => r.len += b - a,
+            _ => list.push(Region::out(a..b)),
+        };
+        for (i, l) in last.iter().enumerate() {
+            let (a, b) = (cuts[i], cuts[i + 1]);
+            match *l {
+                Last::Reduced(k) => push(&mut out.after[k], a, b),
+                Last::Own => push(&mut out.at_end, a, b),
+                Last::Received => {}
+            }
+        }
+        out
+    }
+}
+
 /// Split `count` elements into `n` contiguous chunks whose sizes differ by at
 /// most one (the first `count % n` get the extra element).
 ///
@@ -296,7 +396,28 @@ pub(crate) mod sim {
         inputs: Vec<Vec<Val>>,
         outputs: Vec<Vec<Val>>,
     ) -> Vec<Vec<Val>> {
+        run_marked(scheds, inputs, outputs, None)
+    }
+
+    /// Marks an element as divided (an average finished).
+    pub const DIVIDED: usize = usize::MAX;
+
+    /// [`run`], adding [`DIVIDED`] to the elements of each rank's
+    /// [`Completions`] where the executor would divide them.
+    pub fn run_marked(
+        scheds: &[Schedule],
+        inputs: Vec<Vec<Val>>,
+        outputs: Vec<Vec<Val>>,
+        marks: Option<&[Completions]>,
+    ) -> Vec<Vec<Val>> {
         let n = scheds.len();
+        let mark = |out: &mut Vec<Val>, regions: &[Region]| {
+            for g in regions {
+                for d in &mut out[g.range()] {
+                    d.push(DIVIDED);
+                }
+            }
+        };
         let mut outs = outputs;
         let mut scratch: Vec<Vec<Val>> = scheds
             .iter()
@@ -388,6 +509,9 @@ pub(crate) mod sim {
                             }
                         }
                     }
+                    if let Some(m) = marks {
+                        mark(&mut outs[r], &m[r].after[pos[r]]);
+                    }
                     pos[r] += 1;
                     sent[r] = false;
                     progressed = true;
@@ -395,6 +519,11 @@ pub(crate) mod sim {
             }
             if pos.iter().zip(scheds).all(|(p, s)| *p == s.rounds.len()) {
                 assert!(links.iter().all(|l| l.is_empty()), "messages left over");
+                if let Some(m) = marks {
+                    for (r, out) in outs.iter_mut().enumerate() {
+                        mark(out, &m[r].at_end);
+                    }
+                }
                 return outs;
             }
             assert!(progressed, "schedules deadlock at rounds {pos:?}");
@@ -410,6 +539,46 @@ pub(crate) mod sim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dividing an average where [`Schedule::completions`] says leaves every
+    /// element of every rank divided exactly once, after all contributions:
+    /// the final values are divided where they form and only copied on.
+    #[test]
+    fn completions_divide_every_element_once_after_the_whole_sum() {
+        use cost::Algo;
+        for algo in [Algo::Ring, Algo::Tree, Algo::Rhd, Algo::Rd, Algo::Binomial] {
+            for n in 1..=9 {
+                for count in [0, 1, 2, 7, 100, 1001] {
+                    for seg in [1, 5, 64] {
+                        let scheds: Vec<Schedule> = (0..n)
+                            .map(|r| cost::allreduce_schedule(algo, r, n, count, seg))
+                            .chain((0..n).map(|r| ring::allreduce_sliced(r, n, count, seg * n)))
+                            .collect();
+                        for s in scheds.chunks(n) {
+                            let marks: Vec<Completions> =
+                                s.iter().map(|s| s.completions(count)).collect();
+                            let outs = sim::run_marked(
+                                s,
+                                sim::own(n, 0),
+                                sim::own(n, count),
+                                Some(&marks),
+                            );
+                            let want: Vec<usize> =
+                                (0..n).chain(std::iter::once(sim::DIVIDED)).collect();
+                            for (r, out) in outs.iter().enumerate() {
+                                for (i, v) in out.iter().enumerate() {
+                                    assert_eq!(
+                                        v, &want,
+                                        "{algo:?} n={n} count={count} seg={seg} rank {r} elem {i}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn chunks_cover_exactly() {

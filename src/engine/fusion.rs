@@ -106,7 +106,7 @@ mod tests {
                 dtype: dtype.code(),
                 op: op.code(),
                 root: 0,
-                shape: vec![len],
+                shape: crate::engine::negotiate::Shape::flat(len),
                 group: None,
                 compression: String::new(),
             })]),

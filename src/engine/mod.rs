@@ -29,8 +29,8 @@ use crate::element::{as_bytes, as_bytes_mut, DType, Element};
 use crate::error::{Error, Result};
 use crate::{Communicator, ReduceOp};
 use crossbeam_channel::Sender;
-use negotiate::{Coll, Name, Spec};
-use rustc_hash::FxHashSet;
+use negotiate::{Coll, Name, Shape, Spec};
+use rustc_hash::FxHashMap;
 use std::any::Any;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -113,6 +113,7 @@ pub(crate) struct Request {
 /// Where the engine leaves one operation's result. Results of a round are
 /// all set first and waiters woken once ([`Shared::notify`]): a wake-up per
 /// tensor would cost two context switches each.
+#[derive(Default)]
 pub(crate) struct Slot {
     result: Mutex<Option<Result<Box<dyn Buffer>>>>,
 }
@@ -142,10 +143,25 @@ pub(crate) enum Msg {
     Stop,
 }
 
+/// What this rank keeps per tensor name across steps, so that submitting a
+/// name seen before allocates nothing: the name itself, shared by the
+/// handle and the engine's maps, and a result slot to reuse.
+struct Known {
+    name: Name,
+    /// Submitted on this rank and not yet completed.
+    busy: bool,
+    /// Reused for the next submission once no handle or request holds it.
+    slot: Arc<Slot>,
+}
+
+/// Names are forgotten (those not in flight) when more than this many are
+/// known: a program that makes up new names forever does not grow forever.
+const KNOWN_LIMIT: usize = 1 << 16;
+
 /// State shared by the engine handle, the handles and the thread.
 pub(crate) struct Shared {
-    /// Names submitted on this rank and not yet completed.
-    inflight: Mutex<FxHashSet<Name>>,
+    /// Every name this rank submitted (up to [`KNOWN_LIMIT`]), in flight or not.
+    names: Mutex<FxHashMap<Name, Known>>,
     /// Why the engine stopped, once it has.
     dead: Mutex<Option<Error>>,
     /// The engine thread sleeps waiting for work and wants a wake-up call;
@@ -157,6 +173,13 @@ pub(crate) struct Shared {
     finished: std::sync::Condvar,
     /// The engine thread has failed or answered everything it ever will.
     exited: std::sync::atomic::AtomicBool,
+    /// Threads blocked in [`Handle::wait`]. While one is and nothing is
+    /// queued, the engine stops gathering: a caller waiting for results is
+    /// done submitting for now, and the cycle time would only delay them.
+    waiters: std::sync::atomic::AtomicUsize,
+    /// The engine is gathering a burst: a new waiter wakes it to end it.
+    gathering: std::sync::atomic::AtomicBool,
+    waker: Arc<mio::Waker>,
     rank: usize,
 }
 
@@ -172,17 +195,46 @@ impl Shared {
 
     /// Free names for reuse, under one lock.
     fn release_all<'a>(&self, names: impl Iterator<Item = &'a str>) {
-        let mut set = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.names.lock().unwrap_or_else(|p| p.into_inner());
         for n in names {
-            set.remove(n);
+            if let Some(k) = map.get_mut(n) {
+                k.busy = false;
+            }
         }
     }
 
     fn release(&self, name: &str) {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.release_all(std::iter::once(name));
+    }
+
+    /// Mark `name` in flight and return it (shared) with an empty result
+    /// slot; `None` when it already is in flight.
+    fn reserve(&self, name: &str) -> Option<(Name, Arc<Slot>)> {
+        let mut map = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = map.get_mut(name) {
+            if k.busy {
+                return None;
+            }
+            k.busy = true;
+            // Only this map holds the slot: no handle can see it any more.
+            if Arc::strong_count(&k.slot) == 1 {
+                k.slot.take();
+            } else {
+                k.slot = Arc::new(Slot::default());
+            }
+            return Some((k.name.clone(), k.slot.clone()));
+        }
+        if map.len() >= KNOWN_LIMIT {
+            map.retain(|_, k| k.busy);
+        }
+        let k = Known {
+            name: name.into(),
+            busy: true,
+            slot: Arc::new(Slot::default()),
+        };
+        let got = (k.name.clone(), k.slot.clone());
+        map.insert(k.name.clone(), k);
+        Some(got)
     }
 }
 
@@ -224,7 +276,16 @@ impl<O> Handle<O> {
     /// bounds every wait: collectives by `KOLO_TIMEOUT`, negotiation by
     /// `KOLO_STALL_SHUTDOWN_S`.
     pub fn wait(mut self) -> Result<O> {
+        if self.poll() {
+            let r = self.done.take().expect("polled");
+            return r.map(self.convert);
+        }
         let shared = self.shared.clone();
+        shared.waiters.fetch_add(1, Ordering::SeqCst);
+        if shared.gathering.load(Ordering::SeqCst) {
+            // Best effort: the gathering ends at its next look otherwise.
+            let _ = shared.waker.wake();
+        }
         let mut generation = shared.generation.lock().unwrap_or_else(|p| p.into_inner());
         let r = loop {
             if self.poll() {
@@ -239,6 +300,7 @@ impl<O> Handle<O> {
                 .0;
         };
         drop(generation);
+        shared.waiters.fetch_sub(1, Ordering::SeqCst);
         r.map(self.convert)
     }
 
@@ -271,22 +333,32 @@ fn into_vec<T: Element>(b: Box<dyn Buffer>) -> Vec<T> {
 /// let h = engine.submit(w)?;
 /// # Ok::<(), kolo::Error>(())
 /// ```
-pub struct Op<T: Element> {
-    spec: Spec,
+pub struct Op<'a, T: Element> {
+    draft: Draft<'a>,
     buf: Vec<T>,
 }
 
-impl<T: Element + Default> Op<T> {
-    fn new(name: &str, coll: Coll, buf: Vec<T>, op: Option<ReduceOp>, root: usize) -> Op<T> {
+/// A [`Spec`] before the engine has given it its shared name.
+struct Draft<'a> {
+    name: &'a str,
+    coll: Coll,
+    dtype: DType,
+    op: u8,
+    root: u32,
+    shape: Shape,
+    compression: String,
+}
+
+impl<'a, T: Element + Default> Op<'a, T> {
+    fn new(name: &'a str, coll: Coll, buf: Vec<T>, op: Option<ReduceOp>, root: usize) -> Op<'a, T> {
         Op {
-            spec: Spec {
-                name: name.into(),
+            draft: Draft {
+                name,
                 coll,
-                dtype: T::DTYPE.code(),
+                dtype: T::DTYPE,
                 op: op.map_or(0, ReduceOp::code),
                 root: root as u32,
-                shape: vec![buf.len() as u64],
-                group: None,
+                shape: Shape::flat(buf.len() as u64),
                 compression: String::new(),
             },
             buf,
@@ -294,31 +366,31 @@ impl<T: Element + Default> Op<T> {
     }
 
     /// Elementwise reduction of `buf` across ranks.
-    pub fn allreduce(name: &str, buf: Vec<T>, op: ReduceOp) -> Op<T> {
+    pub fn allreduce(name: &'a str, buf: Vec<T>, op: ReduceOp) -> Op<'a, T> {
         Op::new(name, Coll::Allreduce, buf, Some(op), 0)
     }
     /// Concatenation of every rank's `buf` in rank order (lengths may differ).
-    pub fn allgather(name: &str, buf: Vec<T>) -> Op<T> {
+    pub fn allgather(name: &'a str, buf: Vec<T>) -> Op<'a, T> {
         Op::new(name, Coll::Allgather, buf, None, 0)
     }
     /// `root`'s `buf` on every rank.
-    pub fn broadcast(name: &str, buf: Vec<T>, root: usize) -> Op<T> {
+    pub fn broadcast(name: &'a str, buf: Vec<T>, root: usize) -> Op<'a, T> {
         Op::new(name, Coll::Broadcast, buf, None, root)
     }
     /// Block `rank` of the reduction of `buf` (its length a multiple of the size).
-    pub fn reduce_scatter(name: &str, buf: Vec<T>, op: ReduceOp) -> Op<T> {
+    pub fn reduce_scatter(name: &'a str, buf: Vec<T>, op: ReduceOp) -> Op<'a, T> {
         Op::new(name, Coll::ReduceScatter, buf, Some(op), 0)
     }
     /// Block j of `buf` to rank j (its length a multiple of the size).
-    pub fn alltoall(name: &str, buf: Vec<T>) -> Op<T> {
+    pub fn alltoall(name: &'a str, buf: Vec<T>) -> Op<'a, T> {
         Op::new(name, Coll::Alltoall, buf, None, 0)
     }
 
     /// Compress this allreduce on the wire (f32 tensors only): fp16/bf16
     /// batches fuse like plain tensors; top-k runs per tensor, with its error
     /// feedback kept under the tensor's name across steps. Ranks must agree.
-    pub fn compression(mut self, c: &crate::compress::Compression) -> Op<T> {
-        self.spec.compression = match c {
+    pub fn compression(mut self, c: &crate::compress::Compression) -> Op<'a, T> {
+        self.draft.compression = match c {
             crate::compress::Compression::None => String::new(),
             c => c.to_string(),
         };
@@ -327,8 +399,9 @@ impl<T: Element + Default> Op<T> {
 
     /// Declare the tensor's dimensions (checked against the length, and
     /// across ranks; for allgather the first dimension may differ).
-    pub fn shape(mut self, dims: &[usize]) -> Op<T> {
-        self.spec.shape = dims.iter().map(|&d| d as u64).collect();
+    pub fn shape(mut self, dims: &[usize]) -> Op<'a, T> {
+        let dims: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        self.draft.shape = Shape::from(&dims[..]);
         self
     }
 }
@@ -354,10 +427,10 @@ pub struct Group<'e> {
 
 impl Group<'_> {
     /// Add a tensor; its handle completes after [`Group::submit`].
-    pub fn add<T: Element + Default>(&mut self, op: Op<T>) -> Handle<Vec<T>> {
+    pub fn add<T: Element + Default>(&mut self, op: Op<'_, T>) -> Handle<Vec<T>> {
         let (req, h) = self
             .engine
-            .prepare(op.spec, Box::new(op.buf), into_vec::<T>);
+            .prepare(op.draft, Box::new(op.buf), into_vec::<T>);
         match req {
             Ok(r) => self.reqs.push(r),
             Err(e) => {
@@ -370,8 +443,10 @@ impl Group<'_> {
     /// Hand every member to the engine at once.
     pub fn submit(mut self) -> Result<()> {
         if let Some(e) = self.error.take() {
+            // No member runs: their handles answer with the error.
             for r in &self.reqs {
                 self.engine.shared.release(&r.spec.name);
+                r.reply.send(Err(e.clone()));
             }
             return Err(e);
         }
@@ -414,12 +489,15 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (rank, size) = (comm.rank(), comm.size());
         let shared = Arc::new(Shared {
-            inflight: Mutex::new(FxHashSet::default()),
+            names: Mutex::new(FxHashMap::default()),
             dead: Mutex::new(None),
             sleeping: std::sync::atomic::AtomicBool::new(false),
             generation: Mutex::new(0),
             finished: std::sync::Condvar::new(),
             exited: std::sync::atomic::AtomicBool::new(false),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
+            gathering: std::sync::atomic::AtomicBool::new(false),
+            waker: waker.clone(),
             rank,
         });
         let w = worker::Worker::new(comm, rx, shared.clone())?;
@@ -469,69 +547,84 @@ impl Engine {
     /// Check a request and reserve its name.
     fn prepare<O>(
         &self,
-        spec: Spec,
+        d: Draft<'_>,
         buf: Box<dyn Buffer>,
         convert: fn(Box<dyn Buffer>) -> O,
     ) -> (Result<Request>, Handle<O>) {
-        let reply = Arc::new(Slot {
-            result: Mutex::new(None),
-        });
-        let handle = Handle {
-            name: spec.name.clone(),
-            slot: reply.clone(),
-            done: None,
-            shared: self.shared.clone(),
-            convert,
-        };
         let elems = buf.bytes().len() / buf.dtype().size().max(1);
-        let check = if spec.count() != elems as u64 {
+        let count: u64 = d.shape.iter().product();
+        let check = if count != elems as u64 {
             Err(format!(
-                "shape {:?} holds {} elements but the buffer has {elems}",
-                spec.shape,
-                spec.count()
+                "shape {:?} holds {count} elements but the buffer has {elems}",
+                d.shape
             ))
-        } else if !spec.compression.is_empty()
-            && (spec.coll != Coll::Allreduce || buf.dtype() != DType::F32)
+        } else if !d.compression.is_empty()
+            && (d.coll != Coll::Allreduce || buf.dtype() != DType::F32)
         {
             Err("compression applies to float32 allreduces only".to_string())
-        } else if !spec.compression.is_empty()
-            && crate::compress::Compression::parse(&spec.compression).is_none()
+        } else if !d.compression.is_empty()
+            && crate::compress::Compression::parse(&d.compression).is_none()
         {
-            Err(format!("unknown compression {:?}", spec.compression))
-        } else if spec.name.is_empty() || &*spec.name == negotiate::JOIN {
-            Err(format!("{:?} is not a valid tensor name", spec.name))
-        } else if !self
-            .shared
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(spec.name.clone())
-        {
-            Err("a tensor of this name is already in flight on this rank".to_string())
+            Err(format!("unknown compression {:?}", d.compression))
+        } else if d.name.is_empty() || d.name == negotiate::JOIN {
+            Err(format!("{:?} is not a valid tensor name", d.name))
         } else {
-            Ok(())
+            self.shared.reserve(d.name).ok_or_else(|| {
+                "a tensor of this name is already in flight on this rank".to_string()
+            })
         };
-        let req = match check {
-            Ok(()) => Ok(Request {
-                spec,
-                buf,
-                reply,
-                submitted: Instant::now(),
-            }),
-            Err(m) => Err(Error::InvalidArgument(format!(
-                "rank {}: engine tensor {:?}: {m}",
-                self.rank, handle.name
-            ))),
-        };
-        (req, handle)
+        match check {
+            Ok((name, slot)) => {
+                let handle = Handle {
+                    name: name.clone(),
+                    slot: slot.clone(),
+                    done: None,
+                    shared: self.shared.clone(),
+                    convert,
+                };
+                let spec = Spec {
+                    name,
+                    coll: d.coll,
+                    dtype: d.dtype.code(),
+                    op: d.op,
+                    root: d.root,
+                    shape: d.shape,
+                    group: None,
+                    compression: d.compression,
+                };
+                let req = Request {
+                    spec,
+                    buf,
+                    reply: slot,
+                    submitted: Instant::now(),
+                };
+                (Ok(req), handle)
+            }
+            Err(m) => {
+                let e = Error::InvalidArgument(format!(
+                    "rank {}: engine tensor {:?}: {m}",
+                    self.rank, d.name
+                ));
+                // The handle (of a group member) answers with the error too.
+                let slot = Arc::new(Slot::default());
+                slot.send(Err(e.clone()));
+                let handle = Handle {
+                    name: d.name.into(),
+                    slot,
+                    done: None,
+                    shared: self.shared.clone(),
+                    convert,
+                };
+                (Err(e), handle)
+            }
+        }
     }
 
     /// Submit one tensor.
-    pub fn submit<T: Element + Default>(&self, op: Op<T>) -> Result<Handle<Vec<T>>> {
-        let name = op.spec.name.clone();
-        let (req, h) = self.prepare(op.spec, Box::new(op.buf), into_vec::<T>);
+    pub fn submit<T: Element + Default>(&self, op: Op<'_, T>) -> Result<Handle<Vec<T>>> {
+        let (req, h) = self.prepare(op.draft, Box::new(op.buf), into_vec::<T>);
         self.send(Msg::Submit(req?)).inspect_err(|_| {
-            self.shared.release(&name);
+            self.shared.release(&h.name);
         })?;
         Ok(h)
     }
@@ -701,20 +794,19 @@ impl Engine {
         } else {
             ptr
         };
-        let spec = Spec {
-            name: name.into(),
+        let draft = Draft {
+            name,
             coll: Coll::Allreduce,
-            dtype: dtype.code(),
+            dtype,
             op: op.code(),
             root: 0,
-            shape: vec![count as u64],
-            group: None,
+            shape: Shape::flat(count as u64),
             compression: match compression {
                 crate::compress::Compression::None => String::new(),
                 c => c.to_string(),
             },
         };
-        let (req, h) = self.prepare(spec, Box::new(Raw { ptr, len, dtype }), |_| ());
+        let (req, h) = self.prepare(draft, Box::new(Raw { ptr, len, dtype }), |_| ());
         self.send(Msg::Submit(req?)).inspect_err(|_| {
             self.shared.release(name);
         })?;

@@ -66,6 +66,9 @@ pub(crate) struct Worker {
     compress: HashMap<String, CompressState>,
     /// Something local that the other ranks have not heard about yet.
     dirty: bool,
+    /// No stall report or shutdown is due before this (`None`: nothing is
+    /// pending); see [`Worker::next_stall_check`].
+    stall_due: Option<Instant>,
     /// When the first news since the last round arrived (for the cycle time).
     news_since: Option<Instant>,
     wants_census: bool,
@@ -108,6 +111,7 @@ impl Worker {
             fusion: Vec::new(),
             compress: HashMap::new(),
             dirty: false,
+            stall_due: None,
             news_since: None,
             wants_census: false,
             refused: false,
@@ -210,9 +214,10 @@ impl Worker {
         // the burst only delays the round.
         let until = since + self.cycle_time;
         let pause = self.cycle_time / 8;
+        self.shared.gathering.store(true, Ordering::SeqCst);
         loop {
             let now = Instant::now();
-            if now >= until || self.stop {
+            if now >= until || self.stop || self.burst_over() {
                 break;
             }
             match self.comm.wait_incoming(until.min(now + pause))? {
@@ -230,8 +235,15 @@ impl Worker {
                 }
             }
         }
+        self.shared.gathering.store(false, Ordering::SeqCst);
         self.drain();
         Ok(())
+    }
+
+    /// Nothing is queued and a caller blocks waiting for a result: its burst
+    /// of submissions is over, and waiting for more would only delay it.
+    fn burst_over(&self) -> bool {
+        self.shared.waiters.load(Ordering::SeqCst) > 0 && self.rx.is_empty()
     }
 
     /// While a peer waits for this rank in a round it started: take
@@ -242,7 +254,10 @@ impl Worker {
     fn finish_burst(&mut self, first: Duration) {
         let start = Instant::now();
         let mut wait = first;
-        while let Ok(m) = self.rx.recv_timeout(wait) {
+        while !self.burst_over() {
+            let Ok(m) = self.rx.recv_timeout(wait) else {
+                break;
+            };
             self.take(m);
             let until = self.news_since.unwrap_or(start) + self.cycle_time;
             let now = Instant::now();
@@ -292,6 +307,7 @@ impl Worker {
                     sent: false,
                     cancel_sent: false,
                 });
+                self.due_by(self.first_due(since));
                 self.news(now);
             }
             Msg::Submit(req) => self.submit(req, now),
@@ -326,6 +342,7 @@ impl Worker {
             Some(slot) => Stage::Held(slot),
             None => Stage::New,
         };
+        self.due_by(self.first_due(req.submitted));
         self.pending.insert(
             req.spec.name.clone(),
             Pending {
@@ -338,13 +355,32 @@ impl Worker {
         self.news(now);
     }
 
+    /// When something submitted at `t` first needs a stall check.
+    fn first_due(&self, t: Instant) -> Instant {
+        let warn = t + self.stall_warning;
+        self.stall_shutdown.map_or(warn, |s| warn.min(t + s))
+    }
+
     fn news(&mut self, now: Instant) {
         self.dirty = true;
         self.news_since.get_or_insert(now);
     }
 
-    /// The next time a stall report or shutdown may be due.
+    /// The next time a stall report or shutdown may be due: kept, not
+    /// computed per look, since a look at every pending tensor costs a cache
+    /// miss or two each, hundreds of times a step. No action is due before
+    /// it; entries leaving only make it early (one scan too many).
     fn next_stall_check(&self) -> Option<Instant> {
+        self.stall_due
+    }
+
+    /// Something new can become due at `due`.
+    fn due_by(&mut self, due: Instant) {
+        self.stall_due = Some(self.stall_due.map_or(due, |d| d.min(due)));
+    }
+
+    /// Scan every pending tensor for the earliest stall action.
+    fn scan_stall_due(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for p in self.pending.values() {
@@ -369,6 +405,9 @@ impl Worker {
     /// Ask for a census when something has waited past the warning time, and
     /// give up on what has waited past the shutdown time.
     fn check_stalls(&mut self, now: Instant) {
+        if !self.stall_due.is_some_and(|d| now >= d) {
+            return;
+        }
         let (warn, shut) = (self.stall_warning, self.stall_shutdown);
         let mut census = false;
         for (name, p) in self.pending.iter_mut() {
@@ -401,6 +440,7 @@ impl Worker {
             self.wants_census = true;
             self.dirty = true;
         }
+        self.stall_due = self.scan_stall_due();
     }
 
     /// One negotiation round, then run what became ready.
@@ -702,17 +742,25 @@ impl Worker {
                 }
             };
             let name = &*it.ready.spec().name;
-            reduce_maybe_compressed(
-                &self.comm,
-                &mut self.compress,
-                dtype,
-                bytes,
-                wire,
-                &first.compression,
-                Some(name),
-            )?;
-            if op == ReduceOp::Avg {
-                reduce::divide_bytes(dtype, bytes, it.ready.contributors.max(1));
+            let contributors = it.ready.contributors.max(1);
+            if first.compression.is_empty() {
+                // An average is divided inside the collective, where its
+                // values form.
+                self.comm
+                    .allreduce_parts_bytes(dtype, &mut [bytes], op, None, contributors)?;
+            } else {
+                reduce_maybe_compressed(
+                    &self.comm,
+                    &mut self.compress,
+                    dtype,
+                    bytes,
+                    wire,
+                    &first.compression,
+                    Some(name),
+                )?;
+                if op == ReduceOp::Avg {
+                    reduce::divide_bytes(dtype, bytes, contributors);
+                }
             }
         } else {
             // Tensors of at least IN_PLACE_MIN bytes are reduced in their own
@@ -720,6 +768,21 @@ impl Worker {
             // a joined rank's stand-ins, are staged in the fusion buffer, where
             // neighbours form one part. Compressed batches stage everything.
             let compressed = !first.compression.is_empty();
+            // Averages over the same ranks are divided inside the collective
+            // (once, where each value forms); a batch mixing them with sums,
+            // or with other contributor counts, divides tensor by tensor.
+            let contributors = items[b.members[0]].ready.contributors.max(1);
+            let inside = !compressed
+                && b.members.iter().all(|&i| {
+                    let r = &items[i].ready;
+                    ReduceOp::from_code(r.spec().op) == Some(ReduceOp::Avg)
+                        && r.contributors.max(1) == contributors
+                });
+            let (batch_op, divisor) = if inside {
+                (ReduceOp::Avg, contributors)
+            } else {
+                (wire, 1)
+            };
             let lens: Vec<usize> = b
                 .members
                 .iter()
@@ -798,7 +861,7 @@ impl Worker {
                     parts.push(rest);
                 }
                 self.comm
-                    .allreduce_parts_bytes(dtype, &mut parts, wire, None)?;
+                    .allreduce_parts_bytes(dtype, &mut parts, batch_op, None, divisor)?;
             }
             let reduced = Instant::now();
             let fusion = &as_bytes_mut(&mut self.fusion)[..stage_bytes];
@@ -818,7 +881,7 @@ impl Worker {
                 if staged[k] {
                     dst.copy_from_slice(&fusion[from..at]);
                 }
-                if ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
+                if !inside && ReduceOp::from_code(it.ready.spec().op) == Some(ReduceOp::Avg) {
                     reduce::divide_bytes(dtype, dst, it.ready.contributors.max(1));
                 }
             }
