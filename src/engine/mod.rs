@@ -32,7 +32,7 @@ use crossbeam_channel::Sender;
 use negotiate::{Coll, Name, Shape, Spec};
 use rustc_hash::FxHashMap;
 use std::any::Any;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -116,13 +116,19 @@ pub(crate) struct Request {
 #[derive(Default)]
 pub(crate) struct Slot {
     result: Mutex<Option<Result<Box<dyn Buffer>>>>,
+    /// The name is in flight on this rank with this slot. Kept here rather
+    /// than in the name map, so the engine frees a name without the map's
+    /// lock or a lookup.
+    busy: AtomicBool,
 }
 
 type Outcome = Result<Box<dyn Buffer>>;
 
 impl Slot {
-    /// Leave the result (waiters see it at the next [`Shared::notify`]).
+    /// Free the name, then leave the result (waiters see it at the next
+    /// [`Shared::notify`]): whoever has the result may submit the name again.
     pub(crate) fn send(&self, r: Outcome) {
+        self.busy.store(false, Ordering::Release);
         *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
     }
     fn take(&self) -> Option<Outcome> {
@@ -148,9 +154,8 @@ pub(crate) enum Msg {
 /// handle and the engine's maps, and a result slot to reuse.
 struct Known {
     name: Name,
-    /// Submitted on this rank and not yet completed.
-    busy: bool,
-    /// Reused for the next submission once no handle or request holds it.
+    /// Reused for the next submission once no handle or request holds it;
+    /// says whether the name is in flight.
     slot: Arc<Slot>,
 }
 
@@ -193,44 +198,33 @@ impl Shared {
         self.finished.notify_all();
     }
 
-    /// Free names for reuse, under one lock.
-    fn release_all<'a>(&self, names: impl Iterator<Item = &'a str>) {
-        let mut map = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        for n in names {
-            if let Some(k) = map.get_mut(n) {
-                k.busy = false;
-            }
-        }
-    }
-
-    fn release(&self, name: &str) {
-        self.release_all(std::iter::once(name));
-    }
-
     /// Mark `name` in flight and return it (shared) with an empty result
     /// slot; `None` when it already is in flight.
     fn reserve(&self, name: &str) -> Option<(Name, Arc<Slot>)> {
         let mut map = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let busy = || Slot {
+            result: Mutex::new(None),
+            busy: AtomicBool::new(true),
+        };
         if let Some(k) = map.get_mut(name) {
-            if k.busy {
+            if k.slot.busy.load(Ordering::Acquire) {
                 return None;
             }
-            k.busy = true;
             // Only this map holds the slot: no handle can see it any more.
             if Arc::strong_count(&k.slot) == 1 {
                 k.slot.take();
+                k.slot.busy.store(true, Ordering::Relaxed);
             } else {
-                k.slot = Arc::new(Slot::default());
+                k.slot = Arc::new(busy());
             }
             return Some((k.name.clone(), k.slot.clone()));
         }
         if map.len() >= KNOWN_LIMIT {
-            map.retain(|_, k| k.busy);
+            map.retain(|_, k| k.slot.busy.load(Ordering::Acquire));
         }
         let k = Known {
             name: name.into(),
-            busy: true,
-            slot: Arc::new(Slot::default()),
+            slot: Arc::new(busy()),
         };
         let got = (k.name.clone(), k.slot.clone());
         map.insert(k.name.clone(), k);
@@ -445,7 +439,6 @@ impl Group<'_> {
         if let Some(e) = self.error.take() {
             // No member runs: their handles answer with the error.
             for r in &self.reqs {
-                self.engine.shared.release(&r.spec.name);
                 r.reply.send(Err(e.clone()));
             }
             return Err(e);
@@ -624,7 +617,7 @@ impl Engine {
     pub fn submit<T: Element + Default>(&self, op: Op<'_, T>) -> Result<Handle<Vec<T>>> {
         let (req, h) = self.prepare(op.draft, Box::new(op.buf), into_vec::<T>);
         self.send(Msg::Submit(req?)).inspect_err(|_| {
-            self.shared.release(&h.name);
+            h.slot.busy.store(false, Ordering::Release);
         })?;
         Ok(h)
     }
@@ -808,7 +801,7 @@ impl Engine {
         };
         let (req, h) = self.prepare(draft, Box::new(Raw { ptr, len, dtype }), |_| ());
         self.send(Msg::Submit(req?)).inspect_err(|_| {
-            self.shared.release(name);
+            h.slot.busy.store(false, Ordering::Release);
         })?;
         Ok(h)
     }

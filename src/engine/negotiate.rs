@@ -724,9 +724,68 @@ impl State {
     }
 }
 
+/// A round's vector (every entry 0 or 1) as bits, eight to a byte, to travel.
+///
+/// ```
+/// use kolo::engine::negotiate::{count_flags, pack_flags};
+/// let a = pack_flags(&[1, 0, 1]);
+/// let b = pack_flags(&[1, 1, 0]);
+/// assert_eq!(count_flags(&[a, b].concat(), 2, 3), [2, 1, 1]);
+/// ```
+pub fn pack_flags(v: &[i32]) -> Vec<u8> {
+    let mut w = vec![0u8; v.len().div_ceil(8)];
+    for (i, &f) in v.iter().enumerate() {
+        debug_assert!(f == 0 || f == 1, "vector entries are flags");
+        w[i / 8] |= u8::from(f != 0) << (i % 8);
+    }
+    w
+}
+
+/// The summed vector: for each of `len` entries, how many of the `n` ranks'
+/// packed vectors (laid end to end in `all`) have it set.
+pub fn count_flags(all: &[u8], n: usize, len: usize) -> Vec<i32> {
+    let bytes = len.div_ceil(8);
+    let mut v = vec![0i32; len];
+    for r in 0..n {
+        for (k, &b) in all[r * bytes..(r + 1) * bytes].iter().enumerate() {
+            let mut b = b;
+            while b != 0 {
+                let i = k * 8 + b.trailing_zeros() as usize;
+                if i < len {
+                    v[i] += 1;
+                }
+                b &= b - 1;
+            }
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_flags_count_like_the_sum() {
+        let mut x = 12345u64;
+        for n in 1..=6 {
+            for len in [0, 1, 2, 63, 64, 65, 130, 1000] {
+                let vs: Vec<Vec<i32>> = (0..n)
+                    .map(|_| {
+                        (0..len)
+                            .map(|_| {
+                                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                                (x >> 63) as i32
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let all: Vec<u8> = vs.iter().flat_map(|v| pack_flags(v)).collect();
+                let want: Vec<i32> = (0..len).map(|i| vs.iter().map(|v| v[i]).sum()).collect();
+                assert_eq!(count_flags(&all, n, len), want, "n={n} len={len}");
+            }
+        }
+    }
 
     fn spec(name: &str, len: u64) -> Spec {
         Spec {

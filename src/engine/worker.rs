@@ -2,7 +2,7 @@
 //! other ranks, and executes what every rank agreed on.
 
 use super::fusion::{self, wire_op};
-use super::negotiate::{Coll, Contribution, Failure, Local, Name, Ready, Spec, State, JOIN};
+use super::negotiate::{self, Coll, Contribution, Failure, Local, Name, Ready, Spec, State, JOIN};
 use super::timeline::Timeline;
 use super::{Buffer, Msg, Request, Shared, IDLE_SLEEP};
 use crate::compress::{CompressState, Compression, Prescale};
@@ -144,8 +144,7 @@ impl Worker {
         while let Ok(m) = self.rx.try_recv() {
             self.take(m);
         }
-        for (name, p) in std::mem::take(&mut self.pending) {
-            self.shared.release(&name);
+        for (_, p) in std::mem::take(&mut self.pending) {
             p.req.reply.send(Err(e.clone()));
         }
         if let Some(j) = self.join.take() {
@@ -330,7 +329,6 @@ impl Worker {
         };
         if let Some(why) = refuse {
             let name = &req.spec.name;
-            self.shared.release(name);
             req.reply.send(Err(Error::InvalidArgument(format!(
                 "rank {}: engine tensor {name:?}: {why}",
                 self.me
@@ -474,12 +472,12 @@ impl Worker {
         // neighbour, so the wake-up travels round the ring. (Recursive
         // doubling would leave a folded-out rank, which only sends at first,
         // asleep.)
-        let len = mine.len();
-        let mut all = vec![0i32; len * self.n];
-        self.comm.allgather(&mine, &mut all)?;
-        let v: Vec<i32> = (0..len)
-            .map(|i| (0..self.n).map(|r| all[r * len + i]).sum())
-            .collect();
+        // Each entry is a flag: it travels as one bit (1000 cached tensors
+        // are 125 bytes a rank, not 4 KB) and is counted here.
+        let bits = negotiate::pack_flags(&mine);
+        let mut all = vec![0u8; bits.len() * self.n];
+        self.comm.allgather(&bits, &mut all)?;
+        let v = negotiate::count_flags(&all, self.n, mine.len());
         let contribs = if State::exchange_needed(&v) {
             let mut pending: Option<Vec<String>> = None;
             if State::census_needed(&v) {
@@ -534,7 +532,6 @@ impl Worker {
                 continue;
             };
             let e = self.failure_error(name, f, &p);
-            self.shared.release(name);
             p.req.reply.send(Err(e));
         }
         if let Some(stalls) = &out.stalls {
@@ -651,7 +648,7 @@ impl Worker {
                         "engine agreed to run {name:?}, which this rank never submitted"
                     ),
                 };
-                fail_items(&self.shared, items, &e);
+                fail_items(items, &e);
                 return Err(e);
             }
             items.push(Item { ready: r, local });
@@ -686,12 +683,7 @@ impl Worker {
                 }
             }
         }
-        self.shared.release_all(
-            items
-                .iter()
-                .filter_map(|i| i.local.as_ref())
-                .map(|p| &*p.req.spec.name),
-        );
+
         for (i, item) in items.into_iter().enumerate() {
             let Some(p) = item.local else { continue };
             let name = &p.req.spec.name;
@@ -1021,10 +1013,9 @@ enum Done {
     Output(Result<Box<dyn Buffer>>),
 }
 
-fn fail_items(shared: &Shared, items: Vec<Item>, e: &Error) {
+fn fail_items(items: Vec<Item>, e: &Error) {
     for it in items {
         if let Some(p) = it.local {
-            shared.release(&p.req.spec.name);
             p.req.reply.send(Err(e.clone()));
         }
     }
