@@ -987,6 +987,22 @@ fn progress_recv(
     // soon as it is full, while the kernel receives the next one.
     loop {
         let seg_len = seg_bytes.min(wire_len - r.pos);
+        if let (Apply::Reduce { incoming_first }, false, 0) = (r.apply, narrow, r.fill) {
+            // Straight from a shared-memory ring, without a copy.
+            let acc = &mut dest[r.pos..r.pos + seg_len];
+            let direct = r.inc.take_in_place(t, seg_len, mem.elem, |inc| {
+                reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
+            })?;
+            if direct {
+                r.pos += seg_len;
+                moved = true;
+                if r.inc.is_done() {
+                    r.done = true;
+                    return Ok(moved);
+                }
+                continue;
+            }
+        }
         let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
         let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
         r.fill += n;
@@ -1047,6 +1063,28 @@ fn progress_recv_parts(
             }
             Apply::Reduce { incoming_first } => {
                 let seg_len = seg_bytes.min(len - r.pos);
+                if r.fill == 0 {
+                    // Straight from a shared-memory ring, without a copy.
+                    let runs = mem.runs(&r.into, r.pos, seg_len);
+                    let direct = r.inc.take_in_place(t, seg_len, mem.elem, |inc| {
+                        zip_runs(
+                            &[(inc.as_ptr().cast_mut(), inc.len())],
+                            &runs,
+                            |inc, acc| {
+                                reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
+                            },
+                        )
+                    })?;
+                    if direct {
+                        r.pos += seg_len;
+                        moved = true;
+                        if r.inc.is_done() {
+                            r.done = true;
+                            return Ok(moved);
+                        }
+                        continue;
+                    }
+                }
                 let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
                 let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
                 r.fill += n;

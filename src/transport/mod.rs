@@ -317,6 +317,31 @@ impl Transport {
         Ok(())
     }
 
+    /// Hand the next `len` payload bytes from the ring of `peer`/`lane` to
+    /// `f` in place, when they lie in one piece aligned to `align`; false
+    /// (nothing taken) otherwise.
+    fn use_ring(
+        &mut self,
+        peer: usize,
+        lane: usize,
+        len: usize,
+        align: usize,
+        f: impl FnOnce(&[u8]),
+    ) -> std::result::Result<bool, RecvError> {
+        let r = self.ring(peer, lane, false).ok_or_else(|| {
+            RecvError::Protocol(
+                "a shared-memory frame, but this rank made no ring for that connection".into(),
+            )
+        })?;
+        match r.front(len).map_err(RecvError::Protocol)? {
+            Some(b) if (b.as_ptr() as usize) % align.max(1) == 0 => f(b),
+            _ => return Ok(false),
+        }
+        r.advance(len);
+        self.bytes_received += len as u64;
+        Ok(true)
+    }
+
     /// Whether payloads to (`outgoing`) or from `peer` on `lane` may go
     /// through a ring: bulk frames only (small ones share [`DUPLEX`], where
     /// the socket's latency is the cost, not its copies).
@@ -1329,6 +1354,31 @@ impl Incoming {
 }
 
 impl Incoming {
+    /// Consume the next `len` payload bytes by handing them to `f` where
+    /// they lie, when the payload is in a shared-memory ring and they are in
+    /// one piece aligned to `align` (a reduction reads them there instead
+    /// of from a copy). False, with nothing consumed, otherwise: the caller
+    /// receives them the usual way.
+    pub fn take_in_place(
+        &mut self,
+        t: &mut Transport,
+        len: usize,
+        align: usize,
+        f: impl FnOnce(&[u8]),
+    ) -> std::result::Result<bool, RecvError> {
+        if self.got_header < HEADER_LEN && !self.header(t)? {
+            return Ok(false);
+        }
+        if !self.shm || len == 0 || len > self.remaining() {
+            return Ok(false);
+        }
+        let taken = t.use_ring(self.peer, self.lane, len, align, f)?;
+        if taken {
+            self.got += len as u64;
+        }
+        Ok(taken)
+    }
+
     /// [`Incoming::progress`] into several parts in order (a fused allreduce
     /// receiving into the tensors' own memory), at most the payload still
     /// expected; one `readv` per call. Returns how many bytes arrived.

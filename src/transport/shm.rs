@@ -172,6 +172,38 @@ impl Ring {
         true
     }
 
+    /// Consumer: the next `len` bytes in place, when they lie in one piece
+    /// (not across the ring's end); `None` when they wrap. An error if fewer
+    /// have been written. Nothing is taken until [`Ring::advance`]: the
+    /// producer does not write there before then.
+    pub fn front(&self, len: usize) -> Result<Option<&[u8]>, String> {
+        let tail = self.counter(64).load(Ordering::Relaxed);
+        let head = self.counter(0).load(Ordering::Acquire);
+        let have = head.wrapping_sub(tail);
+        if have > self.cap as u64 || (len as u64) > have {
+            return Err(format!(
+                "its shared-memory ring holds {have} bytes, the frame needs {len}"
+            ));
+        }
+        let at = (tail % self.cap as u64) as usize;
+        if at + len > self.cap {
+            return Ok(None);
+        }
+        // SAFETY: `at + len <= cap`, written by the producer before `head`
+        // (acquired above) moved past it, and not rewritten before `tail`
+        // moves past it.
+        Ok(Some(unsafe {
+            std::slice::from_raw_parts(self.data().add(at), len)
+        }))
+    }
+
+    /// Consumer: release the next `len` bytes (seen through [`Ring::front`]).
+    pub fn advance(&self, len: usize) {
+        let tail = self.counter(64).load(Ordering::Relaxed);
+        self.counter(64)
+            .store(tail.wrapping_add(len as u64), Ordering::Release);
+    }
+
     /// Consumer: take the next `dst.len()` bytes. An error (nothing taken)
     /// if fewer have been written: a peer that announced a payload it did
     /// not put here.
