@@ -566,3 +566,52 @@ fn compressed_tensors_per_name() {
         assert!(refused.as_ref().unwrap().to_string().contains("float32"));
     }
 }
+
+/// A name resubmitted with another shape, dtype or op after it was cached is
+/// negotiated afresh (not mistaken for the cached spec), step after step;
+/// each change comes after a step with an unchanged spec, so it meets the
+/// engine's remembered lookup.
+#[test]
+fn a_cached_name_with_a_new_spec_is_negotiated_again() {
+    // (elements, float64, max) of "w" at each step.
+    const PLAN: [(usize, bool, bool); 10] = [
+        (4, false, false),
+        (4, false, false),
+        (4, false, false),
+        (6, false, false),
+        (6, false, false),
+        (6, true, false),
+        (6, true, false),
+        (6, true, true),
+        (6, true, true),
+        (4, false, false),
+    ];
+    let res = run_ranks(3, |comm| {
+        let rank = comm.rank();
+        let e = Engine::start(comm).unwrap();
+        let mut seen = Vec::new();
+        for &(len, wide, max) in &PLAN {
+            let v = (rank + 1) as f32;
+            let op = if max { ReduceOp::Max } else { ReduceOp::Sum };
+            // "b" never changes.
+            let hb = e.allreduce_async("b", vec![v; 3], ReduceOp::Sum).unwrap();
+            let w: Vec<f64> = if wide {
+                let h = e.allreduce_async("w", vec![v as f64; len], op).unwrap();
+                h.wait().unwrap()
+            } else {
+                let h = e.allreduce_async("w", vec![v; len], op).unwrap();
+                h.wait().unwrap().into_iter().map(f64::from).collect()
+            };
+            seen.push((hb.wait().unwrap(), w));
+        }
+        e.shutdown().unwrap();
+        seen
+    });
+    for seen in res {
+        for (step, (b, w)) in seen.into_iter().enumerate() {
+            let (len, _, max) = PLAN[step];
+            assert_eq!(b, [6.0; 3], "step {step}");
+            assert_eq!(w, vec![if max { 3.0 } else { 6.0 }; len], "step {step}");
+        }
+    }
+}

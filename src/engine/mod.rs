@@ -108,6 +108,8 @@ pub(crate) struct Request {
     buf: Box<dyn Buffer>,
     reply: Arc<Slot>,
     submitted: Instant,
+    /// The name's id ([`Known::id`]).
+    id: u32,
 }
 
 /// Where the engine leaves one operation's result. Results of a round are
@@ -154,6 +156,9 @@ pub(crate) enum Msg {
 /// handle and the engine's maps, and a result slot to reuse.
 struct Known {
     name: Name,
+    /// Dense number of the name on this rank, never reused: the engine
+    /// keeps what it learned about the name in a list at this index.
+    id: u32,
     /// Reused for the next submission once no handle or request holds it;
     /// says whether the name is in flight.
     slot: Arc<Slot>,
@@ -165,8 +170,9 @@ const KNOWN_LIMIT: usize = 1 << 16;
 
 /// State shared by the engine handle, the handles and the thread.
 pub(crate) struct Shared {
-    /// Every name this rank submitted (up to [`KNOWN_LIMIT`]), in flight or not.
-    names: Mutex<FxHashMap<Name, Known>>,
+    /// Every name this rank submitted (up to [`KNOWN_LIMIT`]), in flight or
+    /// not, and the next id to give.
+    names: Mutex<(FxHashMap<Name, Known>, u32)>,
     /// Why the engine stopped, once it has.
     dead: Mutex<Option<Error>>,
     /// The engine thread sleeps waiting for work and wants a wake-up call;
@@ -200,8 +206,9 @@ impl Shared {
 
     /// Mark `name` in flight and return it (shared) with an empty result
     /// slot; `None` when it already is in flight.
-    fn reserve(&self, name: &str) -> Option<(Name, Arc<Slot>)> {
-        let mut map = self.names.lock().unwrap_or_else(|p| p.into_inner());
+    fn reserve(&self, name: &str) -> Option<(Name, Arc<Slot>, u32)> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, next) = &mut *names;
         let busy = || Slot {
             result: Mutex::new(None),
             busy: AtomicBool::new(true),
@@ -217,16 +224,18 @@ impl Shared {
             } else {
                 k.slot = Arc::new(busy());
             }
-            return Some((k.name.clone(), k.slot.clone()));
+            return Some((k.name.clone(), k.slot.clone(), k.id));
         }
         if map.len() >= KNOWN_LIMIT {
             map.retain(|_, k| k.slot.busy.load(Ordering::Acquire));
         }
         let k = Known {
             name: name.into(),
+            id: *next,
             slot: Arc::new(busy()),
         };
-        let got = (k.name.clone(), k.slot.clone());
+        *next = next.saturating_add(1);
+        let got = (k.name.clone(), k.slot.clone(), k.id);
         map.insert(k.name.clone(), k);
         Some(got)
     }
@@ -482,7 +491,7 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (rank, size) = (comm.rank(), comm.size());
         let shared = Arc::new(Shared {
-            names: Mutex::new(FxHashMap::default()),
+            names: Mutex::new((FxHashMap::default(), 0)),
             dead: Mutex::new(None),
             sleeping: std::sync::atomic::AtomicBool::new(false),
             generation: Mutex::new(0),
@@ -567,7 +576,7 @@ impl Engine {
             })
         };
         match check {
-            Ok((name, slot)) => {
+            Ok((name, slot, id)) => {
                 let handle = Handle {
                     name: name.clone(),
                     slot: slot.clone(),
@@ -590,6 +599,7 @@ impl Engine {
                     buf,
                     reply: slot,
                     submitted: Instant::now(),
+                    id,
                 };
                 (Ok(req), handle)
             }

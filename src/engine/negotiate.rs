@@ -314,6 +314,9 @@ pub struct State {
     capacity: usize,
     /// Slot → per-rank specs of a negotiated tensor; `None` marks a free slot.
     cache: Vec<Option<Arc<Vec<Option<Spec>>>>>,
+    /// Bumped whenever a slot's content changes: a (slot, generation) pair
+    /// seen earlier still names the same specs ([`State::generation`]).
+    gens: Vec<u32>,
     index: FxHashMap<Name, usize>,
     /// Announced but not yet ready (or failed and awaiting remaining ranks).
     table: BTreeMap<Name, Entry>,
@@ -345,6 +348,7 @@ impl State {
             n,
             capacity,
             cache: Vec::new(),
+            gens: Vec::new(),
             index: FxHashMap::default(),
             table: BTreeMap::new(),
             joined: vec![false; n],
@@ -380,6 +384,14 @@ impl State {
             && (compression.is_empty() && spec.compression.is_empty()
                 || *compression == spec.compression);
         same.then_some(slot)
+    }
+
+    /// The generation of a filled cache slot: while it stays the same, the
+    /// slot holds the same specs, so an earlier [`State::cached`] answer
+    /// for it still holds.
+    pub fn generation(&self, slot: usize) -> Option<u32> {
+        self.cache.get(slot)?.as_ref()?;
+        Some(self.gens[slot])
     }
 
     /// Whether `rank` has joined.
@@ -593,12 +605,14 @@ impl State {
                     Some(f) => Some(f),
                     None if self.cache.len() < self.capacity => {
                         self.cache.push(None);
+                        self.gens.push(0);
                         Some(self.cache.len() - 1)
                     }
                     None => None,
                 };
                 if let Some(slot) = slot {
                     self.cache[slot] = Some(r.specs.clone());
+                    self.gens[slot] = self.gens[slot].wrapping_add(1);
                     self.index.insert(name.clone(), slot);
                 }
             }
@@ -677,6 +691,7 @@ impl State {
         let n = self.n;
         if let Some(slot) = self.index.remove(&s.name) {
             self.cache[slot] = None;
+            self.gens[slot] = self.gens[slot].wrapping_add(1);
             out.evicted.push(s.name.clone());
         }
         let e = self.table.entry(s.name.clone()).or_insert_with(|| Entry {

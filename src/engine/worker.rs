@@ -37,6 +37,21 @@ struct Pending {
     cancel_sent: bool,
 }
 
+/// What a full cache lookup found for one name id ([`Worker::cached`]).
+struct Hint {
+    slot: usize,
+    gen: u32,
+    coll: Coll,
+    dtype: u8,
+    op: u8,
+    root: u32,
+    shape: negotiate::Shape,
+}
+
+/// Names with ids past this are looked up in full every time (the list of
+/// hints grows with the ids, and ids are never reused).
+const HINTS_LIMIT: usize = 1 << 20;
+
 struct JoinWait {
     reply: Sender<Result<usize>>,
     since: Instant,
@@ -66,6 +81,8 @@ pub(crate) struct Worker {
     compress: HashMap<String, CompressState>,
     /// Something local that the other ranks have not heard about yet.
     dirty: bool,
+    /// By name id: where the name's spec was last found in the cache.
+    hints: Vec<Option<Hint>>,
     /// No stall report or shutdown is due before this (`None`: nothing is
     /// pending); see [`Worker::next_stall_check`].
     stall_due: Option<Instant>,
@@ -111,6 +128,7 @@ impl Worker {
             fusion: Vec::new(),
             compress: HashMap::new(),
             dirty: false,
+            hints: Vec::new(),
             stall_due: None,
             news_since: None,
             wants_census: false,
@@ -123,7 +141,21 @@ impl Worker {
 
     /// The thread body: returns the communicator when stopped.
     pub(crate) fn run(mut self) -> Communicator {
-        if let Err(e) = self.main_loop() {
+        // A bug that panics here must not leave callers waiting forever:
+        // it becomes the engine's error, and every pending handle gets it.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.main_loop()))
+            .unwrap_or_else(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                Err(Error::Io(format!(
+                    "rank {}: the engine thread panicked: {why}",
+                    self.me
+                )))
+            });
+        if let Err(e) = ran {
             *self.shared.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             self.fail_everything(&e);
         } else {
@@ -269,8 +301,10 @@ impl Worker {
     }
 
     fn drain(&mut self) {
+        // One clock reading for what is queued now: it arrived by then.
+        let now = Instant::now();
         while let Ok(m) = self.rx.try_recv() {
-            self.take(m);
+            self.take_at(m, now);
         }
         self.wake_refused();
     }
@@ -284,7 +318,10 @@ impl Worker {
     }
 
     fn take(&mut self, m: Msg) {
-        let now = Instant::now();
+        self.take_at(m, Instant::now());
+    }
+
+    fn take_at(&mut self, m: Msg, now: Instant) {
         match m {
             Msg::Stop => self.stop = true,
             Msg::Shutdown(reply) => {
@@ -336,7 +373,7 @@ impl Worker {
             self.refused = true;
             return;
         }
-        let stage = match self.state.cached(self.me, &req.spec) {
+        let stage = match self.cached(&req) {
             Some(slot) => Stage::Held(slot),
             None => Stage::New,
         };
@@ -357,6 +394,41 @@ impl Worker {
     fn first_due(&self, t: Instant) -> Instant {
         let warn = t + self.stall_warning;
         self.stall_shutdown.map_or(warn, |s| warn.min(t + s))
+    }
+
+    /// The cache slot that holds `req`'s spec, if one does. What the last
+    /// full lookup found for the name is kept by its id, with the slot's
+    /// generation and the spec's fields: a training step resubmits the same
+    /// specs, and checking them against that small list touches far less
+    /// memory than hashing the name and comparing with the cached specs.
+    fn cached(&mut self, req: &Request) -> Option<usize> {
+        let (id, spec) = (req.id as usize, &req.spec);
+        let plain = spec.group.is_none() && spec.compression.is_empty();
+        if let Some(Some(h)) = self.hints.get(id) {
+            if plain
+                && (h.coll, h.dtype, h.op, h.root) == (spec.coll, spec.dtype, spec.op, spec.root)
+                && h.shape == spec.shape
+                && self.state.generation(h.slot) == Some(h.gen)
+            {
+                return Some(h.slot);
+            }
+        }
+        let slot = self.state.cached(self.me, spec)?;
+        if plain && id < HINTS_LIMIT {
+            if self.hints.len() <= id {
+                self.hints.resize_with(id + 1, || None);
+            }
+            self.hints[id] = Some(Hint {
+                slot,
+                gen: self.state.generation(slot)?,
+                coll: spec.coll,
+                dtype: spec.dtype,
+                op: spec.op,
+                root: spec.root,
+                shape: spec.shape.clone(),
+            });
+        }
+        Some(slot)
     }
 
     fn news(&mut self, now: Instant) {
