@@ -963,9 +963,10 @@ fn progress_recv(
     let narrow = call.wire != call.dtype;
     let wire_len = r.into.len * mem.wire;
     let mut moved = false;
-    if !mem.whole(&r.into) {
+    if !mem.whole(&r.into) || (matches!(r.apply, Apply::Reduce { .. }) && !narrow) {
         // Across pieces (never narrowed): straight into them, or through a
-        // segment reduced piece by piece.
+        // segment reduced piece by piece; and every plain reduction, which
+        // may read its bytes in place from a shared-memory ring there.
         return progress_recv_parts(t, r, mem, ws, seg_bytes, call);
     }
     let dest = mem.slice_mut(&r.into);
@@ -987,22 +988,6 @@ fn progress_recv(
     // soon as it is full, while the kernel receives the next one.
     loop {
         let seg_len = seg_bytes.min(wire_len - r.pos);
-        if let (Apply::Reduce { incoming_first }, false, 0) = (r.apply, narrow, r.fill) {
-            // Straight from a shared-memory ring, without a copy.
-            let acc = &mut dest[r.pos..r.pos + seg_len];
-            let direct = r.inc.take_in_place(t, seg_len, mem.elem, |inc| {
-                reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
-            })?;
-            if direct {
-                r.pos += seg_len;
-                moved = true;
-                if r.inc.is_done() {
-                    r.done = true;
-                    return Ok(moved);
-                }
-                continue;
-            }
-        }
         let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
         let n = r.inc.progress(t, &mut buf[r.fill..seg_len])?;
         r.fill += n;
@@ -1036,6 +1021,24 @@ fn progress_recv(
     }
 }
 
+/// Reduce the next `len` bytes of receive `r` with `f` where they lie in a
+/// shared-memory ring, without copying them out: `Some(done)` when it did,
+/// `None` when they must come the usual way (see [`Incoming::take_in_place`]).
+fn reduce_from_ring(
+    t: &mut Transport,
+    r: &mut RecvState,
+    len: usize,
+    elem: usize,
+    f: impl FnOnce(&[u8]),
+) -> std::result::Result<Option<bool>, RecvError> {
+    if !r.inc.take_in_place(t, len, elem, f)? {
+        return Ok(None);
+    }
+    r.pos += len;
+    r.done = r.inc.is_done();
+    Ok(Some(r.done))
+}
+
 /// [`progress_recv`] for a region across pieces of the output.
 fn progress_recv_parts(
     t: &mut Transport,
@@ -1064,25 +1067,23 @@ fn progress_recv_parts(
             Apply::Reduce { incoming_first } => {
                 let seg_len = seg_bytes.min(len - r.pos);
                 if r.fill == 0 {
-                    // Straight from a shared-memory ring, without a copy.
                     let runs = mem.runs(&r.into, r.pos, seg_len);
-                    let direct = r.inc.take_in_place(t, seg_len, mem.elem, |inc| {
-                        zip_runs(
-                            &[(inc.as_ptr().cast_mut(), inc.len())],
-                            &runs,
-                            |inc, acc| {
-                                reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
-                            },
-                        )
+                    let from_ring = reduce_from_ring(t, r, seg_len, mem.elem, |inc| {
+                        let inc = [(inc.as_ptr().cast_mut(), inc.len())];
+                        zip_runs(&inc, &runs, |inc, acc| {
+                            reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
+                        })
                     })?;
-                    if direct {
-                        r.pos += seg_len;
-                        moved = true;
-                        if r.inc.is_done() {
-                            r.done = true;
-                            return Ok(moved);
+                    if let Some(done) = from_ring {
+                        if done {
+                            return Ok(true);
                         }
+                        moved = true;
                         continue;
+                    }
+                    if !r.inc.has_header() {
+                        // Nothing has come (the look above tried).
+                        return Ok(moved);
                     }
                 }
                 let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);

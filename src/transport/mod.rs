@@ -1239,6 +1239,10 @@ impl Incoming {
     pub fn remaining(&self) -> usize {
         (self.expect.len - self.got) as usize
     }
+    /// Whether the whole header has been read.
+    pub fn has_header(&self) -> bool {
+        self.got_header == HEADER_LEN
+    }
     /// Whether any byte of this message has been read.
     pub fn started(&self) -> bool {
         self.got_header > 0
