@@ -1067,10 +1067,12 @@ fn progress_recv_parts(
             Apply::Reduce { incoming_first } => {
                 let seg_len = seg_bytes.min(len - r.pos);
                 if r.fill == 0 {
-                    let runs = mem.runs(&r.into, r.pos, seg_len);
+                    // The runs are only looked up when the bytes are in a
+                    // ring: not on every small receive over TCP.
+                    let (into, pos) = (r.into, r.pos);
                     let from_ring = reduce_from_ring(t, r, seg_len, mem.elem, |inc| {
                         let inc = [(inc.as_ptr().cast_mut(), inc.len())];
-                        zip_runs(&inc, &runs, |inc, acc| {
+                        zip_runs(&inc, &mem.runs(&into, pos, seg_len), |inc, acc| {
                             reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
                         })
                     })?;

@@ -8,6 +8,9 @@
 //! every step. Every rank prints which members took part in each committed
 //! step, so the test recomputes the final sums serially from those lines and
 //! compares them with what every rank ends with.
+mod common;
+
+use common::send_all;
 use kolo::elastic::{self, Options, State};
 use kolo::rendezvous::{StoreClient, StoreServer};
 use kolo::ReduceOp;
@@ -658,12 +661,7 @@ fn old_epoch_frame_is_refused() {
         len: 8,
     };
     let enc = h.encode();
-    let mut sent = 0;
-    while sent < enc.len() {
-        sent += t1
-            .send(0, &[std::io::IoSlice::new(&enc[sent..])])
-            .unwrap_or(0);
-    }
+    send_all(&mut t1, 0, &enc);
     let mut inc = Incoming::new(1, Header { comm_id: new, ..h });
     let mut buf = [0u8; 8];
     let until = Instant::now() + Duration::from_secs(5);

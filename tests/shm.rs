@@ -196,12 +196,7 @@ fn bogus_shm_frame(ring_on_rank0: bool) -> String {
         len,
     };
     let enc = h.encode();
-    let mut sent = 0;
-    while sent < enc.len() {
-        sent += t1
-            .send(0, &[std::io::IoSlice::new(&enc[sent..])])
-            .unwrap_or(0);
-    }
+    send_all(&mut t1, 0, &enc);
     let mut inc = Incoming::new(
         1,
         Header {

@@ -236,3 +236,20 @@ pub fn fingerprint<T: TestElem>(v: &[T]) -> u64 {
     v.iter()
         .fold(0xcbf2_9ce4_8422_2325, |h, x| mix(h ^ x.bits()))
 }
+
+/// Write all of `bytes` to `peer` on connection 0 (a test's hand-made frame),
+/// failing the test on an error or after 10 s.
+pub fn send_all(t: &mut kolo::transport::Transport, peer: usize, bytes: &[u8]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match t.send(peer, &[std::io::IoSlice::new(&bytes[sent..])]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(std::time::Instant::now() < deadline, "send to {peer} stuck");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("send to {peer}: {e}"),
+        }
+    }
+}
