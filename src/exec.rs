@@ -984,8 +984,8 @@ fn progress_recv(
             }
         }
     }
-    // Through a segment: decoded (narrowing) and/or reduced into place as
-    // soon as it is full, while the kernel receives the next one.
+    // Narrowed (what is left): through a segment, widened or reduced into
+    // place as soon as it is full, while the kernel receives the next one.
     loop {
         let seg_len = seg_bytes.min(wire_len - r.pos);
         let buf: &mut [u8] = bytes_of(&mut ws.segments[r.seg]);
@@ -994,18 +994,11 @@ fn progress_recv(
         moved |= n > 0;
         if r.fill == seg_len && seg_len > 0 {
             let seg = &buf[..seg_len];
-            match (r.apply, narrow) {
-                (Apply::Copy, _) => {
-                    let out = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
-                    reduce::widen(call.wire, f32s_mut(out), seg);
-                }
-                (Apply::Reduce { incoming_first }, true) => {
-                    let acc = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
-                    reduce::reduce_widened(call.wire, call.op, f32s_mut(acc), seg, incoming_first);
-                }
-                (Apply::Reduce { incoming_first }, false) => {
-                    let acc = &mut dest[r.pos..r.pos + seg_len];
-                    reduce::reduce_bytes(call.dtype, call.op, acc, seg, incoming_first);
+            let out = &mut dest[r.pos * 2..(r.pos + seg_len) * 2];
+            match r.apply {
+                Apply::Copy => reduce::widen(call.wire, f32s_mut(out), seg),
+                Apply::Reduce { incoming_first } => {
+                    reduce::reduce_widened(call.wire, call.op, f32s_mut(out), seg, incoming_first)
                 }
             }
             r.pos += seg_len;
