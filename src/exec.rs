@@ -1022,7 +1022,7 @@ fn reduce_from_ring(
     r: &mut RecvState,
     len: usize,
     elem: usize,
-    f: impl FnOnce(&[u8]),
+    f: impl FnMut(&[u8], usize),
 ) -> std::result::Result<Option<bool>, RecvError> {
     if !r.inc.take_in_place(t, len, elem, f)? {
         return Ok(None);
@@ -1063,9 +1063,10 @@ fn progress_recv_parts(
                     // The runs are only looked up when the bytes are in a
                     // ring: not on every small receive over TCP.
                     let (into, pos) = (r.into, r.pos);
-                    let from_ring = reduce_from_ring(t, r, seg_len, mem.elem, |inc| {
+                    let from_ring = reduce_from_ring(t, r, seg_len, mem.elem, |inc, off| {
+                        let runs = mem.runs(&into, pos + off, inc.len());
                         let inc = [(inc.as_ptr().cast_mut(), inc.len())];
-                        zip_runs(&inc, &mem.runs(&into, pos, seg_len), |inc, acc| {
+                        zip_runs(&inc, &runs, |inc, acc| {
                             reduce::reduce_bytes(call.dtype, call.op, acc, inc, incoming_first)
                         })
                     })?;

@@ -291,7 +291,9 @@ impl Transport {
         if len <= DUPLEX_MAX || lane == DUPLEX {
             return false;
         }
-        let pushed = self.ring(peer, lane, true).is_some_and(|r| r.push(parts));
+        let pushed = self
+            .ring(peer, lane, true)
+            .is_some_and(|r| r.push_frame(parts));
         if pushed {
             self.bytes_sent += len as u64;
             self.bytes_shm += len as u64;
@@ -318,28 +320,42 @@ impl Transport {
     }
 
     /// Hand the next `len` payload bytes from the ring of `peer`/`lane` to
-    /// `f` in place, when they lie in one piece aligned to `align`; false
-    /// (nothing taken) otherwise.
+    /// `f` in place, with their offset: in one piece, or two where they wrap
+    /// round the ring's end, each aligned to `align`; false (nothing taken)
+    /// when a piece is not.
     fn use_ring(
         &mut self,
         peer: usize,
         lane: usize,
         len: usize,
         align: usize,
-        f: impl FnOnce(&[u8]),
+        mut f: impl FnMut(&[u8], usize),
     ) -> std::result::Result<bool, RecvError> {
         let r = self.ring(peer, lane, false).ok_or_else(|| {
             RecvError::Protocol(
                 "a shared-memory frame, but this rank made no ring for that connection".into(),
             )
         })?;
-        match r.front(len).map_err(RecvError::Protocol)? {
-            Some(b) if (b.as_ptr() as usize) % align.max(1) == 0 => f(b),
-            _ => return Ok(false),
+        let (a, b) = r.front_split(len).map_err(RecvError::Protocol)?;
+        let align = align.max(1);
+        if (a.as_ptr() as usize) % align != 0 || (!b.is_empty() && a.len() % align != 0) {
+            return Ok(false);
+        }
+        f(a, 0);
+        if !b.is_empty() {
+            f(b, a.len());
         }
         r.advance(len);
         self.bytes_received += len as u64;
         Ok(true)
+    }
+
+    /// A shared-memory frame from `peer` on `lane` begins: skip to where
+    /// [`shm::Ring::push_frame`] put it.
+    fn ring_frame_start(&mut self, peer: usize, lane: usize) {
+        if let Some(r) = self.ring(peer, lane, false) {
+            r.skip_to_line();
+        }
     }
 
     /// Whether payloads to (`outgoing`) or from `peer` on `lane` may go
@@ -1307,8 +1323,10 @@ impl Incoming {
                     "a shared-memory frame, but this rank made no ring for that connection".into(),
                 ));
             }
-            // The frame on the connection ends with its header.
+            // The frame on the connection ends with its header; its payload
+            // starts on the ring's next line.
             self.shm = true;
+            t.ring_frame_start(self.peer, self.lane);
             t.set_in_mid(self.peer, self.lane, false);
         }
         Ok(true)
@@ -1359,16 +1377,17 @@ impl Incoming {
 
 impl Incoming {
     /// Consume the next `len` payload bytes by handing them to `f` where
-    /// they lie, when the payload is in a shared-memory ring and they are in
-    /// one piece aligned to `align` (a reduction reads them there instead
-    /// of from a copy). False, with nothing consumed, otherwise: the caller
-    /// receives them the usual way.
+    /// they lie, with their offset among the `len`, when the payload is in a
+    /// shared-memory ring in pieces aligned to `align` (one, or two where
+    /// the ring wraps; a reduction reads them there instead of from a
+    /// copy). False, with nothing consumed, otherwise: the caller receives
+    /// them the usual way.
     pub fn take_in_place(
         &mut self,
         t: &mut Transport,
         len: usize,
         align: usize,
-        f: impl FnOnce(&[u8]),
+        f: impl FnMut(&[u8], usize),
     ) -> std::result::Result<bool, RecvError> {
         if self.got_header < HEADER_LEN && !self.header(t)? {
             return Ok(false);

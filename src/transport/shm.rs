@@ -20,6 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const META: usize = 128;
 /// Where the creator's pid is kept, for [`sweep_stale`].
 const PID_AT: usize = 16;
+/// Frames ([`Ring::push_frame`]) start on a cache line of the ring, so a
+/// reduction reading one in place reads lines of its own: one frame of an
+/// odd length would otherwise leave every later one misaligned.
+pub const LINE: usize = 64;
 /// The names of rings start so in `/dev/shm`.
 const PREFIX: &str = "kolo-";
 
@@ -148,13 +152,58 @@ impl Ring {
     /// Producer: append the concatenation of `parts` if it fits in the free
     /// space; false (and nothing written) if it does not.
     pub fn push(&self, parts: &[&[u8]]) -> bool {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.push_from(self.counter(0).load(Ordering::Relaxed), parts)
+    }
+
+    /// Producer: [`Ring::push`] starting on a cache line (skipping up to
+    /// [`LINE`] - 1 bytes), for a consumer that calls
+    /// [`Ring::skip_to_line`] before the first byte.
+    ///
+    /// ```
+    /// use kolo::transport::shm::Ring;
+    /// let path = std::env::temp_dir().join(format!("kolo-doc-frame-{}", std::process::id()));
+    /// let mut rx = Ring::create(&path, 256)?;
+    /// let tx = Ring::open(&path)?;
+    /// rx.unlink();
+    /// assert!(tx.push_frame(&[b"odd"]) && tx.push_frame(&[b"next"]));
+    /// let mut a = [0u8; 3];
+    /// rx.skip_to_line();
+    /// rx.pop(&mut a).unwrap();
+    /// rx.skip_to_line();
+    /// assert_eq!(rx.front_split(4).unwrap(), (&b"next"[..], &b""[..]));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn push_frame(&self, parts: &[&[u8]]) -> bool {
         let head = self.counter(0).load(Ordering::Relaxed);
+        self.push_from(self.line_up(head), parts)
+    }
+
+    /// Consumer: skip to where the next [`Ring::push_frame`] started.
+    pub fn skip_to_line(&self) {
+        let tail = self.counter(64).load(Ordering::Relaxed);
+        self.counter(64)
+            .store(self.line_up(tail), Ordering::Release);
+    }
+
+    /// `pos` rounded up to the next cache line of the ring (unchanged when
+    /// the capacity is not a multiple of [`LINE`]: no position is then).
+    fn line_up(&self, pos: u64) -> u64 {
+        if self.cap % LINE != 0 {
+            return pos;
+        }
+        pos.div_ceil(LINE as u64) * LINE as u64
+    }
+
+    /// Write `parts` from `start` (at or past `head`; the bytes between are
+    /// skipped), if they fit.
+    fn push_from(&self, start: u64, parts: &[&[u8]]) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let tail = self.counter(64).load(Ordering::Acquire);
-        let used = head.wrapping_sub(tail) as usize;
+        let used = start.wrapping_sub(tail) as usize;
         if used > self.cap || len > self.cap - used {
             return false;
         }
+        let head = start;
         let mut at = (head % self.cap as u64) as usize;
         for p in parts {
             let mut src: &[u8] = p;
@@ -172,11 +221,11 @@ impl Ring {
         true
     }
 
-    /// Consumer: the next `len` bytes in place, when they lie in one piece
-    /// (not across the ring's end); `None` when they wrap. An error if fewer
-    /// have been written. Nothing is taken until [`Ring::advance`]: the
-    /// producer does not write there before then.
-    pub fn front(&self, len: usize) -> Result<Option<&[u8]>, String> {
+    /// Consumer: the next `len` bytes in place, as the piece up to the
+    /// ring's end and the piece after it from the start (empty unless they
+    /// wrap). An error if fewer have been written. Nothing is taken until
+    /// [`Ring::advance`].
+    pub fn front_split(&self, len: usize) -> Result<(&[u8], &[u8]), String> {
         let tail = self.counter(64).load(Ordering::Relaxed);
         let head = self.counter(0).load(Ordering::Acquire);
         let have = head.wrapping_sub(tail);
@@ -186,18 +235,20 @@ impl Ring {
             ));
         }
         let at = (tail % self.cap as u64) as usize;
-        if at + len > self.cap {
-            return Ok(None);
-        }
-        // SAFETY: `at + len <= cap`, written by the producer before `head`
-        // (acquired above) moved past it, and not rewritten before `tail`
-        // moves past it.
-        Ok(Some(unsafe {
-            std::slice::from_raw_parts(self.data().add(at), len)
-        }))
+        let first = len.min(self.cap - at);
+        // SAFETY: both ranges lie inside the data, were written by the
+        // producer before `head` (acquired above) moved past them, and are
+        // not rewritten before `tail` moves past them.
+        Ok(unsafe {
+            (
+                std::slice::from_raw_parts(self.data().add(at), first),
+                std::slice::from_raw_parts(self.data(), len - first),
+            )
+        })
     }
 
-    /// Consumer: release the next `len` bytes (seen through [`Ring::front`]).
+    /// Consumer: release the next `len` bytes (seen through
+    /// [`Ring::front_split`]).
     pub fn advance(&self, len: usize) {
         let tail = self.counter(64).load(Ordering::Relaxed);
         self.counter(64)
@@ -421,6 +472,42 @@ mod tests {
             got += k;
         }
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn frames_start_on_a_line_and_wrapped_ones_come_in_two_pieces() {
+        let (tx, rx) = pair(4 * LINE);
+        let data: Vec<u8> = (0..=255u8).collect();
+        // Frames of odd lengths: each starts on a line, so each line holds
+        // one frame's bytes, and one of them wraps round the end.
+        let mut at = 0u64;
+        for (k, len) in [3usize, 70, 100, 61, 129].into_iter().enumerate() {
+            assert!(tx.push_frame(&[&data[..len]]), "frame {k} fits");
+            rx.skip_to_line();
+            let (a, b) = rx.front_split(len).unwrap();
+            let start = at.div_ceil(LINE as u64) * LINE as u64;
+            assert_eq!(
+                rx.data() as usize + (start % (4 * LINE) as u64) as usize,
+                a.as_ptr() as usize,
+                "frame {k} starts on a line"
+            );
+            assert_eq!([a, b].concat(), &data[..len], "frame {k}");
+            assert_eq!(
+                b.is_empty(),
+                (start % (4 * LINE) as u64) as usize + len <= 4 * LINE
+            );
+            rx.advance(len);
+            at = start + len as u64;
+        }
+        // The ring is empty; the skip to the next line counts against its room.
+        let pad = (at.div_ceil(LINE as u64) * LINE as u64 - at) as usize;
+        assert!(pad > 0);
+        assert!(!tx.push_frame(&[&vec![0u8; 4 * LINE - pad + 1]]));
+        assert!(rx.front_split(1).is_err(), "nothing was written");
+        assert!(tx.push_frame(&[&vec![1u8; 4 * LINE - pad]]));
+        rx.skip_to_line();
+        let (a, b) = rx.front_split(4 * LINE - pad).unwrap();
+        assert!([a, b].concat().iter().all(|&x| x == 1));
     }
 
     #[test]
