@@ -111,6 +111,7 @@ mod tests {
                 compression: String::new(),
             })]),
             contributors: 1,
+            slot: None,
         }
     }
 

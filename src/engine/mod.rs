@@ -102,31 +102,83 @@ impl Buffer for Raw {
     }
 }
 
-/// One submitted tensor, on its way to the engine thread.
+/// One submitted tensor, on its way to the engine thread. Its name is in
+/// its reply slot rather than here: a copy of the shared name would be
+/// counted up by the caller and down by the engine, moving the name's
+/// memory between their cores for every tensor of every step.
 pub(crate) struct Request {
-    spec: Spec,
+    kind: Kind,
     buf: Box<dyn Buffer>,
     reply: Arc<Slot>,
-    submitted: Instant,
+    /// When the caller submitted it, read only for the timeline; the
+    /// engine's clock reading when it takes the request serves otherwise
+    /// (stall checks count seconds, and a clock read per tensor is not free).
+    submitted: Option<Instant>,
     /// The name's id ([`Known::id`]).
     id: u32,
+}
+
+impl Request {
+    /// The tensor's name.
+    pub(crate) fn name(&self) -> &Name {
+        &self.reply.name
+    }
+    /// The full spec, to announce or look up (copies the name's handle).
+    pub(crate) fn spec(&self) -> Spec {
+        let k = &self.kind;
+        Spec {
+            name: self.reply.name.clone(),
+            coll: k.coll,
+            dtype: k.dtype,
+            op: k.op,
+            root: k.root,
+            shape: k.shape.clone(),
+            group: k.group.clone(),
+            compression: k.compression.clone(),
+        }
+    }
+}
+
+/// What a caller asks for under a name: a [`Spec`] without the name.
+#[derive(Clone)]
+pub(crate) struct Kind {
+    pub(crate) coll: Coll,
+    pub(crate) dtype: u8,
+    pub(crate) op: u8,
+    pub(crate) root: u32,
+    pub(crate) shape: Shape,
+    /// Set for the members of a [`Group`] when it is submitted.
+    pub(crate) group: Option<(String, u32)>,
+    pub(crate) compression: String,
 }
 
 /// Where the engine leaves one operation's result. Results of a round are
 /// all set first and waiters woken once ([`Shared::notify`]): a wake-up per
 /// tensor would cost two context switches each.
-#[derive(Default)]
+///
+/// Laid out in order, the fields both threads write first, so that they
+/// share a cache line with the reference count (128 bytes in all).
+#[repr(C)]
 pub(crate) struct Slot {
-    result: Mutex<Option<Result<Box<dyn Buffer>>>>,
     /// The name is in flight on this rank with this slot. Kept here rather
     /// than in the name map, so the engine frees a name without the map's
     /// lock or a lookup.
     busy: AtomicBool,
+    result: Mutex<Option<Result<Box<dyn Buffer>>>>,
+    /// The tensor's name (for the handle: one shared copy per name).
+    name: Name,
 }
 
 type Outcome = Result<Box<dyn Buffer>>;
 
 impl Slot {
+    fn new(name: Name, busy: bool) -> Slot {
+        Slot {
+            name,
+            result: Mutex::new(None),
+            busy: AtomicBool::new(busy),
+        }
+    }
     /// Free the name, then leave the result (waiters see it at the next
     /// [`Shared::notify`]): whoever has the result may submit the name again.
     pub(crate) fn send(&self, r: Outcome) {
@@ -152,10 +204,9 @@ pub(crate) enum Msg {
 }
 
 /// What this rank keeps per tensor name across steps, so that submitting a
-/// name seen before allocates nothing: the name itself, shared by the
-/// handle and the engine's maps, and a result slot to reuse.
+/// name seen before allocates nothing: a result slot to reuse, which holds
+/// the name (shared by the handle and the engine's maps), and the name's id.
 struct Known {
-    name: Name,
     /// Dense number of the name on this rank, never reused: the engine
     /// keeps what it learned about the name in a list at this index.
     id: u32,
@@ -192,6 +243,8 @@ pub(crate) struct Shared {
     gathering: std::sync::atomic::AtomicBool,
     waker: Arc<mio::Waker>,
     rank: usize,
+    /// A timeline is written: submissions carry their time.
+    stamp: bool,
 }
 
 impl Shared {
@@ -204,15 +257,12 @@ impl Shared {
         self.finished.notify_all();
     }
 
-    /// Mark `name` in flight and return it (shared) with an empty result
-    /// slot; `None` when it already is in flight.
-    fn reserve(&self, name: &str) -> Option<(Name, Arc<Slot>, u32)> {
+    /// Mark `name` in flight and return an empty result slot for it (which
+    /// holds the name, shared) and its id; `None` when it already is in
+    /// flight.
+    fn reserve(&self, name: &str) -> Option<(Arc<Slot>, u32)> {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let (map, next) = &mut *names;
-        let busy = || Slot {
-            result: Mutex::new(None),
-            busy: AtomicBool::new(true),
-        };
         if let Some(k) = map.get_mut(name) {
             if k.slot.busy.load(Ordering::Acquire) {
                 return None;
@@ -222,21 +272,21 @@ impl Shared {
                 k.slot.take();
                 k.slot.busy.store(true, Ordering::Relaxed);
             } else {
-                k.slot = Arc::new(busy());
+                k.slot = Arc::new(Slot::new(k.slot.name.clone(), true));
             }
-            return Some((k.name.clone(), k.slot.clone(), k.id));
+            return Some((k.slot.clone(), k.id));
         }
         if map.len() >= KNOWN_LIMIT {
             map.retain(|_, k| k.slot.busy.load(Ordering::Acquire));
         }
+        let name: Name = name.into();
         let k = Known {
-            name: name.into(),
             id: *next,
-            slot: Arc::new(busy()),
+            slot: Arc::new(Slot::new(name.clone(), true)),
         };
         *next = next.saturating_add(1);
-        let got = (k.name.clone(), k.slot.clone(), k.id);
-        map.insert(k.name.clone(), k);
+        let got = (k.slot.clone(), k.id);
+        map.insert(name, k);
         Some(got)
     }
 }
@@ -251,7 +301,6 @@ impl Shared {
 /// # Ok::<(), kolo::Error>(())
 /// ```
 pub struct Handle<O> {
-    name: Name,
     slot: Arc<Slot>,
     done: Option<Outcome>,
     shared: Arc<Shared>,
@@ -261,7 +310,7 @@ pub struct Handle<O> {
 impl<O> Handle<O> {
     /// The tensor's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.slot.name
     }
 
     /// True once the operation finished (successfully or not); never blocks.
@@ -314,7 +363,8 @@ impl<O> Handle<O> {
             .map_or("the engine was shut down".to_string(), |e| e.to_string());
         Error::InvalidArgument(format!(
             "rank {}: engine tensor {:?} did not complete: {why}",
-            self.shared.rank, self.name
+            self.shared.rank,
+            self.name()
         ))
     }
 }
@@ -344,12 +394,7 @@ pub struct Op<'a, T: Element> {
 /// A [`Spec`] before the engine has given it its shared name.
 struct Draft<'a> {
     name: &'a str,
-    coll: Coll,
-    dtype: DType,
-    op: u8,
-    root: u32,
-    shape: Shape,
-    compression: String,
+    kind: Kind,
 }
 
 impl<'a, T: Element + Default> Op<'a, T> {
@@ -357,12 +402,15 @@ impl<'a, T: Element + Default> Op<'a, T> {
         Op {
             draft: Draft {
                 name,
-                coll,
-                dtype: T::DTYPE,
-                op: op.map_or(0, ReduceOp::code),
-                root: root as u32,
-                shape: Shape::flat(buf.len() as u64),
-                compression: String::new(),
+                kind: Kind {
+                    coll,
+                    dtype: T::DTYPE.code(),
+                    op: op.map_or(0, ReduceOp::code),
+                    root: root as u32,
+                    shape: Shape::flat(buf.len() as u64),
+                    group: None,
+                    compression: String::new(),
+                },
             },
             buf,
         }
@@ -393,7 +441,7 @@ impl<'a, T: Element + Default> Op<'a, T> {
     /// batches fuse like plain tensors; top-k runs per tensor, with its error
     /// feedback kept under the tensor's name across steps. Ranks must agree.
     pub fn compression(mut self, c: &crate::compress::Compression) -> Op<'a, T> {
-        self.draft.compression = match c {
+        self.draft.kind.compression = match c {
             crate::compress::Compression::None => String::new(),
             c => c.to_string(),
         };
@@ -404,7 +452,7 @@ impl<'a, T: Element + Default> Op<'a, T> {
     /// across ranks; for allgather the first dimension may differ).
     pub fn shape(mut self, dims: &[usize]) -> Op<'a, T> {
         let dims: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-        self.draft.shape = Shape::from(&dims[..]);
+        self.draft.kind.shape = Shape::from(&dims[..]);
         self
     }
 }
@@ -454,7 +502,7 @@ impl Group<'_> {
         }
         let n = self.reqs.len() as u32;
         for r in &mut self.reqs {
-            r.spec.group = Some((self.name.clone(), n));
+            r.kind.group = Some((self.name.clone(), n));
         }
         let reqs = std::mem::take(&mut self.reqs);
         self.engine.send(Msg::Group(reqs))
@@ -501,6 +549,7 @@ impl Engine {
             gathering: std::sync::atomic::AtomicBool::new(false),
             waker: waker.clone(),
             rank,
+            stamp: comm.config().timeline.is_some(),
         });
         let w = worker::Worker::new(comm, rx, shared.clone())?;
         let thread = std::thread::Builder::new()
@@ -538,7 +587,14 @@ impl Engine {
                 Error::InvalidArgument(format!("rank {}: the engine has stopped", self.rank))
             })
         })?;
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+        // The fence orders the queued message before the look at the flag
+        // (the engine raises the flag, then looks at the queue); the look
+        // alone leaves the flag's cache line shared while the engine is
+        // awake, where a swap per submission would take it over each time.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.sleeping.load(Ordering::Relaxed)
+            && self.shared.sleeping.swap(false, Ordering::SeqCst)
+        {
             // Best effort: if the wake fails the thread still finds the
             // message when its current wait ends.
             let _ = self.waker.wake();
@@ -554,20 +610,21 @@ impl Engine {
         convert: fn(Box<dyn Buffer>) -> O,
     ) -> (Result<Request>, Handle<O>) {
         let elems = buf.bytes().len() / buf.dtype().size().max(1);
-        let count: u64 = d.shape.iter().product();
+        let k = &d.kind;
+        let count: u64 = k.shape.iter().product();
         let check = if count != elems as u64 {
             Err(format!(
                 "shape {:?} holds {count} elements but the buffer has {elems}",
-                d.shape
+                k.shape
             ))
-        } else if !d.compression.is_empty()
-            && (d.coll != Coll::Allreduce || buf.dtype() != DType::F32)
+        } else if !k.compression.is_empty()
+            && (k.coll != Coll::Allreduce || buf.dtype() != DType::F32)
         {
             Err("compression applies to float32 allreduces only".to_string())
-        } else if !d.compression.is_empty()
-            && crate::compress::Compression::parse(&d.compression).is_none()
+        } else if !k.compression.is_empty()
+            && crate::compress::Compression::parse(&k.compression).is_none()
         {
-            Err(format!("unknown compression {:?}", d.compression))
+            Err(format!("unknown compression {:?}", k.compression))
         } else if d.name.is_empty() || d.name == negotiate::JOIN {
             Err(format!("{:?} is not a valid tensor name", d.name))
         } else {
@@ -576,29 +633,18 @@ impl Engine {
             })
         };
         match check {
-            Ok((name, slot, id)) => {
+            Ok((slot, id)) => {
                 let handle = Handle {
-                    name: name.clone(),
                     slot: slot.clone(),
                     done: None,
                     shared: self.shared.clone(),
                     convert,
                 };
-                let spec = Spec {
-                    name,
-                    coll: d.coll,
-                    dtype: d.dtype.code(),
-                    op: d.op,
-                    root: d.root,
-                    shape: d.shape,
-                    group: None,
-                    compression: d.compression,
-                };
                 let req = Request {
-                    spec,
+                    kind: d.kind,
                     buf,
                     reply: slot,
-                    submitted: Instant::now(),
+                    submitted: self.shared.stamp.then(Instant::now),
                     id,
                 };
                 (Ok(req), handle)
@@ -609,10 +655,9 @@ impl Engine {
                     self.rank, d.name
                 ));
                 // The handle (of a group member) answers with the error too.
-                let slot = Arc::new(Slot::default());
+                let slot = Arc::new(Slot::new(d.name.into(), false));
                 slot.send(Err(e.clone()));
                 let handle = Handle {
-                    name: d.name.into(),
                     slot,
                     done: None,
                     shared: self.shared.clone(),
@@ -799,14 +844,17 @@ impl Engine {
         };
         let draft = Draft {
             name,
-            coll: Coll::Allreduce,
-            dtype,
-            op: op.code(),
-            root: 0,
-            shape: Shape::flat(count as u64),
-            compression: match compression {
-                crate::compress::Compression::None => String::new(),
-                c => c.to_string(),
+            kind: Kind {
+                coll: Coll::Allreduce,
+                dtype: dtype.code(),
+                op: op.code(),
+                root: 0,
+                shape: Shape::flat(count as u64),
+                group: None,
+                compression: match compression {
+                    crate::compress::Compression::None => String::new(),
+                    c => c.to_string(),
+                },
             },
         };
         let (req, h) = self.prepare(draft, Box::new(Raw { ptr, len, dtype }), |_| ());

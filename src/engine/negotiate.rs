@@ -248,6 +248,8 @@ pub struct Ready {
     pub specs: Arc<Vec<Option<Spec>>>,
     /// Number of ranks that contribute real data (the divisor of an average).
     pub contributors: usize,
+    /// The cache slot it was ready in (`None`: negotiated in this round).
+    pub slot: Option<usize>,
 }
 
 impl Ready {
@@ -464,7 +466,6 @@ impl State {
 
         // Cached tensors every rank holds (or stands in for).
         let mut ready: Vec<Ready> = Vec::new();
-        let mut ready_slots: Vec<Option<usize>> = Vec::new();
         for i in 0..c {
             let Some(specs) = &self.cache[i] else {
                 continue;
@@ -482,8 +483,8 @@ impl State {
             ready.push(Ready {
                 specs: specs.clone(),
                 contributors,
+                slot: Some(i),
             });
-            ready_slots.push(Some(i));
         }
 
         // The exchange, in rank order.
@@ -568,8 +569,8 @@ impl State {
             ready.push(Ready {
                 specs,
                 contributors,
+                slot: None,
             });
-            ready_slots.push(None);
         }
 
         // Group members run only together.

@@ -31,6 +31,8 @@ enum Stage {
 
 struct Pending {
     req: Request,
+    /// When it was submitted (or taken, see [`Request::submitted`]).
+    since: Instant,
     stage: Stage,
     /// Last stall report (or submission) time.
     warned: Instant,
@@ -65,7 +67,18 @@ pub(crate) struct Worker {
     rx: Receiver<Msg>,
     shared: Arc<Shared>,
     state: State,
-    pending: FxHashMap<Name, Pending>,
+    /// This rank's tensors waiting to run, by name id: a training step
+    /// resubmits the same names, and an id is found without hashing or
+    /// comparing the name (see [`Worker::take_ready`]).
+    pending: FxHashMap<u32, Pending>,
+    /// By cache slot: the id of the name last found held in it here. A
+    /// round's cached tensors come back as slots, so finding this rank's
+    /// tensor for one takes no lookup by name.
+    slot_ids: Vec<u32>,
+    /// Rounds' work lists, kept for their memory: a fresh list of a
+    /// thousand tensors a step is large enough that the allocator hands it
+    /// back to the system and faults new pages in for the next.
+    spare_items: Vec<Item>,
     join: Option<JoinWait>,
     me: usize,
     n: usize,
@@ -116,6 +129,8 @@ impl Worker {
             shared,
             state: State::new(n, cfg.cache_capacity),
             pending: FxHashMap::default(),
+            slot_ids: Vec::new(),
+            spare_items: Vec::new(),
             join: None,
             me,
             n,
@@ -208,6 +223,9 @@ impl Worker {
             // Announce the sleep before the last look at the queue, so a
             // submission either is seen here or wakes the wait.
             self.shared.sleeping.store(true, Ordering::SeqCst);
+            // Pairs with the fence in `Engine::send`: either that sender
+            // sees the flag or this look sees its message.
+            std::sync::atomic::fence(Ordering::SeqCst);
             if !self.rx.is_empty() {
                 self.shared.sleeping.store(false, Ordering::SeqCst);
                 continue;
@@ -271,10 +289,15 @@ impl Worker {
         Ok(())
     }
 
-    /// Nothing is queued and a caller blocks waiting for a result: its burst
-    /// of submissions is over, and waiting for more would only delay it.
+    /// Nothing is queued and a caller blocks waiting for a result this rank
+    /// still owes: its burst of submissions is over, and waiting for more
+    /// would only delay it. With nothing pending, a blocked caller is one
+    /// whose results are in but who has not woken yet (its next burst is
+    /// still to come): a round started then would be an empty one.
     fn burst_over(&self) -> bool {
-        self.shared.waiters.load(Ordering::SeqCst) > 0 && self.rx.is_empty()
+        !self.pending.is_empty()
+            && self.shared.waiters.load(Ordering::SeqCst) > 0
+            && self.rx.is_empty()
     }
 
     /// While a peer waits for this rank in a round it started: take
@@ -365,7 +388,7 @@ impl Worker {
             None
         };
         if let Some(why) = refuse {
-            let name = &req.spec.name;
+            let name = req.name();
             req.reply.send(Err(Error::InvalidArgument(format!(
                 "rank {}: engine tensor {name:?}: {why}",
                 self.me
@@ -374,14 +397,22 @@ impl Worker {
             return;
         }
         let stage = match self.cached(&req) {
-            Some(slot) => Stage::Held(slot),
+            Some(slot) => {
+                if self.slot_ids.len() <= slot {
+                    self.slot_ids.resize(slot + 1, u32::MAX);
+                }
+                self.slot_ids[slot] = req.id;
+                Stage::Held(slot)
+            }
             None => Stage::New,
         };
-        self.due_by(self.first_due(req.submitted));
+        let since = req.submitted.unwrap_or(now);
+        self.due_by(self.first_due(since));
         self.pending.insert(
-            req.spec.name.clone(),
+            req.id,
             Pending {
-                warned: req.submitted,
+                warned: since,
+                since,
                 req,
                 stage,
                 cancel_sent: false,
@@ -402,7 +433,7 @@ impl Worker {
     /// specs, and checking them against that small list touches far less
     /// memory than hashing the name and comparing with the cached specs.
     fn cached(&mut self, req: &Request) -> Option<usize> {
-        let (id, spec) = (req.id as usize, &req.spec);
+        let (id, spec) = (req.id as usize, &req.kind);
         let plain = spec.group.is_none() && spec.compression.is_empty();
         if let Some(Some(h)) = self.hints.get(id) {
             if plain
@@ -413,7 +444,7 @@ impl Worker {
                 return Some(h.slot);
             }
         }
-        let slot = self.state.cached(self.me, spec)?;
+        let slot = self.state.cached(self.me, &req.spec())?;
         if plain && id < HINTS_LIMIT {
             if self.hints.len() <= id {
                 self.hints.resize_with(id + 1, || None);
@@ -457,7 +488,7 @@ impl Worker {
             consider(p.warned + self.stall_warning);
             if let Some(s) = self.stall_shutdown {
                 if !p.cancel_sent {
-                    consider(p.req.submitted + s);
+                    consider(p.since + s);
                 }
             }
         }
@@ -480,15 +511,15 @@ impl Worker {
         }
         let (warn, shut) = (self.stall_warning, self.stall_shutdown);
         let mut census = false;
-        for (name, p) in self.pending.iter_mut() {
+        for p in self.pending.values_mut() {
             if now >= p.warned + warn {
                 p.warned = now;
                 census = true;
             }
             if let Some(s) = shut {
-                if !p.cancel_sent && now >= p.req.submitted + s {
+                if !p.cancel_sent && now >= p.since + s {
                     p.cancel_sent = true;
-                    self.cancel.push(name.to_string());
+                    self.cancel.push(p.req.name().to_string());
                     census = true;
                 }
             }
@@ -523,11 +554,11 @@ impl Worker {
                 _ => None,
             })
             .collect();
-        let mut announce: Vec<&Spec> = self
+        let mut announce: Vec<Spec> = self
             .pending
             .values()
             .filter(|p| p.stage == Stage::New)
-            .map(|p| &p.req.spec)
+            .map(|p| p.req.spec())
             .collect();
         announce.sort_by(|a, b| a.name.cmp(&b.name));
         let join_now = self.join.as_ref().is_some_and(|j| !j.sent);
@@ -553,7 +584,11 @@ impl Worker {
         let contribs = if State::exchange_needed(&v) {
             let mut pending: Option<Vec<String>> = None;
             if State::census_needed(&v) {
-                let mut names: Vec<String> = self.pending.keys().map(|k| k.to_string()).collect();
+                let mut names: Vec<String> = self
+                    .pending
+                    .values()
+                    .map(|p| p.req.name().to_string())
+                    .collect();
                 if self.join.is_some() {
                     names.push(JOIN.to_string());
                 }
@@ -561,7 +596,7 @@ impl Worker {
                 pending = Some(names);
             }
             let mine = Contribution {
-                announce: announce.into_iter().cloned().collect(),
+                announce,
                 join: join_now,
                 pending,
                 cancel: std::mem::take(&mut self.cancel),
@@ -588,8 +623,9 @@ impl Worker {
         let out = self.state.apply(&v, contribs.as_deref());
         let decided = Instant::now();
 
+        let ids = self.ids_by_name(!out.evicted.is_empty() || !out.failed.is_empty());
         for name in &out.evicted {
-            if let Some(p) = self.pending.get_mut(name) {
+            if let Some(p) = ids.get(&**name).and_then(|id| self.pending.get_mut(id)) {
                 if matches!(p.stage, Stage::Held(_)) {
                     p.stage = Stage::New;
                     self.dirty = true;
@@ -600,7 +636,7 @@ impl Worker {
             if !ranks.contains(&self.me) {
                 continue;
             }
-            let Some(p) = self.pending.remove(name) else {
+            let Some(p) = ids.get(&**name).and_then(|id| self.pending.remove(id)) else {
                 continue;
             };
             let e = self.failure_error(name, f, &p);
@@ -661,7 +697,7 @@ impl Worker {
             Failure::Stalled(s) => Error::Timeout {
                 rank: self.me,
                 op: format!("engine tensor {name:?}"),
-                waited: p.req.submitted.elapsed(),
+                waited: p.since.elapsed(),
                 detail: format!(
                     "stalled: submitted by ranks {:?} but never by ranks {:?} \
                      (KOLO_STALL_SHUTDOWN_S)",
@@ -704,12 +740,15 @@ impl Worker {
         if ready.is_empty() {
             return Ok(());
         }
-        let mut items: Vec<Item> = Vec::with_capacity(ready.len());
+        let mut items = std::mem::take(&mut self.spare_items);
+        items.clear();
+        items.reserve(ready.len());
+        let mut by_name = None;
         for r in ready {
-            let local = self.pending.remove(&r.spec().name);
+            let local = self.take_ready(&r, &mut by_name);
             let name = &r.spec().name;
             if let (Some(tl), Some(p)) = (&mut self.timeline, &local) {
-                tl.span(name, "NEGOTIATE", p.req.submitted, decided, None);
+                tl.span(name, "NEGOTIATE", p.since, decided, None);
             }
             if local.is_none() && !(self.state_was_joined() && r.spec().coll == Coll::Allreduce) {
                 // Cannot happen when every rank runs the same state machine.
@@ -756,9 +795,9 @@ impl Worker {
             }
         }
 
-        for (i, item) in items.into_iter().enumerate() {
+        for (i, item) in items.drain(..).enumerate() {
             let Some(p) = item.local else { continue };
-            let name = &p.req.spec.name;
+            let name = p.req.name();
             let r = match (&fatal, results[i].take()) {
                 (_, Some(Done::InPlace)) => Ok(p.req.buf),
                 (_, Some(Done::Output(r))) => r,
@@ -771,10 +810,47 @@ impl Worker {
             };
             p.req.reply.send(r);
         }
+        self.spare_items = items;
         match fatal {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// This rank's pending tensor for a ready one: found through its cache
+    /// slot when it was held in one, else by name (tensors negotiated in
+    /// this round), through `by_name`, made on the first such lookup.
+    fn take_ready(
+        &mut self,
+        r: &Ready,
+        by_name: &mut Option<FxHashMap<Name, u32>>,
+    ) -> Option<Pending> {
+        if let Some(s) = r.slot {
+            if let Some(&id) = self.slot_ids.get(s) {
+                if self
+                    .pending
+                    .get(&id)
+                    .is_some_and(|p| p.stage == Stage::Held(s))
+                {
+                    return self.pending.remove(&id);
+                }
+            }
+        }
+        let ids = by_name.get_or_insert_with(|| self.ids_by_name(true));
+        let id = ids.remove(&r.spec().name)?;
+        self.pending.remove(&id)
+    }
+
+    /// Pending tensors' ids by name, when `needed` (otherwise empty): for
+    /// the rare lookups by name, so that the common path keeps no such map.
+    fn ids_by_name(&self, needed: bool) -> FxHashMap<Name, u32> {
+        if !needed {
+            return FxHashMap::default();
+        }
+        self.pending
+            .iter()
+            .map(|(&id, p)| (p.req.name().clone(), id))
+            .collect()
     }
 
     /// Whether this rank stood in for missing tensors in the round just run.
