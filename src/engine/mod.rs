@@ -157,7 +157,7 @@ pub(crate) struct Kind {
 /// tensor would cost two context switches each.
 ///
 /// Laid out in order, the fields both threads write first, so that they
-/// share a cache line with the reference count (128 bytes in all).
+/// share the first cache line with the reference count.
 #[repr(C)]
 pub(crate) struct Slot {
     /// The name is in flight on this rank with this slot. Kept here rather
