@@ -39,7 +39,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_SLICE_BYTES", "524288", "large allreduces run the ring over slices of this many bytes per 2 ranks (N/2 times this for N ranks; 0: one slice), so reduced data is forwarded while in cache"),
     ("KOLO_FUSION_THRESHOLD", "67108864", "engine: ready allreduces of one dtype are packed into fusion buffers of at most this many bytes (0: no fusion)"),
     ("KOLO_FUSION_INPLACE_BYTES", "1048576", "engine: an allreduce tensor at least this big runs alone, in place (copying it into a fusion buffer and back costs more than the latency fusion saves)"),
-    ("KOLO_CYCLE_TIME_MS", "1", "engine: after the first new tensor, wait at most this long for more before negotiating (a pause of an eighth of it, or the caller blocking on a result, ends a burst early)"),
+    ("KOLO_CYCLE_TIME_MS", "1", "engine: after the first new tensor, wait at most this long for more before negotiating (a pause of an eighth of it, or the caller blocking on a result still pending, ends a burst early)"),
     ("KOLO_CACHE_CAPACITY", "1024", "engine: negotiated tensors remembered so that repeated steps agree by one small exchange of bits instead of full descriptions (0: no cache)"),
     ("KOLO_STALL_WARNING_S", "60", "engine: log which ranks are missing which tensors once a tensor has waited this long"),
     ("KOLO_STALL_SHUTDOWN_S", "600", "engine: fail tensors that have waited this long for missing ranks (0: never)"),

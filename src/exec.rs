@@ -505,15 +505,11 @@ fn run_rounds(
     let finals = (call.divide_by > 1).then(|| sched.completions(output_elems(output, elem)));
     let divide = |regions: &[Region]| {
         for r in regions {
-            if mem.whole(r) {
-                reduce::divide_bytes(call.dtype, mem.slice_mut(r), call.divide_by);
-            } else {
-                for (p, len) in mem.runs(r, 0, r.len * elem) {
-                    // SAFETY: a run of the output (Mem::runs), not otherwise
-                    // borrowed between rounds.
-                    let b = unsafe { std::slice::from_raw_parts_mut(p, len) };
-                    reduce::divide_bytes(call.dtype, b, call.divide_by);
-                }
+            for (p, len) in mem.runs(r, 0, r.len * elem) {
+                // SAFETY: a run of the output (Mem::runs), not otherwise
+                // borrowed between rounds.
+                let b = unsafe { std::slice::from_raw_parts_mut(p, len) };
+                reduce::divide_bytes(call.dtype, b, call.divide_by);
             }
         }
     };

@@ -140,7 +140,7 @@ impl Request {
 }
 
 /// What a caller asks for under a name: a [`Spec`] without the name.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub(crate) struct Kind {
     pub(crate) coll: Coll,
     pub(crate) dtype: u8,

@@ -4,7 +4,7 @@
 use super::fusion::{self, wire_op};
 use super::negotiate::{self, Coll, Contribution, Failure, Local, Name, Ready, Spec, State, JOIN};
 use super::timeline::Timeline;
-use super::{Buffer, Msg, Request, Shared, IDLE_SLEEP};
+use super::{Buffer, Kind, Msg, Request, Shared, IDLE_SLEEP};
 use crate::compress::{CompressState, Compression, Prescale};
 use crate::element::{as_bytes_mut, cast, cast_mut, with_dtype, DType};
 use crate::error::{Error, Result};
@@ -39,15 +39,12 @@ struct Pending {
     cancel_sent: bool,
 }
 
-/// What a full cache lookup found for one name id ([`Worker::cached`]).
+/// What a full cache lookup found for one name id ([`Worker::cached`]):
+/// the slot, its generation then, and what was asked for.
 struct Hint {
     slot: usize,
     gen: u32,
-    coll: Coll,
-    dtype: u8,
-    op: u8,
-    root: u32,
-    shape: negotiate::Shape,
+    kind: Kind,
 }
 
 /// Names with ids past this are looked up in full every time (the list of
@@ -433,18 +430,15 @@ impl Worker {
     /// specs, and checking them against that small list touches far less
     /// memory than hashing the name and comparing with the cached specs.
     fn cached(&mut self, req: &Request) -> Option<usize> {
-        let (id, spec) = (req.id as usize, &req.kind);
-        let plain = spec.group.is_none() && spec.compression.is_empty();
+        let (id, kind) = (req.id as usize, &req.kind);
         if let Some(Some(h)) = self.hints.get(id) {
-            if plain
-                && (h.coll, h.dtype, h.op, h.root) == (spec.coll, spec.dtype, spec.op, spec.root)
-                && h.shape == spec.shape
-                && self.state.generation(h.slot) == Some(h.gen)
-            {
+            if h.kind == *kind && self.state.generation(h.slot) == Some(h.gen) {
                 return Some(h.slot);
             }
         }
         let slot = self.state.cached(self.me, &req.spec())?;
+        // Group members and compressed tensors are looked up in full.
+        let plain = kind.group.is_none() && kind.compression.is_empty();
         if plain && id < HINTS_LIMIT {
             if self.hints.len() <= id {
                 self.hints.resize_with(id + 1, || None);
@@ -452,11 +446,7 @@ impl Worker {
             self.hints[id] = Some(Hint {
                 slot,
                 gen: self.state.generation(slot)?,
-                coll: spec.coll,
-                dtype: spec.dtype,
-                op: spec.op,
-                root: spec.root,
-                shape: spec.shape.clone(),
+                kind: kind.clone(),
             });
         }
         Some(slot)
@@ -623,7 +613,11 @@ impl Worker {
         let out = self.state.apply(&v, contribs.as_deref());
         let decided = Instant::now();
 
-        let ids = self.ids_by_name(!out.evicted.is_empty() || !out.failed.is_empty());
+        let ids = if out.evicted.is_empty() && out.failed.is_empty() {
+            FxHashMap::default()
+        } else {
+            self.ids_by_name()
+        };
         for name in &out.evicted {
             if let Some(p) = ids.get(&**name).and_then(|id| self.pending.get_mut(id)) {
                 if matches!(p.stage, Stage::Held(_)) {
@@ -836,17 +830,14 @@ impl Worker {
                 }
             }
         }
-        let ids = by_name.get_or_insert_with(|| self.ids_by_name(true));
+        let ids = by_name.get_or_insert_with(|| self.ids_by_name());
         let id = ids.remove(&r.spec().name)?;
         self.pending.remove(&id)
     }
 
-    /// Pending tensors' ids by name, when `needed` (otherwise empty): for
-    /// the rare lookups by name, so that the common path keeps no such map.
-    fn ids_by_name(&self, needed: bool) -> FxHashMap<Name, u32> {
-        if !needed {
-            return FxHashMap::default();
-        }
+    /// Pending tensors' ids by name, for the rare lookups by name (made when
+    /// needed, so that the common path keeps no such map).
+    fn ids_by_name(&self) -> FxHashMap<Name, u32> {
         self.pending
             .iter()
             .map(|(&id, p)| (p.req.name().clone(), id))
