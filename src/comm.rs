@@ -95,6 +95,25 @@ fn random_id() -> u64 {
     h.finish() | 1
 }
 
+/// A number nobody can guess, from the OS's generator.
+fn secure_random() -> Result<u64> {
+    let mut raw = [0u8; 8];
+    getrandom::getrandom(&mut raw).map_err(|e| Error::Io(format!("getrandom: {e}")))?;
+    Ok(u64::from_le_bytes(raw))
+}
+
+/// The random key in this communicator's shared-memory ring names, which
+/// rank 0 put in the store: a name a stranger cannot plant in advance.
+fn ring_key(client: &mut StoreClient, prefix: &str, rank: usize, deadline: Instant) -> Result<u64> {
+    let key = format!("{prefix}/ring_key");
+    let raw = client.get(&key, deadline)?;
+    let raw: [u8; 8] = raw.as_slice().try_into().map_err(|_| Error::Rendezvous {
+        rank,
+        detail: format!("malformed {key} in the store"),
+    })?;
+    Ok(u64::from_le_bytes(raw))
+}
+
 impl Communicator {
     /// Join the job described by the environment (see [`Config::from_env`]).
     ///
@@ -180,6 +199,14 @@ impl Communicator {
             if cfg.serve_store && rank != 0 {
                 client.set_served_by("rank 0");
             }
+            if rank == 0 {
+                // Before anyone can read it: ranks fetch it after the address
+                // exchange, which waits for rank 0.
+                client.set(
+                    &format!("{prefix}/ring_key"),
+                    &secure_random()?.to_le_bytes(),
+                )?;
+            }
             let id_key = format!("{prefix}/comm_id");
             let comm_id = match comm_id {
                 Some(id) => id,
@@ -234,10 +261,18 @@ impl Communicator {
             // makes its incoming rings before it connects, so once the mesh
             // is up every peer's rings exist and can be opened.
             let local: Vec<bool> = addrs.iter().map(|a| a.ip() == mine.ip()).collect();
-            if cfg.shm_bytes > 0 {
+            let shared = cfg.shm_bytes > 0 && local.iter().filter(|&&l| l).count() > 1;
+            let ring_key = if shared {
                 shm::sweep_stale(std::path::Path::new(shm::DIR));
-            }
-            let incoming = shm::create_incoming(comm_id, rank, &local, cfg.nsocks, cfg.shm_bytes);
+                ring_key(&mut client, prefix, rank, deadline)?
+            } else {
+                0
+            };
+            let incoming = if shared {
+                shm::create_incoming(ring_key, rank, &local, cfg.nsocks, cfg.shm_bytes)
+            } else {
+                Vec::new()
+            };
             let mut transport = Transport::establish_lanes(
                 rank,
                 cfg.size,
@@ -251,8 +286,8 @@ impl Communicator {
             )?;
             // KOLO_SHM_BYTES=0 means everything over TCP, also toward peers
             // that made rings for this rank.
-            let outgoing = if cfg.shm_bytes > 0 {
-                shm::open_outgoing(comm_id, rank, &local, cfg.nsocks)
+            let outgoing = if shared {
+                shm::open_outgoing(ring_key, rank, &local, cfg.nsocks)
             } else {
                 Vec::new()
             };

@@ -214,25 +214,24 @@ impl Config {
             ),
         ];
         let num = |k: &str| -> Result<Option<usize>> {
-            match get(k) {
-                None => Ok(None),
-                Some(v) if v.trim().is_empty() => Ok(None),
-                Some(v) => {
-                    // SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading number is ours.
-                    let head: String = v
-                        .trim()
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit())
-                        .collect();
-                    head.parse::<usize>().map(Some).map_err(|_| {
-                        Error::Config(format!("{k}={v:?} is not a non-negative integer"))
-                    })
-                }
+            let Some(v) = get(k).filter(|v| !v.trim().is_empty()) else {
+                return Ok(None);
+            };
+            // SLURM_NTASKS_PER_NODE may read "4(x2)"; the leading number is ours.
+            let head = match k {
+                "SLURM_NTASKS_PER_NODE" => v.trim().split('(').next().unwrap_or(""),
+                _ => v.trim(),
+            };
+            match head.parse::<usize>() {
+                Ok(x) if x <= MAX_RANKS => Ok(Some(x)),
+                _ => Err(Error::Config(format!(
+                    "{k}={v:?} is not an integer from 0 to {MAX_RANKS}"
+                ))),
             }
         };
         let mut chosen = None;
         for (name, vars) in families.iter() {
-            if get(vars[0]).is_some() {
+            if get(vars[0]).is_some_and(|v| !v.trim().is_empty()) {
                 chosen = Some((*name, *vars));
                 break;
             }
@@ -292,13 +291,19 @@ impl Config {
                 )))
             }
         };
-        let master_port = match get("KOLO_MASTER_PORT").or_else(|| get("MASTER_PORT")) {
+        let port_var = get("KOLO_MASTER_PORT").or_else(|| get("MASTER_PORT"));
+        let master_port = match port_var.filter(|p| !p.trim().is_empty()) {
             None => DEFAULT_MASTER_PORT,
-            Some(p) => p.trim().parse::<u16>().map_err(|_| {
-                Error::Config(format!(
-                    "KOLO_MASTER_PORT/MASTER_PORT={p:?} is not a port number"
-                ))
-            })?,
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "KOLO_MASTER_PORT/MASTER_PORT={p:?} is not a port number (1 to 65535)"
+                    ))
+                })?,
         };
         let serve_store = match get("KOLO_STORE").as_deref().map(str::trim) {
             None | Some("") | Some("rank0") => true,
@@ -309,17 +314,6 @@ impl Config {
                 )))
             }
         };
-        let secs = |k: &str, d: f64| -> Result<Duration> {
-            match get(k) {
-                None => Ok(Duration::from_secs_f64(d)),
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-                    _ => Err(Error::Config(format!(
-                        "{k}={v:?} is not a positive number of seconds"
-                    ))),
-                },
-            }
-        };
         let mut cfg = Config::local(rank, size, master_port);
         cfg.local_rank = local_rank;
         cfg.local_size = local_size;
@@ -327,115 +321,151 @@ impl Config {
         cfg.serve_store = serve_store;
         cfg.secret = get("KOLO_SECRET").and_then(|s| crate::auth::Secret::new(&s));
         cfg.iface = get("KOLO_IFACE").filter(|s| !s.trim().is_empty());
-        cfg.timeout = secs("KOLO_TIMEOUT", 60.0)?;
-        cfg.start_timeout = secs("KOLO_START_TIMEOUT", 60.0)?;
-        if let Some(v) = get("KOLO_PEER_TIMEOUT") {
-            cfg.peer_timeout = match v.trim().parse::<f64>() {
-                Ok(0.0) => None,
-                Ok(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
-                _ => {
-                    return Err(Error::Config(format!(
-                        "KOLO_PEER_TIMEOUT={v:?} is not a number of seconds (0: never)"
-                    )))
-                }
-            };
-        }
-        if let Some(v) = num("KOLO_SEGMENT_BYTES")? {
-            if v < 4096 {
-                return Err(Error::Config(format!(
-                    "KOLO_SEGMENT_BYTES={v} is below the minimum 4096"
-                )));
-            }
-            cfg.segment_bytes = v;
-        }
-        if let Some(v) = num("KOLO_NSOCKS")? {
-            if !(1..=crate::transport::MAX_LANES).contains(&v) {
-                return Err(Error::Config(format!(
-                    "KOLO_NSOCKS={v}: between 1 and {} connections per peer",
-                    crate::transport::MAX_LANES
-                )));
-            }
-            cfg.nsocks = v;
-        }
-        if let Some(v) = num("KOLO_MIN_STRIPE")? {
-            cfg.min_stripe = v.max(1);
-        }
-        if let Some(v) = num("KOLO_SHM_BYTES")? {
-            cfg.shm_bytes = v;
-        }
-        if let Some(v) = num("KOLO_SPIN_US")? {
-            cfg.spin = Duration::from_micros(v as u64);
-        }
-        if let Some(v) = num("KOLO_SMALL_BYTES")? {
-            cfg.small_bytes = v;
-        }
-        if let Some(v) = num("KOLO_SLICE_BYTES")? {
-            cfg.slice_bytes = v;
-        }
-        if let Some(v) = num("KOLO_SOCKET_BUFFER")? {
-            cfg.socket_buffer = v;
-        }
-        // Engine settings: fractions allowed, 0 meaningful where documented.
-        let nonneg = |k: &str| -> Result<Option<f64>> {
-            match get(k) {
-                None => Ok(None),
-                Some(v) if v.trim().is_empty() => Ok(None),
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(x) if x >= 0.0 && x.is_finite() => Ok(Some(x)),
-                    _ => Err(Error::Config(format!(
-                        "{k}={v:?} is not a non-negative number"
-                    ))),
-                },
-            }
-        };
-        if let Some(v) = num("KOLO_FUSION_THRESHOLD")? {
-            cfg.fusion_threshold = v;
-        }
-        if let Some(v) = num("KOLO_FUSION_INPLACE_BYTES")? {
-            cfg.fusion_inplace_bytes = v;
-        }
-        if let Some(v) = nonneg("KOLO_CYCLE_TIME_MS")? {
-            cfg.cycle_time = Duration::from_secs_f64(v / 1000.0);
-        }
-        if let Some(v) = num("KOLO_CACHE_CAPACITY")? {
-            cfg.cache_capacity = v;
-        }
-        if let Some(v) = nonneg("KOLO_STALL_WARNING_S")? {
-            cfg.stall_warning = Duration::from_secs_f64(v);
-        }
-        if let Some(v) = nonneg("KOLO_STALL_SHUTDOWN_S")? {
-            cfg.stall_shutdown = (v > 0.0).then(|| Duration::from_secs_f64(v));
-        }
-        cfg.calibrate = match get("KOLO_CALIBRATE").as_deref().map(str::trim) {
-            None | Some("") | Some("1") => true,
-            Some("0") => false,
-            Some(v) => {
-                return Err(Error::Config(format!(
-                    "KOLO_CALIBRATE={v:?}: expected 0 or 1"
-                )))
-            }
-        };
-        let positive = |k: &str| -> Result<Option<f64>> {
-            match nonneg(k)? {
-                Some(0.0) => Err(Error::Config(format!("{k} must be above 0"))),
-                v => Ok(v),
-            }
-        };
-        cfg.alpha_us = nonneg("KOLO_ALPHA_US")?;
-        cfg.beta_gbps = positive("KOLO_BETA_GBPS")?;
-        cfg.gamma_gbps = positive("KOLO_GAMMA_GBPS")?;
         cfg.timeline = get("KOLO_TIMELINE")
             .filter(|s| !s.trim().is_empty())
             .map(std::path::PathBuf::from);
-        cfg.algo = match get("KOLO_ALGO").as_deref().map(str::trim) {
-            None | Some("") | Some("auto") => None,
+        cfg.tune(&Vars(&get))?;
+        Ok(cfg)
+    }
+
+    /// The performance and timing variables, each range-checked.
+    fn tune(&mut self, v: &Vars<'_>) -> Result<()> {
+        const GIB: usize = 1 << 30;
+        self.timeout = v.secs("KOLO_TIMEOUT", MAX_WAIT_S)?.unwrap_or(self.timeout);
+        self.start_timeout = v
+            .secs("KOLO_START_TIMEOUT", MAX_WAIT_S)?
+            .unwrap_or(self.start_timeout);
+        if let Some(s) = v.secs_or_zero("KOLO_PEER_TIMEOUT", MAX_WAIT_S)? {
+            self.peer_timeout = s;
+        }
+        let ints: [(&str, usize, usize, &mut usize); 9] = [
+            ("KOLO_SEGMENT_BYTES", 4096, GIB, &mut self.segment_bytes),
+            (
+                "KOLO_NSOCKS",
+                1,
+                crate::transport::MAX_LANES,
+                &mut self.nsocks,
+            ),
+            ("KOLO_MIN_STRIPE", 1, GIB, &mut self.min_stripe),
+            ("KOLO_SHM_BYTES", 0, GIB, &mut self.shm_bytes),
+            ("KOLO_SMALL_BYTES", 0, GIB, &mut self.small_bytes),
+            ("KOLO_SLICE_BYTES", 0, 64 * GIB, &mut self.slice_bytes),
+            ("KOLO_SOCKET_BUFFER", 0, GIB, &mut self.socket_buffer),
+            (
+                "KOLO_FUSION_THRESHOLD",
+                0,
+                64 * GIB,
+                &mut self.fusion_threshold,
+            ),
+            (
+                "KOLO_FUSION_INPLACE_BYTES",
+                0,
+                64 * GIB,
+                &mut self.fusion_inplace_bytes,
+            ),
+        ];
+        for (k, lo, hi, slot) in ints {
+            if let Some(x) = v.int(k, lo, hi)? {
+                *slot = x;
+            }
+        }
+        if let Some(x) = v.int("KOLO_CACHE_CAPACITY", 0, 1 << 24)? {
+            self.cache_capacity = x;
+        }
+        if let Some(us) = v.int("KOLO_SPIN_US", 0, 1_000_000)? {
+            self.spin = Duration::from_micros(us as u64);
+        }
+        if let Some(ms) = v.num("KOLO_CYCLE_TIME_MS", 0.0, 10_000.0)? {
+            self.cycle_time = Duration::from_secs_f64(ms / 1000.0);
+        }
+        if let Some(s) = v.num("KOLO_STALL_WARNING_S", 0.0, MAX_WAIT_S)? {
+            self.stall_warning = Duration::from_secs_f64(s);
+        }
+        if let Some(s) = v.secs_or_zero("KOLO_STALL_SHUTDOWN_S", MAX_WAIT_S)? {
+            self.stall_shutdown = s;
+        }
+        self.calibrate = match v.text("KOLO_CALIBRATE").as_deref() {
+            None | Some("1") => true,
+            Some("0") => false,
+            Some(x) => return Err(v.bad("KOLO_CALIBRATE", x, "expected 0 or 1")),
+        };
+        self.alpha_us = v.num("KOLO_ALPHA_US", 0.0, 1e7)?;
+        self.beta_gbps = v.num("KOLO_BETA_GBPS", 1e-6, 1e6)?;
+        self.gamma_gbps = v.num("KOLO_GAMMA_GBPS", 1e-6, 1e6)?;
+        self.algo = match v.text("KOLO_ALGO").as_deref() {
+            None | Some("auto") => None,
             Some(a) => Some(crate::algo::cost::Algo::parse(a).ok_or_else(|| {
-                Error::Config(format!(
-                    "KOLO_ALGO={a:?}: expected auto, ring, tree, rhd, rd or binomial"
-                ))
+                v.bad(
+                    "KOLO_ALGO",
+                    a,
+                    "expected auto, ring, tree, rhd, rd or binomial",
+                )
             })?),
         };
-        Ok(cfg)
+        Ok(())
+    }
+}
+
+/// The most ranks a job may have: far more than any machine room, small
+/// enough that per-rank tables stay allocatable.
+pub(crate) const MAX_RANKS: usize = 1 << 20;
+
+/// The longest wait any variable may ask for: a week. Far beyond any job's
+/// need, far below where `Duration` arithmetic overflows.
+pub(crate) const MAX_WAIT_S: f64 = 7.0 * 24.0 * 3600.0;
+
+/// A variable source, read with range checks: a value out of range or not a
+/// number is a configuration error naming the variable, never a panic.
+pub(crate) struct Vars<'a>(pub(crate) &'a dyn Fn(&str) -> Option<String>);
+
+impl Vars<'_> {
+    /// The trimmed value; `None` when unset or empty.
+    pub(crate) fn text(&self, k: &str) -> Option<String> {
+        (self.0)(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub(crate) fn bad(&self, k: &str, v: &str, want: &str) -> Error {
+        Error::Config(format!("{k}={v:?}: {want}"))
+    }
+
+    /// An integer in `lo..=hi`.
+    pub(crate) fn int(&self, k: &str, lo: usize, hi: usize) -> Result<Option<usize>> {
+        let Some(v) = self.text(k) else {
+            return Ok(None);
+        };
+        match v.parse::<usize>() {
+            Ok(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+            _ => Err(self.bad(k, &v, &format!("expected an integer from {lo} to {hi}"))),
+        }
+    }
+
+    /// A number in `lo..=hi` (fractions allowed).
+    pub(crate) fn num(&self, k: &str, lo: f64, hi: f64) -> Result<Option<f64>> {
+        let Some(v) = self.text(k) else {
+            return Ok(None);
+        };
+        match v.parse::<f64>() {
+            Ok(x) if x.is_finite() && x >= lo && x <= hi => Ok(Some(x)),
+            _ => Err(self.bad(k, &v, &format!("expected a number from {lo} to {hi}"))),
+        }
+    }
+
+    /// Seconds above 0 and at most `hi`.
+    pub(crate) fn secs(&self, k: &str, hi: f64) -> Result<Option<Duration>> {
+        match self.num(k, 0.0, hi)? {
+            Some(s) if s > 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+            Some(_) => Err(self.bad(k, "0", "must be above 0 seconds")),
+            None => Ok(None),
+        }
+    }
+
+    /// Seconds up to `hi`, where 0 means never: `Some(None)`.
+    pub(crate) fn secs_or_zero(&self, k: &str, hi: f64) -> Result<Option<Option<Duration>>> {
+        Ok(self
+            .num(k, 0.0, hi)?
+            .map(|s| (s > 0.0).then(|| Duration::from_secs_f64(s))))
     }
 }
 

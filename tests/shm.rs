@@ -48,6 +48,22 @@ fn run(n: usize, shm_bytes: usize, nsocks: usize) -> Vec<(Vec<u64>, u64)> {
                 b.iter().all(|&v| v as usize == n - 1),
                 "broadcast shm={shm_bytes}"
             );
+            // Rank q gives q + i: slice r of the sum is n * i + n(n-1)/2.
+            let m = 70_001;
+            let send: Vec<i64> = (0..n * m).map(|i| (r + i) as i64).collect();
+            let mut mine = vec![0i64; m];
+            c.reduce_scatter(&send, &mut mine, kolo::ReduceOp::Sum)
+                .unwrap();
+            let tri = (n * (n - 1) / 2) as i64;
+            let want: Vec<i64> = (r * m..(r + 1) * m).map(|i| (n * i) as i64 + tri).collect();
+            assert_eq!(mine, want, "reduce_scatter shm={shm_bytes}");
+            // Block q of rank r's input is r * n + q; block q of the output is q * n + r.
+            let send: Vec<i32> = (0..n).flat_map(|q| vec![(r * n + q) as i32; m]).collect();
+            let mut got = vec![0i32; n * m];
+            c.alltoall(&send, &mut got).unwrap();
+            let want: Vec<i32> = (0..n).flat_map(|q| vec![(q * n + r) as i32; m]).collect();
+            assert_eq!(got, want, "alltoall shm={shm_bytes}");
+            c.barrier().unwrap();
             (prints, c.bytes_through_shm())
         },
     )
@@ -228,4 +244,95 @@ fn a_shm_frame_without_its_payload_is_a_protocol_error() {
         empty.contains("ring holds 0 bytes") && empty.contains("100000"),
         "{empty}"
     );
+}
+
+/// Set in the child that runs inside its own mount namespace.
+const SMALL_SHM: &str = "KOLO_TEST_SMALL_SHM";
+
+/// Run this test binary's test `name` in a mount namespace whose `/dev/shm`
+/// is a fresh tmpfs of `size`, with a FIFO and a symlink planted under
+/// kolo's prefix. False (after saying SKIPPED) where namespaces need a root
+/// that this process is not.
+fn in_small_dev_shm(name: &str, size: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || which("unshare").is_none() {
+        eprintln!("SKIPPED: {name} needs root and unshare(1) for a mount namespace");
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size={size},mode=1777 tmpfs /dev/shm && \
+         mkfifo /dev/shm/kolo-planted-fifo && ln -s /etc/hostname /dev/shm/kolo-planted-link && \
+         exec \"$0\" {name} --exact --nocapture"
+    );
+    // A hang (a FIFO opened blocking) fails the test after 5 minutes.
+    let out = std::process::Command::new("timeout")
+        .args([
+            "-s",
+            "KILL",
+            "300",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .args(["sh", "-c", &script])
+        .arg(&exe)
+        .env(SMALL_SHM, size)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "/dev/shm of {size}: {:?}\n{text}",
+        out.status
+    );
+    assert!(
+        text.contains("1 passed"),
+        "the inner test did not run:\n{text}"
+    );
+    true
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(cmd))
+            .find(|f| f.is_file())
+    })
+}
+
+/// Docker's and Kubernetes' default /dev/shm is 64 MiB, and others use it
+/// too: with too little room, rings shrink or give way to TCP, and no rank
+/// dies of SIGBUS. A FIFO and a symlink planted under the prefix neither
+/// block the start nor get followed.
+#[test]
+fn a_small_or_full_dev_shm_gives_exact_results_over_tcp() {
+    let name = "a_small_or_full_dev_shm_gives_exact_results_over_tcp";
+    let Some(size) = std::env::var_os(SMALL_SHM) else {
+        // 1 MiB: no room for rings; 8 MiB: rings for 3 ranks, not for 8.
+        for size in ["1m", "8m"] {
+            in_small_dev_shm(name, size);
+        }
+        return;
+    };
+    for n in [3, 8] {
+        let tcp = run(n, 0, 1);
+        let got = run(n, 1 << 20, 1);
+        for (r, ((p, _), (q, _))) in got.iter().zip(&tcp).enumerate() {
+            assert_eq!(
+                p, q,
+                "/dev/shm of {size:?}, n={n} rank {r}: bits differ from TCP"
+            );
+        }
+        // 8 MiB leaves room for the rings of 3 ranks (shrunk to share it).
+        if size == "8m" && n == 3 {
+            assert!(
+                got.iter().all(|(_, shm)| *shm > 0),
+                "n=3 in 8 MiB: no rings used"
+            );
+        }
+    }
+    assert!(std::path::Path::new("/dev/shm/kolo-planted-fifo").exists());
+    assert!(std::path::Path::new("/dev/shm/kolo-planted-link").is_symlink());
 }

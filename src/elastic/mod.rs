@@ -116,26 +116,12 @@ impl Options {
     /// # Ok::<(), kolo::Error>(())
     /// ```
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Options> {
-        let num = |k: &str| -> Result<Option<u64>> {
-            get(k)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| {
-                    v.trim()
-                        .parse::<u64>()
-                        .map_err(|_| Error::Config(format!("{k}={v:?} is not a number")))
-                })
-                .transpose()
-        };
+        let vars = crate::config::Vars(&get);
+        let num =
+            |k: &str| -> Result<Option<u64>> { Ok(vars.int(k, 0, usize::MAX)?.map(|x| x as u64)) };
+        let max = crate::config::MAX_WAIT_S;
         let secs = |k: &str, d: f64| -> Result<Duration> {
-            match get(k).filter(|v| !v.trim().is_empty()) {
-                None => Ok(Duration::from_secs_f64(d)),
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-                    _ => Err(Error::Config(format!(
-                        "{k}={v:?} is not a positive number of seconds"
-                    ))),
-                },
-            }
+            Ok(vars.secs(k, max)?.unwrap_or(Duration::from_secs_f64(d)))
         };
         let launch_rank = num("KOLO_RANK")?;
         let member_id = num("KOLO_MEMBER_ID")?.or(launch_rank).ok_or_else(|| {
@@ -149,7 +135,9 @@ impl Options {
             "KOLO_SIZE" | "KOLO_LOCAL_SIZE" => Some("1".into()),
             _ => get(k),
         })?;
-        let min_np = num("KOLO_MIN_NP")?.unwrap_or(1).max(1) as usize;
+        let min_np = vars
+            .int("KOLO_MIN_NP", 1, crate::config::MAX_RANKS)?
+            .unwrap_or(1);
         let new_member = get("KOLO_ELASTIC_NEW").is_some_and(|v| v.trim() == "1");
         Ok(Options {
             base,

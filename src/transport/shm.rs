@@ -59,6 +59,51 @@ fn map(file: &File, len: usize) -> io::Result<*mut u8> {
     Ok(p.cast())
 }
 
+/// Back every byte of the file now: a page of tmpfs that cannot be had
+/// fails here, as an error, instead of as SIGBUS on the first write to it.
+fn reserve(file: &File, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a descriptor we hold.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Open `path` only if it is a regular file of this user that nobody else
+/// may read or write: never through a link, never blocking on a FIFO.
+fn open_checked(path: &Path, write: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() || meta.uid() != me || meta.mode() & 0o777 != 0o600 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{}: not a ring of this user", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Bytes free for this user in the file system of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` is writable.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 impl Ring {
     /// Create the ring at `path` (which must not exist) with `cap` data bytes,
     /// readable only by this user.
@@ -82,15 +127,15 @@ impl Ring {
                 "a ring of 0 bytes",
             ));
         }
+        // O_EXCL never follows a planted link; O_NOFOLLOW says so twice.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)?;
-        let made = file
-            .set_len((META + cap) as u64)
-            .and_then(|_| map(&file, META + cap));
+        let made = reserve(&file, META + cap).and_then(|_| map(&file, META + cap));
         match made {
             Ok(base) => {
                 let ring = Ring {
@@ -112,17 +157,14 @@ impl Ring {
     /// Open a ring a peer created, checking that this user owns it and
     /// nobody else may read it.
     pub fn open(path: &Path) -> io::Result<Ring> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let meta = file.metadata()?;
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me || meta.mode() & 0o077 != 0 || (meta.len() as usize) <= META {
+        let file = open_checked(path, true)?;
+        let len = file.metadata()?.len() as usize;
+        if len <= META {
             return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{}: not a ring of this user", path.display()),
+                io::ErrorKind::InvalidData,
+                format!("{}: too short for a ring", path.display()),
             ));
         }
-        let len = meta.len() as usize;
         Ok(Ring {
             base: map(&file, len)?,
             cap: len - META,
@@ -301,18 +343,15 @@ pub fn sweep_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
     for e in entries.flatten() {
         if !e.file_name().to_string_lossy().starts_with(PREFIX) {
             continue;
         }
-        let Ok(file) = File::open(e.path()) else {
+        // A FIFO, a link or another user's file planted under the prefix is
+        // skipped without blocking and without being followed.
+        let Ok(file) = open_checked(&e.path(), false) else {
             continue;
         };
-        if !file.metadata().is_ok_and(|m| m.uid() == me) {
-            continue;
-        }
         let mut raw = [0u8; 8];
         use std::os::unix::fs::FileExt;
         if file.read_exact_at(&mut raw, PID_AT as u64).is_err() {
@@ -334,9 +373,15 @@ pub fn sweep_stale(dir: &Path) {
 pub const DIR: &str = "/dev/shm";
 
 /// The name of the ring carrying frames from `from` to `to` on connection
-/// `lane` of communicator `comm_id` (a random id per job and epoch).
-pub fn ring_path(comm_id: u64, from: usize, to: usize, lane: usize) -> PathBuf {
-    Path::new(DIR).join(format!("{PREFIX}{comm_id:016x}-{from}-{to}-{lane}"))
+/// `lane` of the communicator whose ranks agreed on `key`: a random number
+/// per communicator, so no name can be planted in advance.
+///
+/// ```
+/// let p = kolo::transport::shm::ring_path(0xab, 1, 2, 0);
+/// assert_eq!(p.to_str(), Some("/dev/shm/kolo-00000000000000ab-1-2-0"));
+/// ```
+pub fn ring_path(key: u64, from: usize, to: usize, lane: usize) -> PathBuf {
+    Path::new(DIR).join(format!("{PREFIX}{key:016x}-{from}-{to}-{lane}"))
 }
 
 /// Rings per peer (outer) and connection (inner); `None` where there is none.
@@ -392,29 +437,45 @@ pub fn ring_size(want: usize, rings: usize) -> usize {
 /// on each of `lanes` connections, `want` bytes each as [`ring_size`] allows
 /// (none if it is 0). A ring that cannot be made (no `/dev/shm`, a name
 /// taken) is left out: that peer then sends inline.
-pub fn create_incoming(
-    comm_id: u64,
-    rank: usize,
-    local: &[bool],
-    lanes: usize,
-    want: usize,
-) -> Rings {
+pub fn create_incoming(key: u64, rank: usize, local: &[bool], lanes: usize, want: usize) -> Rings {
     let peers = (0..local.len()).filter(|&p| local[p] && p != rank).count();
-    let cap = ring_size(want, peers * lanes);
+    let rings = peers * lanes;
+    let cap = ring_size(want, rings);
     if cap == 0 {
         return Vec::new();
     }
-    per_peer(rank, local, lanes, |p, lane| {
-        Ring::create(&ring_path(comm_id, p, rank, lane), cap)
-    })
+    // Leave half of the space to other users of /dev/shm (a DataLoader's
+    // workers, say) and share the rest among this host's ranks.
+    let free = free_bytes(Path::new(DIR)).unwrap_or(0);
+    let share = free / 2 / (peers as u64 + 1);
+    let fit = ring_size(cap.min((share / rings as u64) as usize), rings);
+    if fit == 0 {
+        eprintln!(
+            "kolo: rank {rank}: {DIR} has {free} bytes free, too few for shared-memory rings: \
+             frames from this host's ranks go over TCP"
+        );
+        return Vec::new();
+    }
+    let made = per_peer(rank, local, lanes, |p, lane| {
+        Ring::create(&ring_path(key, p, rank, lane), fit)
+    });
+    let made_n = made.iter().flatten().filter(|r| r.is_some()).count();
+    let missing = rings - made_n;
+    if missing > 0 {
+        eprintln!(
+            "kolo: rank {rank}: {missing} of {rings} shared-memory rings could not be made in {DIR} \
+             (full?): those peers' frames go over TCP"
+        );
+    }
+    made
 }
 
 /// Open the rings that peers created for frames from this rank (after every
 /// rank created its own: once the connections are up). Missing ones are
 /// left out: this rank then sends inline.
-pub fn open_outgoing(comm_id: u64, rank: usize, local: &[bool], lanes: usize) -> Rings {
+pub fn open_outgoing(key: u64, rank: usize, local: &[bool], lanes: usize) -> Rings {
     per_peer(rank, local, lanes, |p, lane| {
-        Ring::open(&ring_path(comm_id, rank, p, lane))
+        Ring::open(&ring_path(key, rank, p, lane))
     })
 }
 
