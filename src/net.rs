@@ -230,6 +230,50 @@ pub fn match_iface(
     })
 }
 
+/// A host name that is safe to hand to ssh: a DNS name (RFC 1123 labels) or
+/// an IP address, optionally `user@` before it. Anything else, a leading `-`
+/// above all (ssh would read it as an option), is refused before any ssh runs.
+///
+/// ```
+/// use kolo::net::check_host;
+/// assert!(check_host("node-7.cluster").is_ok());
+/// assert!(check_host("alice@10.0.0.2").is_ok());
+/// assert!(check_host("[fd00::1]").is_ok());
+/// assert!(check_host("-oProxyCommand=touch /tmp/x").is_err());
+/// assert!(check_host("a b").is_err());
+/// ```
+pub fn check_host(host: &str) -> std::result::Result<(), String> {
+    let name = host.rsplit_once('@').map_or(host, |(user, h)| {
+        let ok_user = !user.is_empty()
+            && !user.starts_with('-')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if ok_user {
+            h
+        } else {
+            ""
+        }
+    });
+    let ip = name.trim_start_matches('[').trim_end_matches(']');
+    if ip.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "host {host:?} is not a host name (RFC 1123) or an IP address"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,147 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A stand-in `ssh` in a fresh directory that runs the remote command
+/// locally (so the whole remote path, quoting, cd, env and the watcher that
+/// ends a rank with its session, runs without any network), and a PATH that
+/// finds it first. It checks the options and the `--` before the host.
+fn fake_ssh(tag: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("kolorun-fake-ssh-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ssh = dir.join("ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\n[ \"$1 $2 $3 $4 $5\" = '-o BatchMode=yes -o StrictHostKeyChecking=accept-new --' ] || exit 99\n\
+         echo \"ssh to $6\" >&2\nexec sh -c \"$7\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (dir, path)
+}
+
+/// Pids of live processes whose command line is exactly `argv`.
+fn running(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+/// Start kolorun with `args`, wait until `n` ranks printed `ready`, SIGSTOP
+/// the rank running `stop` (if any), SIGKILL kolorun, and require that no
+/// process running `victim` is left after 10 s.
+fn killing_kolorun_leaves_nothing(args: &[&str], path: &str, n: usize, victim: &[&str]) {
+    let mut child = Command::new(KOLORUN)
+        .env("PATH", path)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ready = 0;
+    while ready < n {
+        let l = lines.next().expect("kolorun output ended early").unwrap();
+        ready += usize::from(l.ends_with("ready"));
+    }
+    let t0 = Instant::now();
+    while running(victim).len() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "ranks never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One rank stopped: only SIGKILL ends it.
+    let stopped = running(victim)[0];
+    // SAFETY: plain kill(2) on processes this test started.
+    unsafe {
+        libc::kill(stopped as libc::pid_t, libc::SIGSTOP);
+        libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
+    }
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let left = running(victim);
+        if left.is_empty() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            for pid in &left {
+                // SAFETY: as above; clean up before failing.
+                unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+            }
+            panic!("ranks {left:?} outlived kolorun by 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn no_local_rank_outlives_a_killed_kolorun() {
+    let secs = format!("9000.{}", std::process::id());
+    let script = format!("echo ready; exec sleep {secs}");
+    let args = ["-np", "2", "sh", "-c", &script];
+    killing_kolorun_leaves_nothing(&args, &std::env::var("PATH").unwrap(), 2, &["sleep", &secs]);
+}
+
+#[test]
+fn no_remote_rank_outlives_a_killed_kolorun() {
+    let (dir, path) = fake_ssh("orphans");
+    let secs = format!("9001.{}", std::process::id());
+    let script = format!("echo ready; exec sleep {secs}");
+    let args = [
+        "-H",
+        "fakehost-a,fakehost-b",
+        "--master-addr",
+        "127.0.0.1",
+        "sh",
+        "-c",
+        &script,
+    ];
+    killing_kolorun_leaves_nothing(&args, &path, 2, &["sleep", &secs]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_host_name_that_ssh_would_read_as_an_option_is_refused() {
+    let (dir, path) = fake_ssh("option");
+    let marker = dir.join("ssh-ran");
+    let ssh = dir.join("ssh");
+    std::fs::write(&ssh, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+    let hostfile = dir.join("hosts");
+    std::fs::write(&hostfile, "-oProxyCommand=touch${IFS}/tmp/pwned slots=1\n").unwrap();
+    for args in [
+        vec!["-H", "-oProxyCommand=touch /tmp/pwned", "true"],
+        vec!["-H", "ok-host,-oProxyCommand=x:2", "true"],
+        vec!["--hostfile", hostfile.to_str().unwrap(), "true"],
+        vec!["-H", "bad host", "true"],
+    ] {
+        let out = Command::new(KOLORUN)
+            .env("PATH", &path)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not a host name"), "{args:?}: {err}");
+        assert!(!marker.exists(), "{args:?}: ssh ran");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn sets_env_per_rank() {
     let out = kolorun(&[
@@ -196,22 +337,7 @@ fn help_documents_flags_and_variables() {
 fn remote_hosts_go_through_ssh_with_quoted_env() {
     // A stand-in `ssh` that runs the remote command locally, so the whole
     // remote path (quoting, cd, env) is exercised without any network.
-    let dir = std::env::temp_dir().join(format!("kolorun-fake-ssh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ssh = dir.join("ssh");
-    std::fs::write(
-        &ssh,
-        "#!/bin/sh\n[ \"$1 $2 $3 $4\" = '-o BatchMode=yes -o StrictHostKeyChecking=accept-new' ] || exit 99\n\
-         echo \"ssh to $5\" >&2\nexec sh -c \"$6\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let (dir, path) = fake_ssh("quoted");
     let out = Command::new(KOLORUN)
         .env("PATH", path)
         .args([

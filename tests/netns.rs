@@ -348,13 +348,24 @@ fn fault_run(prefix: &'static str, n: usize, fault: Fault) {
     } else {
         0
     };
-    // Leave nothing behind: the stopped or cut-off rank may still be there.
-    // SAFETY: plain syscall; the pid was the victim's and is checked alive first.
-    unsafe {
-        if libc::kill(pid, 0) == 0 {
-            libc::kill(pid, libc::SIGKILL);
-        }
+    // A stopped remote rank is killed by the watcher kolorun's ssh started
+    // beside it, once kolorun is gone. A cut-off host hears nothing, so its
+    // rank is left to this test (its sshd would notice only by keepalive).
+    let t_exit = Instant::now();
+    // SAFETY: signal 0 only asks whether the victim still exists.
+    while unsafe { libc::kill(pid, 0) } == 0 && t_exit.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
     }
+    // SAFETY: plain syscall; the pid was the victim's and is checked alive first.
+    let left = unsafe { libc::kill(pid, 0) } == 0;
+    if left {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(
+        !(left && fault == Fault::Stop),
+        "the stopped rank {victim} (pid {pid}) outlived kolorun by 10 s"
+    );
     let log = job.dump();
     assert!(
         matches!(code, Some(c) if c != 0),

@@ -141,12 +141,14 @@ fn parse_slots(spec: &str, what: &str) -> Result<(String, usize), String> {
             if n == 0 {
                 return Err(format!("{what}: {spec:?}: slots must be at least 1"));
             }
+            kolo::net::check_host(h).map_err(|e| format!("{what}: {e}"))?;
             return Ok((h.to_string(), n));
         }
     }
     if spec.is_empty() {
         return Err(format!("{what}: empty host name"));
     }
+    kolo::net::check_host(spec).map_err(|e| format!("{what}: {e}"))?;
     Ok((spec.to_string(), 1))
 }
 
@@ -363,9 +365,16 @@ fn shell_quote(s: &str) -> String {
 /// secret from the first line of its standard input (kolorun writes it there),
 /// so that it never appears on a command line that `ps` shows, locally or on
 /// the remote host; `env` must not contain it.
+///
+/// OpenSSH passes no signal to a command without a terminal, so the rank
+/// runs in a session of its own beside a watcher that waits for the end of
+/// standard input: kolorun holds it open while the rank runs, and when
+/// kolorun or its ssh dies, the watcher kills the rank's whole process group,
+/// stopped or not. (A background command's stdin is /dev/null in sh, so the
+/// watcher gets the session's through fd 3.)
 fn remote_command(cwd: &str, env: &[(String, String)], cmd: &[String]) -> String {
     let mut s = format!(
-        "IFS= read -r KOLO_SECRET; export KOLO_SECRET; cd {} && exec env",
+        "IFS= read -r KOLO_SECRET; export KOLO_SECRET; cd {} || exit 127; exec 3<&0; setsid env",
         shell_quote(cwd)
     );
     for (k, v) in env {
@@ -376,6 +385,11 @@ fn remote_command(cwd: &str, env: &[(String, String)], cmd: &[String]) -> String
         s.push(' ');
         s.push_str(&shell_quote(a));
     }
+    s.push_str(
+        " </dev/null 3<&- & p=$!; \
+         setsid sh -c 'cat >/dev/null; kill -s KILL -- -$1' watch $p <&3 >/dev/null 2>&1 3<&- & w=$!; \
+         exec 3<&-; wait $p; s=$?; kill -s TERM -- -$w 2>/dev/null; exit $s",
+    );
     s
 }
 
@@ -416,6 +430,7 @@ fn ssh_command(host: &str, cwd: &str, env: &[(String, String)], cmd: &[String]) 
         "-o",
         "StrictHostKeyChecking=accept-new",
     ])
+    .arg("--")
     .arg(host)
     .arg(remote_command(cwd, env, cmd));
     c
@@ -594,10 +609,12 @@ fn rank_command(
         if let Some(cpus) = cpus {
             pin_to(&mut c, &cpus);
         }
+        die_with_parent(&mut c);
         c
     } else {
         let mut c = ssh_command(host, cwd, env, &opts.cmd);
         c.stdin(Stdio::piped());
+        die_with_parent(&mut c);
         c
     };
     cmd.stdout(Stdio::piped())
@@ -638,6 +655,29 @@ fn pin_to(cmd: &mut Command, cpus: &[usize]) {
     }
 }
 
+/// SIGKILL the child when kolorun dies, however it dies (SIGKILL, SIGHUP
+/// of its terminal): no local rank, and no ssh of a remote one, outlives the
+/// launcher. The signal follows the thread that forked, so ranks are only
+/// started from kolorun's main thread.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: getpid is async-signal-safe; read before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the hook makes async-signal-safe calls only and touches none
+    // of the parent's memory but a copied integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // kolorun died before the signal was armed.
+            if libc::getppid() != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Spawn a rank from [`rank_command`]: hand an ssh its secret line, and start
 /// the threads that forward its output and report its exit as rank `id`.
 fn start_rank(
@@ -647,9 +687,11 @@ fn start_rank(
     tx: &Sender<Msg>,
 ) -> std::io::Result<Child> {
     let mut child = cmd.spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
+    if let Some(stdin) = child.stdin.as_mut() {
         // 65 bytes fit in any pipe buffer: this does not block. An ssh that
-        // already failed reports that itself. Then EOF, as /dev/null gives.
+        // already failed reports that itself. The pipe then stays open as
+        // long as the child is kept: its end tells the remote watcher
+        // (see [`remote_command`]) that kolorun is gone.
         let _ = writeln!(stdin, "{secret}");
     }
     spawn_reader(id, false, child.stdout.take().expect("piped"), tx.clone());

@@ -26,6 +26,7 @@ pub fn parse_discovery(text: &str) -> Result<Vec<(String, usize)>, String> {
             }
             _ => (line.to_string(), 1),
         };
+        crate::net::check_host(&host).map_err(|e| format!("line {}: {e}", i + 1))?;
         match out.iter_mut().find(|(h, _)| *h == host) {
             Some(e) => e.1 += slots,
             None => out.push((host, slots)),
