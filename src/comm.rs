@@ -170,6 +170,13 @@ impl Communicator {
             )
         } else {
             let (ip, how) = crate::net::advertise(&cfg)?;
+            if !ip.is_loopback() && cfg.secret.is_none() && !cfg.insecure {
+                return Err(Error::Config(format!(
+                    "rank {rank}: this job listens on {ip}, which others can reach, and has no \
+                     KOLO_SECRET: set the same KOLO_SECRET on every rank (kolorun sets one), or \
+                     KOLO_INSECURE=1 to run unauthenticated"
+                )));
+            }
             // Multi-host jobs say which address they use (one line per rank):
             // a wrong interface is the classic cause of a hang at start.
             if !ip.is_loopback() {

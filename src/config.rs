@@ -20,6 +20,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_MASTER_PORT", "29500", "port of the rendezvous store (else MASTER_PORT)"),
     ("KOLO_STORE", "rank0", "who serves the store: rank0, or external (a launcher such as kolorun)"),
     ("KOLO_SECRET", "- (kolorun: a fresh random one per job)", "shared secret every connection proves with an HMAC handshake; the same on every rank; never printed (without it connections are unauthenticated and kolo warns once)"),
+    ("KOLO_INSECURE", "0", "1: let a job whose addresses are not loopback run without KOLO_SECRET, unauthenticated (without it such a job refuses to start)"),
     ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
     ("KOLO_TIMEOUT", "60", "seconds a collective may go without moving a byte before it fails"),
     ("KOLO_PEER_TIMEOUT", "6", "seconds without any answer from a peer's host (TCP keepalive/ACKs) while a collective waits on it before it is declared lost (0: never; a hung but reachable peer is caught by KOLO_TIMEOUT)"),
@@ -75,6 +76,9 @@ pub struct Config {
     /// Shared job secret (`KOLO_SECRET`): every store and data connection
     /// starts with a mutual HMAC handshake over it; `None`: unauthenticated.
     pub secret: Option<crate::auth::Secret>,
+    /// Run unauthenticated on non-loopback addresses (`KOLO_INSECURE=1`);
+    /// without it such a job with no secret refuses to start.
+    pub insecure: bool,
     /// Interface or address to advertise (`KOLO_IFACE`); `None` picks automatically.
     pub iface: Option<String>,
     /// How long a collective may go without any byte moving before it fails.
@@ -142,6 +146,7 @@ impl Config {
             local_size: size,
             master_addr: "127.0.0.1".into(),
             master_port: port,
+            insecure: false,
             serve_store: true,
             secret: None,
             iface: None,
@@ -384,6 +389,11 @@ impl Config {
         if let Some(s) = v.secs_or_zero("KOLO_STALL_SHUTDOWN_S", MAX_WAIT_S)? {
             self.stall_shutdown = s;
         }
+        self.insecure = match v.text("KOLO_INSECURE").as_deref() {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(x) => return Err(v.bad("KOLO_INSECURE", x, "expected 0 or 1")),
+        };
         self.calibrate = match v.text("KOLO_CALIBRATE").as_deref() {
             None | Some("1") => true,
             Some("0") => false,

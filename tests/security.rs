@@ -10,7 +10,7 @@ mod common;
 
 use kolo::auth::Secret;
 use kolo::rendezvous::{StoreClient, StoreServer};
-use kolo::{Communicator, ReduceOp};
+use kolo::{Communicator, Config, ReduceOp};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -296,4 +296,57 @@ fn strangers_at_the_data_listeners_are_dropped_while_the_job_forms() {
             assert_eq!(h.join().unwrap(), 0, "rank {r} got wrong elements");
         }
     });
+}
+
+/// The first address of this host that is not loopback, if any.
+fn reachable_address() -> Option<std::net::IpAddr> {
+    kolo::net::interfaces()
+        .ok()?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+}
+
+#[test]
+fn a_job_others_can_reach_refuses_to_start_without_a_secret() {
+    let Some(ip) = reachable_address() else {
+        eprintln!("SKIPPED: this host has no address but loopback");
+        return;
+    };
+    // Both ranks advertise the host's own address (traffic stays on this host).
+    let start = |insecure: bool| {
+        let store = StoreServer::bind("127.0.0.1:0").unwrap();
+        let port = store.local_addr().port();
+        let got: Vec<kolo::Result<i64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|r| {
+                    s.spawn(move || {
+                        let mut cfg = Config::local(r, 2, port);
+                        cfg.serve_store = false;
+                        cfg.iface = Some(ip.to_string());
+                        cfg.insecure = insecure;
+                        cfg.start_timeout = Duration::from_secs(20);
+                        let c = Communicator::init(cfg)?;
+                        let mut v = [1i64];
+                        c.allreduce(&mut v, ReduceOp::Sum)?;
+                        Ok(v[0])
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        got
+    };
+    for (r, res) in start(false).iter().enumerate() {
+        match res {
+            Err(kolo::Error::Config(m)) => assert!(
+                m.contains("KOLO_SECRET") && m.contains(&format!("rank {r}")),
+                "rank {r}: {m}"
+            ),
+            other => panic!("rank {r}: expected a refusal, got {other:?}"),
+        }
+    }
+    for res in start(true) {
+        assert_eq!(res.unwrap(), 2, "KOLO_INSECURE=1 runs unauthenticated");
+    }
 }
