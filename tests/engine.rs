@@ -615,3 +615,40 @@ fn a_cached_name_with_a_new_spec_is_negotiated_again() {
         }
     }
 }
+
+#[test]
+fn wait_timeout_returns_while_a_peer_is_late_and_then_the_result() {
+    let got = run_ranks(2, |comm| {
+        let r = comm.rank();
+        let e = Engine::start(comm).unwrap();
+        if r == 1 {
+            // Late by far more than rank 0's first waits.
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        let mut h = e
+            .allreduce_async("late", vec![(r + 1) as f64; 1000], ReduceOp::Sum)
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let mut empty = 0;
+        let v = loop {
+            match h.wait_timeout(Duration::from_millis(100)).unwrap() {
+                Some(v) => break v,
+                None => empty += 1,
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "never completed");
+        };
+        let again = h.wait_timeout(Duration::from_millis(1));
+        assert!(matches!(again, Err(Error::InvalidArgument(_))), "{again:?}");
+        e.shutdown().unwrap();
+        (r, empty, v)
+    });
+    for (r, empty, v) in got {
+        assert!(v.iter().all(|&x| x == 3.0), "rank {r}");
+        if r == 0 {
+            assert!(
+                empty >= 3,
+                "rank 0 waited {empty} times in vain, expected several"
+            );
+        }
+    }
+}

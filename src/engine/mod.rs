@@ -303,6 +303,8 @@ impl Shared {
 pub struct Handle<O> {
     slot: Arc<Slot>,
     done: Option<Outcome>,
+    /// The outcome was handed out by [`Handle::wait_timeout`].
+    spent: bool,
     shared: Arc<Shared>,
     convert: fn(Box<dyn Buffer>) -> O,
 }
@@ -328,9 +330,51 @@ impl<O> Handle<O> {
     /// bounds every wait: collectives by `KOLO_TIMEOUT`, negotiation by
     /// `KOLO_STALL_SHUTDOWN_S`.
     pub fn wait(mut self) -> Result<O> {
+        loop {
+            if let Some(r) = self.wait_until(Instant::now() + Duration::from_secs(3600)) {
+                return r.map(self.convert);
+            }
+        }
+    }
+
+    /// Wait at most `limit` for the operation: `Ok(Some(result))` once it
+    /// finished, `Ok(None)` if it is still running (the handle stays valid:
+    /// wait again, or give up on it), the operation's error if it failed.
+    /// A result is handed out once; later calls say so.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let mut h = engine.allreduce_async("g", vec![1.0f32; 8], kolo::ReduceOp::Sum)?;
+    /// let summed = loop {
+    ///     match h.wait_timeout(std::time::Duration::from_millis(100))? {
+    ///         Some(v) => break v,
+    ///         None => eprintln!("still waiting for {}", h.name()),
+    ///     }
+    /// };
+    /// # let _: Vec<f32> = summed;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn wait_timeout(&mut self, limit: Duration) -> Result<Option<O>> {
+        if self.spent {
+            return Err(Error::InvalidArgument(format!(
+                "rank {}: the result of engine tensor {:?} was already taken",
+                self.shared.rank,
+                self.name()
+            )));
+        }
+        match self.wait_until(Instant::now() + limit) {
+            Some(r) => {
+                self.spent = true;
+                r.map(|b| Some((self.convert)(b)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The outcome once it is in, or `None` at `deadline`.
+    fn wait_until(&mut self, deadline: Instant) -> Option<Outcome> {
         if self.poll() {
-            let r = self.done.take().expect("polled");
-            return r.map(self.convert);
+            return self.done.take();
         }
         let shared = self.shared.clone();
         shared.waiters.fetch_add(1, Ordering::SeqCst);
@@ -341,19 +385,24 @@ impl<O> Handle<O> {
         let mut generation = shared.generation.lock().unwrap_or_else(|p| p.into_inner());
         let r = loop {
             if self.poll() {
-                break self.done.take().expect("polled");
+                break self.done.take();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break None;
             }
             // The engine sets slots before bumping the generation under this
             // lock, so a result cannot slip in between the poll and the wait.
+            let nap = (deadline - now).min(Duration::from_secs(1));
             generation = shared
                 .finished
-                .wait_timeout(generation, Duration::from_secs(1))
+                .wait_timeout(generation, nap)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         };
         drop(generation);
         shared.waiters.fetch_sub(1, Ordering::SeqCst);
-        r.map(self.convert)
+        r
     }
 
     fn stopped(&self) -> Error {
@@ -637,6 +686,7 @@ impl Engine {
                 let handle = Handle {
                     slot: slot.clone(),
                     done: None,
+                    spent: false,
                     shared: self.shared.clone(),
                     convert,
                 };
@@ -660,6 +710,7 @@ impl Engine {
                 let handle = Handle {
                     slot,
                     done: None,
+                    spent: false,
                     shared: self.shared.clone(),
                     convert,
                 };
