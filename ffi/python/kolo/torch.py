@@ -25,7 +25,6 @@ import ctypes
 import itertools
 import pickle
 import threading
-from contextlib import contextmanager
 
 import torch
 
