@@ -43,6 +43,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.backward_passes_per_step = int(backward_passes_per_step)
         if self.backward_passes_per_step < 1:
             raise ValueError("backward_passes_per_step must be at least 1")
+        _check_same_model(named_parameters)
         self._delay = {}
         self._handles = {}
         self._hooks = []
@@ -121,6 +122,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._handles:
             raise AssertionError("optimizer.zero_grad() called while gradients are being reduced; call step() or synchronize() first")
         return super(self.__class__, self).zero_grad(set_to_none)
+
+
+def _check_same_model(named_parameters):
+    """Every rank must train the same parameters: one exchange of (name, shape,
+    dtype) at construction turns a different model on some rank into the same
+    ValueError on every rank, instead of tensors that no peer ever submits."""
+    mine = [(n, tuple(p.shape), str(p.dtype)) for n, p in named_parameters if p.requires_grad]
+    every = hvd.allgather_object(mine, name="DistributedOptimizer.parameters")
+    for r, theirs in enumerate(every):
+        if theirs != every[0]:
+            a, b = set(every[0]), set(theirs)
+            diff = sorted(a ^ b)[:4]
+            raise ValueError(
+                f"DistributedOptimizer: rank {r}'s parameters differ from rank 0's "
+                f"({len(theirs)} vs {len(every[0])}; first differences: {diff}); every rank must build the same model"
+            )
 
 
 def DistributedOptimizer(
