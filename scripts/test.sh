@@ -137,6 +137,7 @@ tests=$PWD/ffi/python/tests
     for np in 1 2 4; do
         kolorun -np "$np" python -m pytest -q -p no:cacheprovider "$tests"
     done
+    kolorun -np 2 python "$tests/../examples/quickstart.py"
 )
 rm -rf "$py_tmp"
 
