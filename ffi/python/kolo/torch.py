@@ -486,8 +486,10 @@ def _gather_shapes(t, name):
 def allgather_async(tensor, name=None, process_set=None):
     """Start an allgather: every rank's tensor concatenated along the first
     dimension, which may differ between ranks (their sizes are exchanged first)."""
-    name = _name("allgather", name)
     d = _checked(tensor, f"allgather {name!r}")
+    if tensor.dim() == 0:
+        raise ValueError(f"allgather {name!r}: a tensor with at least one dimension is needed")
+    name = _name("allgather", name)
     shapes = _gather_shapes(tensor, name)
     rows = sum(s[0] for s in shapes)
     stage = _Stage(tensor)
@@ -510,8 +512,8 @@ def allgather(tensor, name=None, process_set=None):
 
 def broadcast_async_(tensor, root_rank, name=None, process_set=None):
     """Start an in-place broadcast of root_rank's `tensor`."""
-    name = _name("broadcast", name)
     d = _checked(tensor, f"broadcast {name!r}")
+    name = _name("broadcast", name)
     stage = _Stage(tensor)
     c = _start(lib.kolo_broadcast_async, name.encode(), stage.host.data_ptr(), stage.host.numel(), d, int(root_rank))
     return _register(_Handle(name, [c], (stage,), stage.finish))
@@ -538,8 +540,8 @@ def alltoall(tensor, splits=None, name=None, process_set=None):
     theirs. Without `splits` the first dimension is divided evenly; with it,
     slice j (``splits[j]`` rows) goes to rank j and the result is
     ``(output, received_splits)``, as in Horovod."""
-    name = _name("alltoall", name)
     d = _checked(tensor, f"alltoall {name!r}")
+    name = _name("alltoall", name)
     n = size()
     rest = tuple(tensor.shape[1:])
     row = 1
