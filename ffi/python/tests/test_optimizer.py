@@ -146,3 +146,36 @@ def test_backward_more_often_than_declared_is_an_error(n, me):
     opt.synchronize()
     with opt.skip_synchronize():
         opt.step()
+
+
+def test_join_with_uneven_batches_in_training(n, me):
+    """Rank r has r + 1 batches, then joins: each step averages the gradients
+    of the ranks that still have a batch, as computed serially here."""
+    def loss(m, r, i):
+        x, y = data(100 + 10 * r + i, MICRO)
+        return ((m(x) - y) ** 2).sum()
+
+    ref = model(0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for i in range(n):
+        ref_opt.zero_grad()
+        grads = []
+        for r in range(i, n):  # ranks with more than i batches
+            ref.zero_grad()
+            loss(ref, r, i).backward()
+            grads.append([p.grad.clone() for p in ref.parameters()])
+        for j, p in enumerate(ref.parameters()):
+            p.grad = sum(g[j] for g in grads) / len(grads)
+        ref_opt.step()
+
+    m = model(0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), named_parameters=m.named_parameters())
+    for i in range(me + 1):
+        opt.zero_grad()
+        loss(m, me, i).backward()
+        opt.step()
+    last = hvd.join()
+    assert last == n - 1
+    # Rank n-1 ran every step; the others stopped early, as a joined rank does.
+    if me == n - 1:
+        assert float((flat(m) - flat(ref)).abs().max()) <= 1e-10
