@@ -22,6 +22,12 @@
 //! only the call concerned (the engine finds it before any data moves); a
 //! failure inside a collective still stops everything.
 //!
+//! Modules: `status` (status codes, last error, the panic guard), `types`
+//! (`kolo_dtype`/`kolo_op` and buffer checks), `comm` (`kolo_comm`, who owns
+//! the communicator, init/destroy/queries), `blocking` (the blocking
+//! collectives) and `asynchronous` (the engine's named operations, groups,
+//! join, `kolo_test`/`kolo_wait`).
+//!
 //! ```c
 //! kolo_comm *comm;
 //! if (kolo_init_from_env(&comm) != KOLO_OK) { fprintf(stderr, "%s\n", kolo_last_error()); exit(1); }
