@@ -396,9 +396,32 @@ def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.
     return _allreduce_into(out, _name("allreduce", name), op, compression, prescale_factor, postscale_factor)
 
 
+class _AllreduceFn(torch.autograd.Function):
+    """Differentiable allreduce (Sum, Average): the gradient is reduced the same way."""
+
+    @staticmethod
+    def forward(ctx, tensor, name, op, pre, post, compression):
+        ctx.args = (op, pre, post)
+        return synchronize(allreduce_async(tensor, None, name, op, pre, post, compression))
+
+    @staticmethod
+    def backward(ctx, grad):
+        op, pre, post = ctx.args
+        return allreduce(grad.contiguous(), op=op, prescale_factor=pre, postscale_factor=post), None, None, None, None, None
+
+
+def _differentiable(tensor):
+    return isinstance(tensor, torch.Tensor) and tensor.requires_grad and torch.is_grad_enabled()
+
+
 def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
-    """The reduction of `tensor` over all ranks (Average by default), as a new tensor."""
-    return synchronize(allreduce_async(tensor, average, name, op, prescale_factor, postscale_factor, compression))
+    """The reduction of `tensor` over all ranks (Average by default), as a new tensor;
+    differentiable for Sum and Average, as in Horovod."""
+    op = _op_of(average, op)
+    if _differentiable(tensor) and op in (Sum, Average):
+        _checked(tensor, "allreduce")
+        return _AllreduceFn.apply(tensor, _name("allreduce", name), op, prescale_factor, postscale_factor, compression)
+    return synchronize(allreduce_async(tensor, None, name, op, prescale_factor, postscale_factor, compression))
 
 
 def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, compression=Compression.none, process_set=None):
@@ -505,8 +528,28 @@ def allgather_async(tensor, name=None, process_set=None):
     return _register(_Handle(name, [c], (stage, host_out), finish))
 
 
+class _AllgatherFn(torch.autograd.Function):
+    """Differentiable allgather: this rank's rows of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor, name):
+        ctx.rows = tensor.shape[0]
+        return synchronize(allgather_async(tensor, name))
+
+    @staticmethod
+    def backward(ctx, grad):
+        summed = allreduce(grad.contiguous(), op=Sum)
+        rows = allgather(torch.tensor([ctx.rows], dtype=torch.int64))
+        start = int(rows[: rank()].sum())
+        return summed.narrow(0, start, ctx.rows), None
+
+
 def allgather(tensor, name=None, process_set=None):
-    """Every rank's tensor concatenated along the first dimension (may differ per rank)."""
+    """Every rank's tensor concatenated along the first dimension (may differ per
+    rank); differentiable, as in Horovod."""
+    if _differentiable(tensor):
+        _checked(tensor, "allgather")
+        return _AllgatherFn.apply(tensor, _name("allgather", name))
     return synchronize(allgather_async(tensor, name))
 
 

@@ -215,3 +215,18 @@ def test_rank_size_and_unnamed_names(n, me):
     assert 0 <= hvd.rank() < hvd.size() and hvd.local_size() == n and hvd.local_rank() == me
     assert hvd.is_initialized()
     hvd.barrier()
+
+
+def test_allreduce_and_allgather_are_differentiable(n, me):
+    x = torch.full((3,), float(me + 1), dtype=torch.float64, requires_grad=True)
+    y = hvd.allreduce(x, op=hvd.Sum)
+    assert torch.equal(y.detach(), torch.full((3,), n * (n + 1) / 2, dtype=torch.float64))
+    (y * torch.arange(3.0, dtype=torch.float64)).sum().backward()
+    # Every rank's loss depends on x through the sum: the gradient is summed too.
+    assert torch.equal(x.grad, n * torch.arange(3.0, dtype=torch.float64))
+    a = torch.ones((me + 1, 2), dtype=torch.float64, requires_grad=True)
+    g = hvd.allgather(a)
+    w = torch.arange(float(g.numel()), dtype=torch.float64).view(g.shape)
+    (g * w).sum().backward()
+    start = sum(r + 1 for r in range(me))
+    assert torch.equal(a.grad, n * w[start : start + me + 1])
