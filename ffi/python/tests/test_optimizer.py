@@ -179,3 +179,20 @@ def test_join_with_uneven_batches_in_training(n, me):
     # Rank n-1 ran every step; the others stopped early, as a joined rank does.
     if me == n - 1:
         assert float((flat(m) - flat(ref)).abs().max()) <= 1e-10
+
+
+def test_gradients_are_submitted_during_backward(n, me):
+    m = model(0)
+    seen = []
+    params = list(m.parameters())
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(params, lr=0.1), named_parameters=m.named_parameters(), backward_passes_per_step=2)
+    # When the first layer's gradient is computed (last in backward), the
+    # later layers' gradients must already be on their way.
+    params[0].register_hook(lambda g: seen.append(len(opt._handles)))
+    x, y = data(0, 2)
+    ((m(x) - y) ** 2).sum().backward()
+    assert seen == [0] and not opt._handles, "submitted before backward_passes_per_step passes"
+    ((m(x) - y) ** 2).sum().backward()
+    assert seen[1] >= len(params) - 2, f"only {seen[1]} gradients were submitted during backward"
+    assert len(opt._handles) == len(params)
+    opt.step()
