@@ -201,6 +201,54 @@ def local_size():
     return _S.local_size
 
 
+def cross_size():
+    """Number of hosts, for hosts with the same number of ranks (kolorun fills them in order)."""
+    return size() // local_size()
+
+
+def cross_rank():
+    """This rank's host index, under the same assumption as cross_size()."""
+    return rank() // local_size()
+
+
+def is_homogeneous():
+    return size() % local_size() == 0
+
+
+# Horovod's build queries, for scripts that branch on them: kolo has one
+# transport (TCP and shared memory) and none of these.
+def mpi_threads_supported():
+    return False
+
+
+def mpi_built():
+    return False
+
+
+def mpi_enabled():
+    return False
+
+
+def gloo_built():
+    return False
+
+
+def gloo_enabled():
+    return False
+
+
+def nccl_built():
+    return False
+
+
+def cuda_built():
+    return False
+
+
+def rocm_built():
+    return False
+
+
 def _name(kind, name):
     """The tensor's name: the caller's, else ``<kind>.noname.<n>``, counted per
     kind, so unnamed calls made in the same order get the same names on every rank."""

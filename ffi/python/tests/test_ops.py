@@ -214,6 +214,8 @@ def test_broadcast_object_and_allgather_object(n, me):
 def test_rank_size_and_unnamed_names(n, me):
     assert 0 <= hvd.rank() < hvd.size() and hvd.local_size() == n and hvd.local_rank() == me
     assert hvd.is_initialized()
+    assert (hvd.cross_size(), hvd.cross_rank(), hvd.is_homogeneous()) == (1, 0, True)  # one host
+    assert not hvd.nccl_built() and not hvd.mpi_threads_supported()
     hvd.barrier()
 
 
