@@ -15,7 +15,7 @@
  *
  * Every function returns KOLO_OK (0) or a negative status; on failure
  * kolo_last_error() has the full message. Collectives are blocking (except
- * kolo_allreduce_async, below); every rank must call the same blocking
+ * the kolo_*_async calls, below); every rank must call the same blocking
  * collectives in the same order with matching arguments
  * (a mismatch is reported on every rank, never a hang: a collective that moves
  * nothing for KOLO_TIMEOUT seconds fails). After a failure inside a collective
@@ -82,7 +82,7 @@ typedef enum kolo_op {
 /* A communicator: a group of ranks connected in a full mesh. Opaque. */
 typedef struct kolo_comm kolo_comm;
 
-/* One asynchronous operation (kolo_allreduce_async), until kolo_wait frees it. Opaque. */
+/* One asynchronous operation (a kolo_*_async call), until kolo_wait frees it. Opaque. */
 typedef struct kolo_handle kolo_handle;
 
 /* Join the job described by the environment (KOLO_RANK/KOLO_SIZE/... as set
@@ -98,6 +98,8 @@ int kolo_comm_destroy(kolo_comm *comm);
 int kolo_comm_rank(const kolo_comm *comm, int *rank);
 int kolo_comm_size(const kolo_comm *comm, int *size);
 int kolo_comm_local_rank(const kolo_comm *comm, int *local_rank);
+/* The number of ranks on this rank's host. */
+int kolo_comm_local_size(const kolo_comm *comm, int *local_size);
 
 /* Reduce count elements across ranks into recvbuf on every rank.
  * sendbuf == recvbuf is in place; otherwise sendbuf is copied to recvbuf first. */
@@ -148,6 +150,46 @@ int kolo_barrier(kolo_comm *comm);
  * failures inside a collective (peer lost, timeout) still fail every later call. */
 int kolo_allreduce_async(kolo_comm *comm, const char *name, void *buf, size_t count,
                          kolo_dtype dtype, kolo_op op, kolo_handle **handle);
+
+/* kolo_allreduce_async with compression on the wire: compression is NULL,
+ * "none", "fp16", "bf16", "topk" or "topk:DENSITY" (0 < DENSITY <= 1; top-k
+ * keeps its error feedback under the tensor's name across calls). Anything
+ * but none needs KOLO_FLOAT32; ranks must agree. */
+int kolo_allreduce_async_compressed(kolo_comm *comm, const char *name, void *buf, size_t count,
+                                    kolo_dtype dtype, kolo_op op, const char *compression,
+                                    kolo_handle **handle);
+
+/* Asynchronous forms of the other collectives, named and run by the engine
+ * like kolo_allreduce_async. Inputs are copied at the call (sendbuf may be
+ * reused at once); the output buffer is written when kolo_wait returns and
+ * must not be touched before. Allgather lets sendcount differ between ranks:
+ * recvcount must be the sum over ranks, else kolo_wait fails on this rank. */
+int kolo_allgather_async(kolo_comm *comm, const char *name, const void *sendbuf, size_t sendcount,
+                         void *recvbuf, size_t recvcount, kolo_dtype dtype, kolo_handle **handle);
+int kolo_broadcast_async(kolo_comm *comm, const char *name, void *buf, size_t count,
+                         kolo_dtype dtype, int root, kolo_handle **handle);
+int kolo_reduce_scatter_async(kolo_comm *comm, const char *name, const void *sendbuf,
+                              void *recvbuf, size_t recvcount, kolo_dtype dtype, kolo_op op,
+                              kolo_handle **handle);
+int kolo_alltoall_async(kolo_comm *comm, const char *name, const void *sendbuf, void *recvbuf,
+                        size_t count_per_rank, kolo_dtype dtype, kolo_handle **handle);
+
+/* Submit n in-place allreduces as one group named `group` (unique among
+ * groups in flight): they reach the engine together and run only when every
+ * member is ready on every rank. Member i is counts[i] elements of dtypes[i]
+ * at bufs[i], named names[i]; handles[i] gets its handle (all NULL on
+ * failure, when nothing was submitted). Each buffer is untouched until its
+ * kolo_wait returns. */
+int kolo_grouped_allreduce_async(kolo_comm *comm, const char *group, size_t n,
+                                 const char *const *names, void *const *bufs,
+                                 const size_t *counts, const kolo_dtype *dtypes, kolo_op op,
+                                 kolo_handle **handles);
+
+/* This rank has no more data: it takes part in the other ranks' allreduces
+ * with the identity (zeros to sums) until every rank has joined; averages
+ * divide by the ranks that contributed. *last_rank gets the last rank to
+ * join. Every rank calls it once it is done; submit nothing meanwhile. */
+int kolo_join(kolo_comm *comm, int *last_rank);
 
 /* Block until the operation has finished, return its status (setting
  * kolo_last_error on failure) and free the handle: it is invalid afterwards,

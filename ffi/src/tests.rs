@@ -31,6 +31,10 @@ ctype! {
     *mut *mut kolo_comm => "kolo_comm **",
     *mut kolo_handle => "kolo_handle *",
     *mut *mut kolo_handle => "kolo_handle **",
+    *const *const c_char => "const char *const *",
+    *const *mut c_void => "void *const *",
+    *const usize => "const size_t *",
+    *const kolo_dtype => "const kolo_dtype *",
 }
 
 /// A function pointer type, as a C declaration of a pointer variable `name`.
@@ -61,6 +65,8 @@ cfn!(A, B, C, D);
 cfn!(A, B, C, D, E);
 cfn!(A, B, C, D, E, F);
 cfn!(A, B, C, D, E, F, G);
+cfn!(A, B, C, D, E, F, G, H);
+cfn!(A, B, C, D, E, F, G, H, I);
 
 fn decl_of<F: CFn>(_: F, name: &str) -> String {
     F::decl(name)
@@ -85,6 +91,7 @@ fn exports() -> Vec<(&'static str, String)> {
         sig!(unsafe kolo_comm_rank(_, _)),
         sig!(unsafe kolo_comm_size(_, _)),
         sig!(unsafe kolo_comm_local_rank(_, _)),
+        sig!(unsafe kolo_comm_local_size(_, _)),
         sig!(unsafe kolo_allreduce(_, _, _, _, _, _)),
         sig!(unsafe kolo_broadcast(_, _, _, _, _)),
         sig!(unsafe kolo_allgather(_, _, _, _, _)),
@@ -92,6 +99,13 @@ fn exports() -> Vec<(&'static str, String)> {
         sig!(unsafe kolo_alltoall(_, _, _, _, _)),
         sig!(unsafe kolo_barrier(_)),
         sig!(unsafe kolo_allreduce_async(_, _, _, _, _, _, _)),
+        sig!(unsafe kolo_allreduce_async_compressed(_, _, _, _, _, _, _, _)),
+        sig!(unsafe kolo_allgather_async(_, _, _, _, _, _, _, _)),
+        sig!(unsafe kolo_broadcast_async(_, _, _, _, _, _, _)),
+        sig!(unsafe kolo_reduce_scatter_async(_, _, _, _, _, _, _, _)),
+        sig!(unsafe kolo_alltoall_async(_, _, _, _, _, _, _)),
+        sig!(unsafe kolo_grouped_allreduce_async(_, _, _, _, _, _, _, _, _)),
+        sig!(unsafe kolo_join(_, _)),
         sig!(unsafe kolo_wait(_)),
         sig!(unsafe kolo_test(_, _)),
         sig!(kolo_last_error()),

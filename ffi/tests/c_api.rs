@@ -462,6 +462,7 @@ fn readme_examples_are_the_tested_files() {
     for (file, from) in [
         ("ffi/examples/allreduce.c", "#include <kolo.h>"),
         ("ffi/examples/allreduce.py", "import sys"),
+        ("ffi/python/examples/quickstart.py", "import torch"),
     ] {
         let src = std::fs::read_to_string(repo().join(file)).unwrap();
         let code = &src[src.find(from).unwrap()..];

@@ -559,6 +559,103 @@ static void test_mismatch_engine(kolo_comm *comm) {
     OK(kolo_barrier(comm));
 }
 
+/* The asynchronous forms of the other collectives, all in flight at once and
+ * submitted in a different order on every rank: an allgather whose counts
+ * differ per rank, a broadcast from the last rank, a reduce-scatter and an
+ * alltoall; plus a grouped allreduce of two dtypes and an fp16-compressed
+ * allreduce of values exact in fp16. */
+static void test_async_moves(kolo_comm *comm, kolo_dtype d, size_t count) {
+    size_t es = dsize(d), total = count * (size_t)size, gtotal = 0, k, off = 0;
+    size_t mine = count + (size_t)rank;
+    char *ga = xmalloc((count + (size_t)size) * es), *gb, *gw, *bc = xmalloc(count * es);
+    char *bw = xmalloc(count * es), *rs = xmalloc(total * es), *rr = xmalloc(count * es);
+    char *rw = xmalloc(total * es), *aa = xmalloc(total * es), *ab = xmalloc(total * es);
+    char *aw = xmalloc(total * es), name[4][64];
+    kolo_handle *h[4];
+    int r, j, i;
+    for (r = 0; r < size; r++) gtotal += count + (size_t)r;
+    gb = xmalloc(gtotal * es);
+    gw = xmalloc(gtotal * es);
+    for (r = 0; r < size; off += count + (size_t)r, r++)
+        for (k = 0; k < count + (size_t)r; k++) gen(d, KOLO_SUM, r, k, 60, gw, off + k);
+    for (k = 0; k < mine; k++) gen(d, KOLO_SUM, rank, k, 60, ga, k);
+    for (k = 0; k < count; k++) {
+        gen(d, KOLO_SUM, size - 1, k, 61, bw, k);
+        if (rank == size - 1) gen(d, KOLO_SUM, rank, k, 61, bc, k);
+    }
+    if (rank != size - 1) memset(bc, 0xcd, count * es);
+    for (k = 0; k < total; k++) gen(d, KOLO_SUM, rank, k, 62, rs, k);
+    reference(d, KOLO_SUM, total, 62, rw);
+    for (r = 0; r < size; r++)
+        for (k = 0; k < count; k++)
+            gen(d, KOLO_SUM, r, (size_t)rank * count + k, 63, aw, (size_t)r * count + k);
+    for (k = 0; k < total; k++) gen(d, KOLO_SUM, rank, k, 63, aa, k);
+    memset(gb, 0xcd, gtotal * es);
+    memset(rr, 0xcd, count * es);
+    memset(ab, 0xcd, total * es);
+    for (j = 0; j < 4; j++) {
+        i = (j + rank) % 4;
+        snprintf(name[i], sizeof name[i], "m%d.%s.%zu", i, DNAMES[d], count);
+        if (i == 0) OK(kolo_allgather_async(comm, name[i], ga, mine, gb, gtotal, d, &h[i]));
+        if (i == 1) OK(kolo_broadcast_async(comm, name[i], bc, count, d, size - 1, &h[i]));
+        if (i == 2) OK(kolo_reduce_scatter_async(comm, name[i], rs, rr, count, d, KOLO_SUM, &h[i]));
+        if (i == 3) OK(kolo_alltoall_async(comm, name[i], aa, ab, count, d, &h[i]));
+    }
+    memset(ga, 0xee, mine * es); /* inputs are copied at the call */
+    for (i = 3; i >= 0; i--) OK(i % 2 ? poll_then_wait(h[i]) : kolo_wait(h[i]));
+    expect_eq("allgather_async (uneven)", d, KOLO_SUM, gtotal, gb, gw);
+    expect_eq("broadcast_async", d, KOLO_SUM, count, bc, bw);
+    expect_eq("reduce_scatter_async", d, KOLO_SUM, count, rr, rw + (size_t)rank * count * es);
+    expect_eq("alltoall_async", d, KOLO_SUM, total, ab, aw);
+    free(ga); free(gb); free(gw); free(bc); free(bw); free(rs); free(rr); free(rw);
+    free(aa); free(ab); free(aw);
+}
+
+static void test_grouped_compressed_join(kolo_comm *comm) {
+    float f[5], fw[5];
+    int64_t x[3];
+    const char *names[2] = {"grp.f", "grp.x"};
+    void *bufs[2] = {f, x};
+    size_t counts[2] = {5, 3}, k;
+    kolo_dtype dts[2] = {KOLO_FLOAT32, KOLO_INT64};
+    kolo_handle *hs[2] = {NULL, NULL}, *h = NULL;
+    int i, last = -1, local_size = -1;
+    OK(kolo_comm_local_size(comm, &local_size));
+    CHECK(local_size == size, "local_size %d on one host of %d ranks", local_size, size);
+    for (k = 0; k < 5; k++) f[k] = (float)(rank * 10 + (int)k);
+    for (k = 0; k < 3; k++) x[k] = rank + 1;
+    OK(kolo_grouped_allreduce_async(comm, "grp", 2, names, bufs, counts, dts, KOLO_SUM, hs));
+    OK(kolo_wait(hs[1]));
+    OK(kolo_wait(hs[0]));
+    for (k = 0; k < 5; k++)
+        CHECK(f[k] == (float)(10 * size * (size - 1) / 2 + size * (int)k), "grouped f[%zu] %g", k, f[k]);
+    for (k = 0; k < 3; k++) CHECK(x[k] == size * (size + 1) / 2, "grouped x %lld", (long long)x[k]);
+    /* fp16 on the wire (prescaled by 1/size): within fp16 rounding of the exact sum. */
+    for (k = 0; k < 5; k++) f[k] = (float)(rank - (int)k), fw[k] = 0;
+    for (i = 0; i < size; i++)
+        for (k = 0; k < 5; k++) fw[k] += (float)(i - (int)k);
+    OK(kolo_allreduce_async_compressed(comm, "cmp", f, 5, KOLO_FLOAT32, KOLO_SUM, "fp16", &h));
+    OK(kolo_wait(h));
+    for (k = 0; k < 5; k++) {
+        float err = f[k] > fw[k] ? f[k] - fw[k] : fw[k] - f[k];
+        CHECK(err <= 2e-3f * (float)(size * 5), "fp16 allreduce f[%zu] %g want %g", k, f[k], fw[k]);
+    }
+    BAD(kolo_allreduce_async_compressed(comm, "cmp", f, 5, KOLO_FLOAT32, KOLO_SUM, "gzip", &h),
+        KOLO_ERR_INVALID_ARGUMENT, "unknown compression");
+    /* Join with uneven work: rank r runs r + 1 allreduces; allreduce i sums
+     * the ones of the size - i ranks that still have data. */
+    for (i = 0; i <= rank; i++) {
+        char name[32];
+        double one = 1;
+        snprintf(name, sizeof name, "join.%d", i);
+        OK(kolo_allreduce_async(comm, name, &one, 1, KOLO_FLOAT64, KOLO_SUM, &h));
+        OK(kolo_wait(h));
+        CHECK(one == (double)(size - i), "join allreduce %d: %g, want %d", i, one, size - i);
+    }
+    OK(kolo_join(comm, &last));
+    CHECK(last == size - 1, "last rank to join %d, want %d", last, size - 1);
+}
+
 static void test_static(void) {
     int ma = -1, mi = -1, pa = -1, codes[] = {KOLO_OK, KOLO_ERR_INVALID_ARGUMENT, KOLO_ERR_MISMATCH,
         KOLO_ERR_PEER_LOST, KOLO_ERR_TIMEOUT, KOLO_ERR_INTERNAL, KOLO_ERR_ABORTED, KOLO_ERR_PROTOCOL,
@@ -650,6 +747,9 @@ int main(int argc, char **argv) {
             if (!is_int(d)) test_rounding(comm, d, counts[ci]);
         }
     }
+    for (di = 0; di < sizeof DTYPES / sizeof DTYPES[0]; di++)
+        for (ci = 0; ci < 3; ci++) test_async_moves(comm, DTYPES[di], counts[ci]);
+    test_grouped_compressed_join(comm);
     test_errors(comm);
     test_mismatch_engine(comm);
     OK(kolo_comm_destroy(comm));

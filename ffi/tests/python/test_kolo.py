@@ -1,4 +1,4 @@
-"""Test of ffi/python/kolo.py under kolorun (ffi/tests/c_api.rs runs it with -np 3).
+"""Test of the kolo package's numpy API (ffi/python/kolo) under kolorun (ffi/tests/c_api.rs runs it with -np 3).
 
 Calls every function on every dtype and op and checks the results bitwise against
 references computed here with numpy; checks that invalid calls raise or return the right

@@ -1,9 +1,9 @@
 """kolo from Python: collectives over TCP on numpy arrays, through libkolo's C API (ctypes).
 
-No compiler needed. The library is found through $KOLO_LIB, else the repository's
-target/release/libkolo.so (``cargo build --release -p kolo-ffi``). Run under a launcher::
+``pip install ./ffi/python`` bundles libkolo.so and the ``kolorun`` launcher in the
+package (``kolo._lib`` loads it; $KOLO_LIB overrides). Run under the launcher::
 
-    target/release/kolorun -np 3 python3 my_script.py
+    kolorun -np 3 python3 my_script.py
 
     import numpy as np, kolo
     with kolo.Comm() as comm:                       # rank, size, rendezvous from the launcher
@@ -29,10 +29,12 @@ has finished (dropping an unfinished handle waits for it).
 """
 
 import ctypes
-import os
-from pathlib import Path
 
 import numpy as np
+
+from ._lib import comm_p as _comm_p
+from ._lib import handle_p as _handle_p
+from ._lib import lib
 
 # kolo_dtype (the values of kolo.h)
 UINT8, INT32, INT64, FLOAT16, BFLOAT16, FLOAT32, FLOAT64 = 1, 2, 3, 4, 5, 6, 7
@@ -60,47 +62,6 @@ _FROM_NUMPY = {
     np.dtype(np.float32): FLOAT32,
     np.dtype(np.float64): FLOAT64,
 }
-
-
-def _find_library():
-    path = os.environ.get("KOLO_LIB")
-    if not path:
-        path = Path(__file__).resolve().parents[2] / "target" / "release" / "libkolo.so"
-    return str(path)
-
-
-lib = ctypes.CDLL(_find_library())
-"""The C library itself (ctypes.CDLL), with argument types declared."""
-
-_c_int_p = ctypes.POINTER(ctypes.c_int)
-_comm_p = ctypes.c_void_p
-_handle_p = ctypes.c_void_p
-for _name, _args, _res in [
-    ("kolo_init_from_env", [ctypes.POINTER(_comm_p)], ctypes.c_int),
-    ("kolo_comm_destroy", [_comm_p], ctypes.c_int),
-    ("kolo_comm_rank", [_comm_p, _c_int_p], ctypes.c_int),
-    ("kolo_comm_size", [_comm_p, _c_int_p], ctypes.c_int),
-    ("kolo_comm_local_rank", [_comm_p, _c_int_p], ctypes.c_int),
-    ("kolo_allreduce", [_comm_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int], ctypes.c_int),
-    ("kolo_broadcast", [_comm_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int], ctypes.c_int),
-    ("kolo_allgather", [_comm_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int),
-    ("kolo_reduce_scatter", [_comm_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int], ctypes.c_int),
-    ("kolo_alltoall", [_comm_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int),
-    ("kolo_barrier", [_comm_p], ctypes.c_int),
-    (
-        "kolo_allreduce_async",
-        [_comm_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_handle_p)],
-        ctypes.c_int,
-    ),
-    ("kolo_wait", [_handle_p], ctypes.c_int),
-    ("kolo_test", [_handle_p, _c_int_p], ctypes.c_int),
-    ("kolo_last_error", [], ctypes.c_char_p),
-    ("kolo_status_string", [ctypes.c_int], ctypes.c_char_p),
-    ("kolo_version", [_c_int_p, _c_int_p, _c_int_p], ctypes.c_int),
-]:
-    _f = getattr(lib, _name)
-    _f.argtypes, _f.restype = _args, _res
-
 
 class KoloError(RuntimeError):
     """A failed kolo call: ``status`` is the C status code, ``message`` kolo's text."""
@@ -245,6 +206,10 @@ class Comm:
     @property
     def local_rank(self):
         return self._get(lib.kolo_comm_local_rank)
+
+    @property
+    def local_size(self):
+        return self._get(lib.kolo_comm_local_size)
 
     def allreduce(self, send, recv=None, op=SUM, dtype=None):
         """Reduce `send` across ranks into `recv` (default: in place into `send`)."""
