@@ -422,7 +422,7 @@ pub(crate) const MAX_RANKS: usize = 1 << 20;
 
 /// The longest wait any variable may ask for: a week. Far beyond any job's
 /// need, far below where `Duration` arithmetic overflows.
-pub(crate) const MAX_WAIT_S: f64 = 7.0 * 24.0 * 3600.0;
+pub const MAX_WAIT_S: f64 = 7.0 * 24.0 * 3600.0;
 
 /// A variable source, read with range checks: a value out of range or not a
 /// number is a configuration error naming the variable, never a panic.

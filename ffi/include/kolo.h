@@ -198,6 +198,11 @@ int kolo_join(kolo_comm *comm, int *last_rank);
  * still pending). */
 int kolo_wait(kolo_handle *handle);
 
+/* Wait at most `seconds` (0 to 604800) for the operation of `handle`. Finished:
+ * *done = 1, the handle is freed and its status returned, as kolo_wait does.
+ * Still running: *done = 0, KOLO_OK, and the handle stays valid. */
+int kolo_wait_timeout(kolo_handle *handle, double seconds, int *done);
+
 /* Without blocking, set *done to 1 if the operation has finished (successfully
  * or not) and to 0 otherwise. Frees nothing: a finished handle must still be
  * passed to kolo_wait, which then returns its status at once. */

@@ -24,6 +24,8 @@ const GROUPED: &str = "kolo_grouped_allreduce_async";
 trait Pending {
     /// True once the operation has finished; never blocks.
     fn poll(&mut self) -> bool;
+    /// True once the operation has finished, waiting at most `limit`.
+    fn ready_within(&mut self, limit: std::time::Duration) -> bool;
     /// Wait, and deliver the result to the caller's buffer.
     fn wait(self: Box<Self>) -> kolo::Result<()>;
 }
@@ -32,6 +34,9 @@ trait Pending {
 impl Pending for Handle<()> {
     fn poll(&mut self) -> bool {
         Handle::poll(self)
+    }
+    fn ready_within(&mut self, limit: std::time::Duration) -> bool {
+        Handle::ready_within(self, limit)
     }
     fn wait(self: Box<Self>) -> kolo::Result<()> {
         Handle::wait(*self)
@@ -48,6 +53,9 @@ struct CopyOut<T: Element> {
 impl<T: Element> Pending for CopyOut<T> {
     fn poll(&mut self) -> bool {
         self.handle.poll()
+    }
+    fn ready_within(&mut self, limit: std::time::Duration) -> bool {
+        self.handle.ready_within(limit)
     }
     fn wait(self: Box<Self>) -> kolo::Result<()> {
         let name = self.handle.name().to_string();
@@ -640,6 +648,53 @@ pub unsafe extern "C" fn kolo_wait(handle: *mut kolo_handle) -> c_int {
             return Err(invalid(NAME, format_args!("handle is NULL")));
         }
         // SAFETY: the contract above: the pointer came from Box::into_raw.
+        let h = unsafe { Box::from_raw(handle) };
+        h.pending.wait()
+    })
+}
+
+/// Wait at most `seconds` for the operation of `handle`. If it finished,
+/// set `*done` to 1, free the handle and return its status, as `kolo_wait`
+/// does; if not, set `*done` to 0 and return `KOLO_OK`: the handle stays
+/// valid for another wait.
+///
+/// # Safety
+/// As for `kolo_wait`; `done` writable.
+///
+/// ```c
+/// int done = 0, st;
+/// while ((st = kolo_wait_timeout(h, 0.5, &done)) == KOLO_OK && !done)
+///     fprintf(stderr, "still waiting\n");
+/// ```
+#[no_mangle]
+pub unsafe extern "C" fn kolo_wait_timeout(
+    handle: *mut kolo_handle,
+    seconds: f64,
+    done: *mut c_int,
+) -> c_int {
+    const NAME: &str = "kolo_wait_timeout";
+    guard(NAME, || {
+        if !(seconds.is_finite() && (0.0..=kolo::config::MAX_WAIT_S).contains(&seconds)) {
+            return Err(invalid(
+                NAME,
+                format_args!("seconds = {seconds} is not in 0..=604800"),
+            ));
+        }
+        // SAFETY: the contract above.
+        let d = unsafe { out(NAME, "done", done)? };
+        // SAFETY: the contract above.
+        let Some(h) = (unsafe { handle.as_mut() }) else {
+            return Err(invalid(NAME, format_args!("handle is NULL")));
+        };
+        if !h
+            .pending
+            .ready_within(std::time::Duration::from_secs_f64(seconds))
+        {
+            *d = 0;
+            return Ok(());
+        }
+        *d = 1;
+        // SAFETY: the pointer came from Box::into_raw; the caller gives it up.
         let h = unsafe { Box::from_raw(handle) };
         h.pending.wait()
     })

@@ -371,6 +371,24 @@ impl<O> Handle<O> {
         }
     }
 
+    /// Wait at most `limit` for the operation to finish, without taking its
+    /// result: true once [`Handle::wait`] would return at once.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let mut h = engine.allreduce_async("g", vec![1.0f32; 8], kolo::ReduceOp::Sum)?;
+    /// while !h.ready_within(std::time::Duration::from_millis(100)) { /* report progress */ }
+    /// let summed: Vec<f32> = h.wait()?;
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn ready_within(&mut self, limit: Duration) -> bool {
+        if self.done.is_some() {
+            return true;
+        }
+        self.done = self.wait_until(Instant::now() + limit);
+        self.done.is_some()
+    }
+
     /// The outcome once it is in, or `None` at `deadline`.
     fn wait_until(&mut self, deadline: Instant) -> Option<Outcome> {
         if self.poll() {

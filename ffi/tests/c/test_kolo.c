@@ -656,6 +656,28 @@ static void test_grouped_compressed_join(kolo_comm *comm) {
     CHECK(last == size - 1, "last rank to join %d, want %d", last, size - 1);
 }
 
+/* kolo_wait_timeout: rank 0 submits at once and waits in short slices while
+ * the last rank submits 300 ms late: rank 0 sees "still running" first, then
+ * everyone gets the exact sum and the handle is freed exactly once. */
+static void test_wait_timeout(kolo_comm *comm) {
+    float v[16];
+    int i, done = -1, empty = 0, st;
+    kolo_handle *h = NULL;
+    for (i = 0; i < 16; i++) v[i] = (float)(rank + 1);
+    if (rank == size - 1 && size > 1) {
+        struct timespec ts = {0, 300 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    OK(kolo_allreduce_async(comm, "late-peer", v, 16, KOLO_FLOAT32, KOLO_SUM, &h));
+    while ((st = kolo_wait_timeout(h, 0.05, &done)) == KOLO_OK && !done) empty++;
+    CHECK(st == KOLO_OK && done == 1, "kolo_wait_timeout: status %d done %d (%s)", st, done,
+          kolo_last_error());
+    if (rank == 0 && size > 1) CHECK(empty >= 2, "rank 0 never saw the operation still running");
+    for (i = 0; i < 16; i++)
+        CHECK(v[i] == (float)(size * (size + 1) / 2), "wait_timeout sum %g", v[i]);
+    BAD(kolo_wait_timeout(NULL, 1.0, &done), KOLO_ERR_INVALID_ARGUMENT, "NULL");
+}
+
 static void test_static(void) {
     int ma = -1, mi = -1, pa = -1, codes[] = {KOLO_OK, KOLO_ERR_INVALID_ARGUMENT, KOLO_ERR_MISMATCH,
         KOLO_ERR_PEER_LOST, KOLO_ERR_TIMEOUT, KOLO_ERR_INTERNAL, KOLO_ERR_ABORTED, KOLO_ERR_PROTOCOL,
@@ -750,6 +772,7 @@ int main(int argc, char **argv) {
     for (di = 0; di < sizeof DTYPES / sizeof DTYPES[0]; di++)
         for (ci = 0; ci < 3; ci++) test_async_moves(comm, DTYPES[di], counts[ci]);
     test_grouped_compressed_join(comm);
+    test_wait_timeout(comm);
     test_errors(comm);
     test_mismatch_engine(comm);
     OK(kolo_comm_destroy(comm));
