@@ -19,7 +19,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_MASTER_ADDR", "127.0.0.1 if all ranks are local", "host of the rendezvous store (else MASTER_ADDR)"),
     ("KOLO_MASTER_PORT", "29500", "port of the rendezvous store (else MASTER_PORT)"),
     ("KOLO_STORE", "rank0", "who serves the store: rank0, or external (a launcher such as kolorun)"),
-    ("KOLO_SECRET", "- (kolorun: a fresh random one per job)", "shared secret every connection proves with an HMAC handshake; the same on every rank; never printed (without it connections are unauthenticated and kolo warns once)"),
+    ("KOLO_SECRET", "- (kolorun: a fresh random one per job)", "shared secret every connection proves with an HMAC handshake; the same on every rank; never printed (without it a job on non-loopback addresses refuses to start unless KOLO_INSECURE=1; on loopback it runs unauthenticated and warns once)"),
     ("KOLO_INSECURE", "0", "1: let a job whose addresses are not loopback run without KOLO_SECRET, unauthenticated (without it such a job refuses to start)"),
     ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
     ("KOLO_TIMEOUT", "60", "seconds a collective may go without moving a byte before it fails"),

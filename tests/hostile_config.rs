@@ -127,3 +127,15 @@ fn limits_hold_at_their_edges() {
     must_refuse("KOLO_NSOCKS", "0");
     must_refuse("KOLO_SIZE", "1048577");
 }
+
+#[test]
+fn the_readme_lists_every_variable() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (k, _, _) in ENV_DOC {
+        assert!(
+            readme.contains(&format!("| `{k}` |")),
+            "README.md's variables table has no row for {k}"
+        );
+    }
+}
