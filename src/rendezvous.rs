@@ -82,6 +82,10 @@ pub const MAX_WAIT_KEYS: usize = 65536;
 /// Largest reply the client will read (values are capped, so this only guards
 /// against a confused peer).
 const MAX_REPLY_BYTES: usize = 1 << 30;
+/// Most bytes (keys and values) the store holds, and so the largest reply it
+/// builds: a job's rendezvous needs kilobytes per rank, and an authenticated
+/// but hostile client must not make the server grow without bound.
+pub const MAX_STORE_BYTES: usize = 64 << 20;
 /// Server-side cap on GET/WAIT timeouts so `Instant + timeout` cannot overflow.
 const MAX_SERVER_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// How long a new connection has to complete the handshake, in all.
@@ -110,7 +114,16 @@ fn max_body(cmd: u8) -> Option<usize> {
     }
 }
 
+fn error_reply(m: &str) -> BytesMut {
+    let mut b = header(ST_ERROR, m.len());
+    b.put_slice(m.as_bytes());
+    b
+}
+
+/// A reply header. Bodies are bounded by [`MAX_STORE_BYTES`] plus the keys
+/// of one request, far below the 32-bit length field.
 fn header(code: u8, body_len: usize) -> BytesMut {
+    debug_assert!(body_len <= u32::MAX as usize);
     let mut b = BytesMut::with_capacity(HEADER_LEN + body_len);
     b.put_slice(MAGIC);
     b.put_u8(VERSION);
@@ -247,6 +260,8 @@ fn decode_request(cmd: u8, mut b: BytesMut) -> std::result::Result<Request, Stri
 /// State shared by the server's threads.
 struct Shared {
     data: Mutex<HashMap<String, Vec<u8>>>,
+    /// Bytes of keys and values in `data`, kept within [`MAX_STORE_BYTES`].
+    held: AtomicUsize,
     changed: Condvar,
     shutdown: AtomicBool,
     /// Clones of every open client socket, so `Drop` can unblock their readers.
@@ -291,10 +306,35 @@ impl Shared {
         }
     }
 
+    /// Account for `key` taking a value of `len` bytes (replacing its old
+    /// one), or say why the store has no room for it.
+    fn make_room(
+        &self,
+        data: &HashMap<String, Vec<u8>>,
+        key: &str,
+        len: usize,
+    ) -> std::result::Result<(), String> {
+        let old = data.get(key).map_or(0, |v| key.len() + v.len());
+        let held = self.held.load(Ordering::Relaxed) - old;
+        let want = held + key.len() + len;
+        if want > MAX_STORE_BYTES {
+            return Err(format!(
+                "store full: {key:?} would bring it to {want} bytes (limit {MAX_STORE_BYTES})"
+            ));
+        }
+        self.held.store(want, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn execute(&self, req: Request) -> BytesMut {
         match req {
             Request::Set(k, v) => {
-                lock(&self.data).insert(k, v);
+                let mut data = lock(&self.data);
+                if let Err(m) = self.make_room(&data, &k, v.len()) {
+                    return error_reply(&m);
+                }
+                data.insert(k, v);
+                drop(data);
                 self.changed.notify_all();
                 header(ST_OK, 0)
             }
@@ -319,23 +359,29 @@ impl Shared {
                     o.checked_add(delta)
                         .ok_or_else(|| format!("ADD {k:?}: {o} + {delta} overflows i64"))
                 });
+                let new = new.and_then(|n| {
+                    let v = n.to_string().into_bytes();
+                    self.make_room(&data, &k, v.len()).map(|()| v)
+                });
                 match new {
-                    Ok(n) => {
-                        data.insert(k, n.to_string().into_bytes());
+                    Ok(v) => {
+                        let n = std::str::from_utf8(&v).ok().and_then(|t| t.parse().ok());
+                        data.insert(k, v);
                         drop(data);
                         self.changed.notify_all();
                         let mut b = header(ST_OK, 8);
-                        b.put_i64(n);
+                        b.put_i64(n.unwrap_or(0));
                         b
                     }
-                    Err(m) => {
-                        let mut b = header(ST_ERROR, m.len());
-                        b.put_slice(m.as_bytes());
-                        b
-                    }
+                    Err(m) => error_reply(&m),
                 }
             }
             Request::Wait(keys, t, abort) => {
+                // One value repeated in the reply is the cheapest amplification.
+                let mut seen = std::collections::HashSet::with_capacity(keys.len());
+                if let Some(k) = keys.iter().find(|k| !seen.insert(k.as_str())) {
+                    return error_reply(&format!("WAIT names key {k:?} more than once"));
+                }
                 let got = self.wait_for(t, |d| {
                     // The abort key wins: once it is set the job is failing,
                     // even if the awaited keys appear as well.
@@ -507,6 +553,7 @@ impl StoreServer {
             next_id: AtomicU64::new(0),
             secret,
             pending: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
         });
         let sh = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -526,8 +573,17 @@ impl StoreServer {
     }
 
     /// Set `key` directly, waking every GET/WAIT that waits on it.
+    /// The server's own entries (verdicts, the abort key): always stored,
+    /// and counted like a client's.
     fn put(&self, key: &str, value: &[u8]) {
-        lock(&self.shared.data).insert(key.to_string(), value.to_vec());
+        let mut data = lock(&self.shared.data);
+        let old = data.get(key).map_or(0, |v| key.len() + v.len());
+        let held = self.shared.held.load(Ordering::Relaxed) - old;
+        self.shared
+            .held
+            .store(held + key.len() + value.len(), Ordering::Relaxed);
+        data.insert(key.to_string(), value.to_vec());
+        drop(data);
         self.shared.changed.notify_all();
     }
 

@@ -350,3 +350,43 @@ fn a_job_others_can_reach_refuses_to_start_without_a_secret() {
         assert_eq!(res.unwrap(), 2, "KOLO_INSECURE=1 runs unauthenticated");
     }
 }
+
+/// Peak resident memory of this process (the store runs in it), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn an_amplifying_wait_and_a_flood_of_values_are_refused() {
+    let store = StoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", store.local_addr().port());
+    let client = || StoreClient::connect(&addr, 0, soon()).unwrap();
+    let mut c = client();
+    c.set("big", &vec![7u8; 1 << 20]).unwrap();
+    // One 1 MiB value named 65536 times would be a 64 GiB reply.
+    let keys = vec!["big".to_string(); 65536];
+    let e = client().wait_all(&keys, soon()).unwrap_err().to_string();
+    assert!(e.contains("more than once"), "{e}");
+    // 1 MiB values until the store is full: refused at its cap, not grown.
+    let mut stored = 1;
+    let full = loop {
+        match c.set(&format!("fill-{stored}"), &vec![1u8; 1 << 20]) {
+            Ok(()) => stored += 1,
+            Err(e) => break e.to_string(),
+        }
+        assert!(stored <= 64, "the store took more than 64 MiB");
+    };
+    assert!(full.contains("store full"), "{full}");
+    assert!(stored >= 60, "refused early, after {stored} MiB");
+    // Still serving, exact.
+    assert_eq!(client().get("big", soon()).unwrap(), vec![7u8; 1 << 20]);
+    let peak = peak_rss();
+    assert!(peak < 100_000_000, "peak RSS {} MiB", peak >> 20);
+    println!("store held {stored} MiB; peak RSS {} MiB", peak >> 20);
+}
