@@ -81,6 +81,8 @@ pub struct Communicator {
     /// Rank 0 serves the rendezvous store for the communicator's lifetime
     /// unless a launcher does.
     _store: Option<StoreServer>,
+    /// Pulled by [`Communicator::abort`], from any thread.
+    switch: crate::transport::AbortSwitch,
 }
 
 fn random_id() -> u64 {
@@ -301,6 +303,8 @@ impl Communicator {
             transport.attach_shm(outgoing, incoming);
             (transport, store)
         };
+        let mut transport = transport;
+        let switch = transport.abort_switch()?;
         let model = crate::calibrate::configured(&cfg);
         let mut comm = Communicator {
             cfg,
@@ -313,6 +317,7 @@ impl Communicator {
                 failed: None,
             }),
             _store: store,
+            switch,
         };
         // Nobody returns before everyone is connected, so the store may go
         // away, and every peer has opened this rank's rings.
@@ -439,6 +444,55 @@ impl Communicator {
         self.run(call, sched, &[], buf, Ok(()))
     }
 
+    /// Abort this communicator, from any thread: a collective blocked on it
+    /// returns [`Error::Aborted`] at once, every later call fails the same
+    /// way, and the peers hear of it through the abort frames a failure
+    /// sends (NCCL's `ncclCommAbort`). Calling it again does nothing more.
+    ///
+    /// ```no_run
+    /// # let comm = kolo::Communicator::from_env()?;
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| {
+    ///         std::thread::sleep(std::time::Duration::from_secs(5));
+    ///         comm.abort(); // a watchdog gives up on the job
+    ///     });
+    ///     let mut v = vec![0f32; 16];
+    ///     let _ = comm.allreduce(&mut v, kolo::ReduceOp::Sum);
+    /// });
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn abort(&self) {
+        self.switch.pull();
+        // Idle: tell the peers now. Busy: the call in flight does, when it
+        // wakes to the switch.
+        if let Ok(mut g) = self.inner.try_lock() {
+            self.fail_aborted(&mut g);
+        }
+    }
+
+    /// The switch [`Communicator::abort`] pulls, for an owner (the engine)
+    /// that aborts on a caller's behalf.
+    pub(crate) fn abort_switch(&self) -> crate::transport::AbortSwitch {
+        self.switch.clone()
+    }
+
+    /// After the switch was pulled: fail the communicator (once) and send
+    /// the abort to every peer.
+    fn fail_aborted(&self, g: &mut Inner) -> Error {
+        if let Some(e) = &g.failed {
+            return e.clone();
+        }
+        g.seq += 1;
+        let call = Call {
+            seq: g.seq,
+            ..self.call::<u8>("abort", coll::BARRIER, ReduceOp::Sum, 0, 0)
+        };
+        let e = exec::aborted_here(&g.transport, &call);
+        g.transport.abort_all(call.desc, call.seq, &e.to_string());
+        g.failed = Some(e.clone());
+        e
+    }
+
     /// A waker that cuts [`Communicator::wait_incoming`] short from another thread.
     pub(crate) fn waker(&self) -> Result<std::sync::Arc<mio::Waker>> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -451,7 +505,11 @@ impl Communicator {
         if let Some(e) = &g.failed {
             return Err(e.clone());
         }
-        g.transport.wait_incoming(deadline)
+        let woke = g.transport.wait_incoming(deadline)?;
+        if self.switch.pulled() {
+            return Err(self.fail_aborted(&mut g));
+        }
+        Ok(woke)
     }
 
     /// Elementwise reduction across ranks, in place; every rank gets the same bits.
@@ -920,6 +978,9 @@ impl Communicator {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = &g.failed {
             return Err(e.clone());
+        }
+        if self.switch.pulled() {
+            return Err(self.fail_aborted(&mut g));
         }
         g.seq += 1;
         call.seq = g.seq;

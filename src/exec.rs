@@ -669,6 +669,9 @@ fn run_rounds(
             check_bystanders(t, call, &|t: &Transport| {
                 pending_desc(t, &sends, &recvs, &mem)
             })?;
+            if t.abort_requested() {
+                return Err(aborted_here(t, call));
+            }
             let mut wake = deadline;
             if let Some(limit) = opts.peer_timeout {
                 if now >= next_liveness {
@@ -711,6 +714,17 @@ fn run_rounds(
         divide(&f.at_end);
     }
     Ok(())
+}
+
+/// This rank's own abort ([`crate::Communicator::abort`]), which its peers
+/// hear through the abort frames that every failure sends.
+pub(crate) fn aborted_here(t: &Transport, call: &Call) -> Error {
+    Error::Aborted {
+        rank: t.rank(),
+        origin: t.rank(),
+        op: call.label(),
+        detail: "aborted by the caller (Communicator::abort)".into(),
+    }
 }
 
 /// Elements in an output made of pieces.

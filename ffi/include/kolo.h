@@ -94,6 +94,11 @@ int kolo_init_from_env(kolo_comm **comm);
  * connections and free comm (NULL is an invalid argument). */
 int kolo_comm_destroy(kolo_comm *comm);
 
+/* Abort `comm` from any thread: a call blocked on it returns KOLO_ERR_ABORTED
+ * at once, pending handles and later calls fail the same way, and the peers
+ * are told. Destroy it afterwards with kolo_comm_destroy. */
+int kolo_comm_abort(const kolo_comm *comm);
+
 /* This rank (0..size-1), the number of ranks, and the rank on this host. */
 int kolo_comm_rank(const kolo_comm *comm, int *rank);
 int kolo_comm_size(const kolo_comm *comm, int *size);

@@ -144,8 +144,9 @@ pub unsafe extern "C" fn kolo_init_from_env(comm: *mut *mut kolo_comm) -> c_int 
 }
 
 /// Stop the engine if one runs (`Engine::shutdown`; operations still pending
-/// fail), close the connections and free the communicator. NULL is an
-/// invalid argument.
+/// fail), close the connections and free the communicator, always; the
+/// status is the error the engine stopped with, if any (after
+/// `kolo_comm_abort`: `KOLO_ERR_ABORTED`). NULL is an invalid argument.
 ///
 /// # Safety
 /// `comm` is NULL or from `kolo_init_from_env`, not destroyed before, and no
@@ -167,6 +168,34 @@ pub unsafe extern "C" fn kolo_comm_destroy(comm: *mut kolo_comm) -> c_int {
             Mode::Engine(e) => e.shutdown().map(drop),
             Mode::Direct(_) | Mode::Failed(_) => Ok(()),
         }
+    })
+}
+
+/// Abort the communicator, from any thread (`Communicator::abort`, or
+/// `Engine::abort` once asynchronous calls started): a call blocked on it
+/// returns `KOLO_ERR_ABORTED` at once, pending handles and later calls fail
+/// the same way, and the peers are told. The communicator must still be
+/// destroyed with `kolo_comm_destroy`.
+///
+/// # Safety
+/// `comm` as in `kolo_comm_destroy` (not being destroyed); other threads may
+/// be using it.
+///
+/// ```c
+/// kolo_comm_abort(comm);   /* from a watchdog thread */
+/// ```
+#[no_mangle]
+pub unsafe extern "C" fn kolo_comm_abort(comm: *const kolo_comm) -> c_int {
+    const NAME: &str = "kolo_comm_abort";
+    guard(NAME, || {
+        // SAFETY: the contract above.
+        let k = unsafe { comm_ref(NAME, comm)? };
+        match &*k.mode() {
+            Mode::Direct(c) => c.abort(),
+            Mode::Engine(e) => e.abort(),
+            Mode::Failed(_) => {}
+        }
+        Ok(())
     })
 }
 

@@ -20,6 +20,7 @@ macro_rules! ctype {
 ctype! {
     c_int => "int",
     usize => "size_t",
+    f64 => "double",
     kolo_dtype => "kolo_dtype",
     kolo_op => "kolo_op",
     *const c_char => "const char *",
@@ -88,6 +89,7 @@ fn exports() -> Vec<(&'static str, String)> {
     vec![
         sig!(unsafe kolo_init_from_env(_)),
         sig!(unsafe kolo_comm_destroy(_)),
+        sig!(unsafe kolo_comm_abort(_)),
         sig!(unsafe kolo_comm_rank(_, _)),
         sig!(unsafe kolo_comm_size(_, _)),
         sig!(unsafe kolo_comm_local_rank(_, _)),
@@ -107,6 +109,7 @@ fn exports() -> Vec<(&'static str, String)> {
         sig!(unsafe kolo_grouped_allreduce_async(_, _, _, _, _, _, _, _, _)),
         sig!(unsafe kolo_join(_, _)),
         sig!(unsafe kolo_wait(_)),
+        sig!(unsafe kolo_wait_timeout(_, _, _)),
         sig!(unsafe kolo_test(_, _)),
         sig!(kolo_last_error()),
         sig!(kolo_status_string(_)),

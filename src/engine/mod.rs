@@ -423,16 +423,16 @@ impl<O> Handle<O> {
         r
     }
 
+    /// Why a tensor of a stopped engine will never complete: the error the
+    /// engine died of, kept typed (an abort stays [`Error::Aborted`]).
     fn stopped(&self) -> Error {
-        let why = self
-            .shared
-            .dead()
-            .map_or("the engine was shut down".to_string(), |e| e.to_string());
-        Error::InvalidArgument(format!(
-            "rank {}: engine tensor {:?} did not complete: {why}",
-            self.shared.rank,
-            self.name()
-        ))
+        self.shared.dead().unwrap_or_else(|| {
+            Error::InvalidArgument(format!(
+                "rank {}: engine tensor {:?} did not complete: the engine was shut down",
+                self.shared.rank,
+                self.name()
+            ))
+        })
     }
 }
 
@@ -585,6 +585,8 @@ pub struct Engine {
     thread: Option<JoinHandle<Communicator>>,
     rank: usize,
     size: usize,
+    /// Pulled by [`Engine::abort`].
+    switch: crate::transport::AbortSwitch,
 }
 
 impl Engine {
@@ -603,6 +605,7 @@ impl Engine {
     /// ```
     pub fn start(comm: Communicator) -> Result<Engine> {
         let waker = comm.waker()?;
+        let switch = comm.abort_switch();
         let (tx, rx) = crossbeam_channel::unbounded();
         let (rank, size) = (comm.rank(), comm.size());
         let shared = Arc::new(Shared {
@@ -630,12 +633,30 @@ impl Engine {
             thread: Some(thread),
             rank,
             size,
+            switch,
         })
     }
 
     /// This rank.
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// Abort the engine's communicator from any thread
+    /// ([`Communicator::abort`]): the collective in flight ends, every
+    /// pending handle and every later submission fails with
+    /// [`Error::Aborted`], and the peers hear of it.
+    ///
+    /// ```no_run
+    /// # let engine = kolo::engine::Engine::start(kolo::Communicator::from_env()?)?;
+    /// let h = engine.allreduce_async("g", vec![1.0f32; 8], kolo::ReduceOp::Sum)?;
+    /// engine.abort();
+    /// // The result if it was in before the abort, else `Error::Aborted`.
+    /// let _ = h.wait();
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn abort(&self) {
+        self.switch.pull();
     }
     /// Number of ranks.
     pub fn size(&self) -> usize {

@@ -5,6 +5,7 @@
 
 pub mod frame;
 pub mod shm;
+mod switch;
 
 use crate::auth::{self, Secret};
 use crate::error::{Error, Result};
@@ -16,6 +17,7 @@ use std::io::{self, IoSlice, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+pub use switch::AbortSwitch;
 
 /// One connected peer: a connection per direction. On loopback (and on any
 /// host) a socket that both sends and receives bulk data has its lock taken by
@@ -73,6 +75,8 @@ pub struct Transport {
     events: Events,
     /// Wakes [`Transport::wait_incoming`] from another thread (created on first use).
     waker: Option<std::sync::Arc<mio::Waker>>,
+    /// Set by an [`AbortSwitch`]: whatever waits here gives up.
+    abort: std::sync::Arc<AtomicBool>,
     /// Payload and header bytes sent since creation (payloads that went
     /// through a shared-memory ring included).
     pub bytes_sent: u64,
@@ -242,6 +246,7 @@ impl Transport {
             poll,
             events: Events::with_capacity(256),
             waker: None,
+            abort: Default::default(),
             bytes_sent: 0,
             bytes_shm: 0,
             bytes_received: 0,
@@ -636,6 +641,20 @@ impl Transport {
             self.waker = Some(std::sync::Arc::new(w));
         }
         Ok(self.waker.clone().expect("set above"))
+    }
+
+    /// A switch another thread pulls to make this transport's owner give up
+    /// (see [`AbortSwitch`]).
+    pub fn abort_switch(&mut self) -> Result<AbortSwitch> {
+        Ok(AbortSwitch {
+            flag: self.abort.clone(),
+            waker: self.waker()?,
+        })
+    }
+
+    /// Whether this transport's [`AbortSwitch`] was pulled.
+    pub fn abort_requested(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
     }
 
     /// Sleep until a peer has sent something (or closed its connection), the

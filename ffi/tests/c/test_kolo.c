@@ -678,6 +678,24 @@ static void test_wait_timeout(kolo_comm *comm) {
     BAD(kolo_wait_timeout(NULL, 1.0, &done), KOLO_ERR_INVALID_ARGUMENT, "NULL");
 }
 
+/* Last, as it ends the communicator: rank 0 aborts while idle; its next
+ * call fails with KOLO_ERR_ABORTED at once, and every other rank's next call
+ * fails too (told by rank 0) instead of waiting for it. */
+static void test_abort(kolo_comm *comm) {
+    float v[4] = {1, 1, 1, 1};
+    struct timespec a, b;
+    int st;
+    if (rank == 0) OK(kolo_comm_abort(comm));
+    BAD(kolo_comm_abort(NULL), KOLO_ERR_INVALID_ARGUMENT, "NULL");
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    st = kolo_allreduce(comm, v, v, 4, KOLO_FLOAT32, KOLO_SUM);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    CHECK(st == KOLO_ERR_ABORTED || (rank != 0 && st == KOLO_ERR_PEER_LOST),
+          "after kolo_comm_abort: status %d (%s)", st, kolo_last_error());
+    CHECK((double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec) < 5.0,
+          "the call after the abort took too long");
+}
+
 static void test_static(void) {
     int ma = -1, mi = -1, pa = -1, codes[] = {KOLO_OK, KOLO_ERR_INVALID_ARGUMENT, KOLO_ERR_MISMATCH,
         KOLO_ERR_PEER_LOST, KOLO_ERR_TIMEOUT, KOLO_ERR_INTERNAL, KOLO_ERR_ABORTED, KOLO_ERR_PROTOCOL,
@@ -775,7 +793,13 @@ int main(int argc, char **argv) {
     test_wait_timeout(comm);
     test_errors(comm);
     test_mismatch_engine(comm);
-    OK(kolo_comm_destroy(comm));
+    test_abort(comm);
+    {
+        /* Frees the communicator either way; reports the abort it ended with. */
+        int st = kolo_comm_destroy(comm);
+        CHECK(st == KOLO_OK || st == KOLO_ERR_ABORTED || st == KOLO_ERR_PEER_LOST,
+              "kolo_comm_destroy after the abort: %d (%s)", st, kolo_last_error());
+    }
     if (failures) {
         fprintf(stderr, "rank %d: %d checks failed\n", rank, failures);
         return 1;
