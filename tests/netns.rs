@@ -283,6 +283,25 @@ const STOP_TIMEOUT_S: u64 = 4;
 
 /// Inject `fault` into one rank of an N-rank allreduce loop; check every
 /// survivor and kolorun; returns the survivors' detection times (ms).
+/// A process's start time (field 22 of /proc/PID/stat), which tells it from
+/// a later process given the same pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `born`, and not a
+/// zombie (dead, waiting for its parent to reap it).
+fn is_victim(pid: i32, born: u64) -> bool {
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .unwrap_or(true);
+    !zombie && start_time(pid) == Some(born)
+}
+
 fn fault_run(prefix: &'static str, n: usize, fault: Fault) {
     let Some(c) = Cluster::up(prefix) else { return };
     let ex = example("fault_loop");
@@ -316,6 +335,7 @@ fn fault_run(prefix: &'static str, n: usize, fault: Fault) {
         .find_map(|l| l.strip_prefix(&vtag))
         .and_then(|p| p.trim().parse().ok())
         .expect("victim pid");
+    let born = start_time(pid).expect("victim alive");
     // Let the loop run a moment so the fault lands mid-collective.
     std::thread::sleep(Duration::from_millis(300));
     let t0 = unix_ms();
@@ -351,15 +371,15 @@ fn fault_run(prefix: &'static str, n: usize, fault: Fault) {
     // A stopped remote rank is killed by the watcher kolorun's ssh started
     // beside it, once kolorun is gone. A cut-off host hears nothing, so its
     // rank is left to this test (its sshd would notice only by keepalive).
+    // The pid may be reused once the victim is gone: it is the victim only
+    // while its start time is the one read at the fault.
     let t_exit = Instant::now();
-    // SAFETY: signal 0 only asks whether the victim still exists.
-    while unsafe { libc::kill(pid, 0) } == 0 && t_exit.elapsed() < Duration::from_secs(10) {
+    while is_victim(pid, born) && t_exit.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: plain syscall; the pid was the victim's and is checked alive first.
-    let left = unsafe { libc::kill(pid, 0) } == 0;
+    let left = is_victim(pid, born);
     if left {
-        // SAFETY: as above.
+        // SAFETY: plain syscall on the victim, identified by its start time.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     assert!(
