@@ -405,3 +405,33 @@ fn a_model_of_more_than_1024_tensors_keeps_the_cached_fast_path() {
         "a step sent {per_step} bytes for {gradients} bytes of gradients"
     );
 }
+
+#[test]
+fn ranks_missing_different_parameters_do_not_wait_on_each_other() {
+    // Rank 0 uses only `a`, rank 1 only `b`: each hook submits one during backward, and
+    // the other must be submitted (as zeros) before either rank waits for anything.
+    tch::set_num_threads(1);
+    let tweak = |c: &mut Config| c.stall_shutdown = Some(std::time::Duration::from_secs(10));
+    let got = run_ranks_with(2, tweak, |comm| {
+        let rank = comm.rank();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let a = vs.root().var("a", &[4], nn::Init::Const(1.0));
+        let b = vs.root().var("b", &[4], nn::Init::Const(1.0));
+        let opt = nn::Sgd::default().build(&vs, 1.0).unwrap();
+        let mut dopt = DistributedOptimizer::new(comm, vs, opt).unwrap();
+        let used = if rank == 0 { &a } else { &b };
+        let r = dopt.backward_step(&used.sum(Kind::Float));
+        dopt.shutdown().unwrap();
+        r.map(|()| {
+            (
+                Vec::<f32>::try_from(&a).unwrap(),
+                Vec::<f32>::try_from(&b).unwrap(),
+            )
+        })
+    });
+    for (r, res) in got.into_iter().enumerate() {
+        // Each gradient is (1 + 0) / 2.
+        let (a, b) = res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!((a, b), (vec![0.5; 4], vec![0.5; 4]), "rank {r}");
+    }
+}
