@@ -400,6 +400,7 @@ fn a_model_of_more_than_1024_tensors_keeps_the_cached_fast_path() {
     let vars = 1500;
     let per_step = (bytes_sent(vars, 12) - bytes_sent(vars, 2)) / 10;
     let gradients = 4 * vars as u64;
+    eprintln!("{per_step} bytes sent per step for {gradients} bytes of gradients");
     assert!(
         per_step < 3 * gradients,
         "a step sent {per_step} bytes for {gradients} bytes of gradients"
