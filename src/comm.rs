@@ -376,6 +376,14 @@ impl Communicator {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// Let an engine started on this communicator cache at least `min` negotiated tensors
+    /// (a cache turned off with 0 stays off). Every rank must ask for the same.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
+    pub(crate) fn raise_cache_capacity(&mut self, min: usize) {
+        if self.cfg.cache_capacity > 0 {
+            self.cfg.cache_capacity = self.cfg.cache_capacity.max(min);
+        }
+    }
     /// Bytes this rank has sent / received (headers included, and payloads
     /// that went through shared memory to ranks of this host).
     pub fn bytes_on_wire(&self) -> (u64, u64) {

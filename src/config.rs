@@ -45,6 +45,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_STALL_WARNING_S", "60", "engine: log which ranks are missing which tensors once a tensor has waited this long"),
     ("KOLO_STALL_SHUTDOWN_S", "600", "engine: fail tensors that have waited this long for missing ranks (0: never)"),
     ("KOLO_TIMELINE", "-", "engine: write a Chrome-trace/Perfetto timeline to <path>.<rank>.json"),
+    ("KOLO_TORCH_OVERLAP", "1", "torch: DistributedOptimizer submits each gradient to the engine from an autograd hook as soon as backward has accumulated it, so the allreduce overlaps the rest of backward (0: all gradients after backward, as before)"),
     ("KOLO_MEMBER_ID", "KOLO_RANK", "elastic: stable id of this member across membership epochs (kolorun --min-np sets it)"),
     ("KOLO_MIN_NP", "1", "elastic: fewest members the job continues with"),
     ("KOLO_ELASTIC_TIMEOUT", "30", "elastic: seconds an epoch's registration waits for live members that have not registered"),
@@ -134,6 +135,8 @@ pub struct Config {
     pub stall_shutdown: Option<Duration>,
     /// Engine: timeline path prefix (`<path>.<rank>.json`).
     pub timeline: Option<std::path::PathBuf>,
+    /// `kolo::torch`: reduce gradients while backward runs (`KOLO_TORCH_OVERLAP`).
+    pub torch_overlap: bool,
 }
 
 impl Config {
@@ -173,6 +176,7 @@ impl Config {
             stall_warning: Duration::from_secs(60),
             stall_shutdown: Some(Duration::from_secs(600)),
             timeline: None,
+            torch_overlap: true,
         }
     }
 
@@ -389,6 +393,13 @@ impl Config {
         if let Some(s) = v.secs_or_zero("KOLO_STALL_SHUTDOWN_S", MAX_WAIT_S)? {
             self.stall_shutdown = s;
         }
+        self.torch_overlap = match v.text("KOLO_TORCH_OVERLAP").as_deref() {
+            None | Some("1") => true,
+            Some("0") => false,
+            Some(x) => {
+                return Err(v.bad("KOLO_TORCH_OVERLAP", x, "expected 0 (off) or 1 (on)"))
+            }
+        };
         self.insecure = match v.text("KOLO_INSECURE").as_deref() {
             None | Some("0") => false,
             Some("1") => true,
@@ -578,6 +589,28 @@ mod tests {
         for bad in ["0", "9", "x"] {
             let e = with("KOLO_NSOCKS", bad).unwrap_err().to_string();
             assert!(e.contains("KOLO_NSOCKS"), "{e}");
+        }
+    }
+
+    #[test]
+    fn torch_overlap_is_0_or_1() {
+        let with = |v: &str| {
+            cfg(&[
+                ("KOLO_RANK", "0"),
+                ("KOLO_SIZE", "1"),
+                ("KOLO_TORCH_OVERLAP", v),
+            ])
+        };
+        assert!(
+            cfg(&[("KOLO_RANK", "0"), ("KOLO_SIZE", "1")])
+                .unwrap()
+                .torch_overlap
+        );
+        assert!(with("1").unwrap().torch_overlap);
+        assert!(!with("0").unwrap().torch_overlap);
+        for bad in ["2", "-1", "yes"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("KOLO_TORCH_OVERLAP"), "{e}");
         }
     }
 

@@ -6,8 +6,11 @@
 //! (when a GPU is present), and the train_digits example reaches 95% on 4 ranks under
 //! kolorun.
 //!
-//! Ranks are threads in this process (tests/common), each with its own VarStore.
+//! Ranks are threads in this process (tests/common), each with its own VarStore. The
+//! gradients are reduced while backward runs (`KOLO_TORCH_OVERLAP`, on by default) unless a
+//! test turns that off; tests/torch_training has the training features.
 mod common;
+mod torch_training;
 
 use common::{mix, run_ranks, run_ranks_with};
 use kolo::engine::Engine;
@@ -192,6 +195,14 @@ fn equivalence_with_rank_dependent_gradient_order() {
     let order = |rank: usize| [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]][rank % 4];
     check_equivalence(|_| {}, order);
     check_equivalence(|c| c.fusion_threshold = 100, order);
+}
+
+#[test]
+fn equivalence_with_one_process_without_overlap() {
+    // KOLO_TORCH_OVERLAP=0: every gradient submitted after backward.
+    let order = |rank: usize| [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]][rank % 4];
+    check_equivalence(|c| c.torch_overlap = false, CREATION_ORDER);
+    check_equivalence(|c| c.torch_overlap = false, order);
 }
 
 #[test]
