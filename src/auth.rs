@@ -56,6 +56,26 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An HMAC-SHA256 tag of `msg` under the job secret (the empty key without
+/// one, as unauthenticated handshakes use), for datagrams that cannot run a
+/// handshake: heartbeats.
+pub(crate) fn tag(secret: Option<&Secret>, label: &[u8], msg: &[u8]) -> [u8; 32] {
+    let key = secret.map_or(&[][..], Secret::key);
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(label);
+    m.update(msg);
+    m.finalize().into_bytes().into()
+}
+
+/// Whether `got` is the [`tag`] of `msg`, compared in constant time.
+pub(crate) fn tag_ok(secret: Option<&Secret>, label: &[u8], msg: &[u8], got: &[u8]) -> bool {
+    let key = secret.map_or(&[][..], Secret::key);
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(label);
+    m.update(msg);
+    m.verify_slice(got).is_ok()
+}
+
 /// A fresh random secret for one job: 32 bytes from the OS, as 64 hex digits
 /// (what `kolorun` generates when `KOLO_SECRET` is not set).
 ///

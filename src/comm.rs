@@ -11,6 +11,7 @@ use crate::exec::{self, Call, Opts, Workspace};
 use crate::reduce::{self, ReduceOp};
 use crate::rendezvous::{self, StoreClient, StoreServer};
 use crate::transport::frame::Desc;
+use crate::transport::heartbeat::Heartbeat;
 use crate::transport::{shm, Activity, Transport};
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -301,6 +302,17 @@ impl Communicator {
                 Vec::new()
             };
             transport.attach_shm(outgoing, incoming);
+            if cfg.heartbeat_timeout.is_some() {
+                let beat = Heartbeat::start(rank, comm_id, &addrs, cfg.secret.as_ref());
+                match beat {
+                    Some(hb) => transport.attach_heartbeat(hb),
+                    None => eprintln!(
+                        "kolo: rank {rank}: no heartbeat (UDP {} taken): a frozen peer is \
+                         found only by KOLO_TIMEOUT",
+                        addrs[rank]
+                    ),
+                }
+            }
             (transport, store)
         };
         let mut transport = transport;
@@ -1013,6 +1025,7 @@ impl Communicator {
                     spin: self.cfg.spin,
                     timeout: self.cfg.timeout,
                     peer_timeout: self.cfg.peer_timeout,
+                    heartbeat_timeout: self.cfg.heartbeat_timeout,
                 };
                 exec(&mut inner.transport, &call, &mut inner.ws, opts)
             }

@@ -24,6 +24,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_IFACE", "auto", "interface whose address is advertised to peers (auto: the one that routes to the master)"),
     ("KOLO_TIMEOUT", "60", "seconds a collective may go without moving a byte before it fails"),
     ("KOLO_PEER_TIMEOUT", "6", "seconds without any answer from a peer's host (TCP keepalive/ACKs) while a collective waits on it before it is declared lost (0: never; a hung but reachable peer is caught by KOLO_TIMEOUT)"),
+    ("KOLO_HEARTBEAT_TIMEOUT", "10", "seconds without a heartbeat from a peer (each rank's library sends one every 0.5 s from a thread of its own, over UDP on its data port) while a collective waits before that peer is named frozen (stopped, a paused VM), without waiting for KOLO_TIMEOUT; a rank busy between collectives keeps beating (0: off)"),
     ("KOLO_START_TIMEOUT", "60", "seconds to wait for every rank to arrive at rendezvous"),
     ("KOLO_SEGMENT_BYTES", "524288", "pipeline segment size in bytes"),
     ("KOLO_SPIN_US", "50", "microseconds to busy-poll sockets before sleeping in epoll"),
@@ -90,6 +91,9 @@ pub struct Config {
     /// (stopped, busy) still answers at the TCP level, so only [`Config::timeout`]
     /// catches it.
     pub peer_timeout: Option<Duration>,
+    /// How long a peer's heartbeats may stop while a collective waits before
+    /// it is named frozen (`KOLO_HEARTBEAT_TIMEOUT`; `None`: off).
+    pub heartbeat_timeout: Option<Duration>,
     /// Deadline for rendezvous and connection setup.
     pub start_timeout: Duration,
     /// Pipeline segment size in bytes.
@@ -150,6 +154,7 @@ impl Config {
             master_addr: "127.0.0.1".into(),
             master_port: port,
             insecure: false,
+            heartbeat_timeout: Some(Duration::from_secs(10)),
             serve_store: true,
             secret: None,
             iface: None,
@@ -347,6 +352,9 @@ impl Config {
         if let Some(s) = v.secs_or_zero("KOLO_PEER_TIMEOUT", MAX_WAIT_S)? {
             self.peer_timeout = s;
         }
+        if let Some(s) = v.secs_or_zero("KOLO_HEARTBEAT_TIMEOUT", MAX_WAIT_S)? {
+            self.heartbeat_timeout = s;
+        }
         let ints: [(&str, usize, usize, &mut usize); 9] = [
             ("KOLO_SEGMENT_BYTES", 4096, GIB, &mut self.segment_bytes),
             (
@@ -396,9 +404,7 @@ impl Config {
         self.torch_overlap = match v.text("KOLO_TORCH_OVERLAP").as_deref() {
             None | Some("1") => true,
             Some("0") => false,
-            Some(x) => {
-                return Err(v.bad("KOLO_TORCH_OVERLAP", x, "expected 0 (off) or 1 (on)"))
-            }
+            Some(x) => return Err(v.bad("KOLO_TORCH_OVERLAP", x, "expected 0 (off) or 1 (on)")),
         };
         self.insecure = match v.text("KOLO_INSECURE").as_deref() {
             None | Some("0") => false,

@@ -70,6 +70,9 @@ pub struct Opts {
     /// Declare a peer this rank waits on lost once its host has answered
     /// nothing for this long ([`Transport::silent_for`]); `None`: never.
     pub peer_timeout: Option<Duration>,
+    /// Declare a peer frozen once its heartbeats stopped this long ago
+    /// ([`Transport::frozen_peer`]); `None`: never.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// Buffers reused across calls so the steady state allocates nothing.
@@ -673,6 +676,12 @@ fn run_rounds(
                 return Err(aborted_here(t, call));
             }
             let mut wake = deadline;
+            if let Some(limit) = opts.heartbeat_timeout {
+                if let Some((peer, age)) = t.frozen_peer(limit) {
+                    return Err(frozen(t, call, peer, age, now - since));
+                }
+                wake = wake.min(now + HEARTBEAT_CHECK);
+            }
             if let Some(limit) = opts.peer_timeout {
                 if now >= next_liveness {
                     next_liveness = now + LIVENESS_PERIOD;
@@ -714,6 +723,27 @@ fn run_rounds(
         divide(&f.at_end);
     }
     Ok(())
+}
+
+/// How often a waiting rank looks at its peers' heartbeats.
+const HEARTBEAT_CHECK: Duration = Duration::from_secs(1);
+
+/// A peer whose heartbeats stopped: its whole process is frozen (stopped,
+/// a paused VM, swapping), which TCP alone cannot see. Named as the hung
+/// peer, so the launcher and every rank blame it.
+fn frozen(t: &Transport, call: &Call, peer: usize, age: Duration, idle: Duration) -> Error {
+    Error::Timeout {
+        rank: t.rank(),
+        op: call.label(),
+        waited: idle,
+        detail: format!(
+            "rank {peer} ({}) has sent no heartbeat for {:.1}s: its process is frozen \
+             (stopped, a paused VM, swapping); hung peer rank {peer} ({})",
+            t.host(peer),
+            age.as_secs_f64(),
+            t.host(peer)
+        ),
+    }
 }
 
 /// This rank's own abort ([`crate::Communicator::abort`]), which its peers

@@ -110,3 +110,27 @@ fn engine_abort_fails_pending_handles_on_every_rank() {
         );
     }
 }
+
+/// A rank that is alive but late (computing, here sleeping) keeps beating,
+/// so a peer waiting on it for several heartbeat timeouts does not blame
+/// it; only `KOLO_TIMEOUT` governs lateness.
+#[test]
+fn a_late_but_live_rank_is_not_called_frozen() {
+    let got = run_ranks_with(
+        2,
+        |cfg| {
+            cfg.heartbeat_timeout = Some(Duration::from_secs(1));
+            cfg.timeout = Duration::from_secs(30);
+        },
+        |c| {
+            if c.rank() == 1 {
+                std::thread::sleep(Duration::from_secs(4));
+            }
+            let mut v = vec![c.rank() as f32 + 1.0; 1000];
+            c.allreduce(&mut v, ReduceOp::Sum).map(|()| v[0])
+        },
+    );
+    for (r, res) in got.into_iter().enumerate() {
+        assert_eq!(res.unwrap_or_else(|e| panic!("rank {r}: {e}")), 3.0);
+    }
+}

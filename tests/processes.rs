@@ -912,3 +912,39 @@ fn nsocks_mismatch_fails_every_process_at_start() {
         );
     }
 }
+
+/// A rank whose whole process is stopped (SIGSTOP) answers TCP all the same;
+/// its heartbeats stop, so with the default `KOLO_TIMEOUT` (60 s) and
+/// `KOLO_HEARTBEAT_TIMEOUT` (10 s) every other rank names it frozen within
+/// 10 to 15 s.
+#[test]
+fn a_stopped_rank_is_named_within_15_s_by_its_heartbeat() {
+    let mut procs = start_stress(3, &[("KOLO_TIMEOUT", "60"), ("KOLO_TEST_SECONDS", "90")]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !procs.iter().all(|p| p.stdout().contains("running")) {
+        assert!(Instant::now() < deadline, "ranks did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = procs.remove(1);
+    stopped.signal_group(libc::SIGSTOP);
+    let t_stop = Instant::now();
+    let done = wait_all(procs, Duration::from_secs(40));
+    stopped.signal_group(libc::SIGKILL);
+    for d in &done {
+        let took = d.exited_at - t_stop;
+        assert_eq!(d.code(), Some(1), "{d:#?}");
+        assert!(
+            d.stderr.contains("hung peer rank 1 ("),
+            "{}: does not name rank 1: {}",
+            d.name,
+            d.stderr
+        );
+        assert!(
+            took >= Duration::from_secs(9) && took <= Duration::from_secs(15),
+            "{}: named it after {took:?}",
+            d.name
+        );
+        println!("{}: named the stopped rank after {took:?}", d.name);
+    }
+}

@@ -4,6 +4,7 @@
 //! [`crate::exec`] decides where received bytes go.
 
 pub mod frame;
+pub mod heartbeat;
 pub mod shm;
 mod switch;
 
@@ -77,6 +78,8 @@ pub struct Transport {
     waker: Option<std::sync::Arc<mio::Waker>>,
     /// Set by an [`AbortSwitch`]: whatever waits here gives up.
     abort: std::sync::Arc<AtomicBool>,
+    /// The peers' heartbeats, when they run ([`heartbeat`]).
+    heartbeat: Option<heartbeat::Heartbeat>,
     /// Payload and header bytes sent since creation (payloads that went
     /// through a shared-memory ring included).
     pub bytes_sent: u64,
@@ -247,6 +250,7 @@ impl Transport {
             events: Events::with_capacity(256),
             waker: None,
             abort: Default::default(),
+            heartbeat: None,
             bytes_sent: 0,
             bytes_shm: 0,
             bytes_received: 0,
@@ -650,6 +654,20 @@ impl Transport {
             flag: self.abort.clone(),
             waker: self.waker()?,
         })
+    }
+
+    /// Judge the peers by their heartbeats from now on.
+    pub fn attach_heartbeat(&mut self, hb: heartbeat::Heartbeat) {
+        self.heartbeat = Some(hb);
+    }
+
+    /// The peer whose heartbeats stopped longest ago, if more than `limit`
+    /// ago: its process is frozen. `None` without heartbeats.
+    pub fn frozen_peer(&self, limit: Duration) -> Option<(usize, Duration)> {
+        let me = self.rank;
+        self.heartbeat
+            .as_ref()?
+            .silent((0..self.size).filter(|&p| p != me), limit)
     }
 
     /// Whether this transport's [`AbortSwitch`] was pulled.
