@@ -1700,7 +1700,7 @@ mod tests {
         );
         assert_eq!(
             c,
-            r#"IFS= read -r KOLO_SECRET; export KOLO_SECRET; cd '/home/me/my dir' && exec env KOLO_RANK=1 'X=a b' python -c 'print('\''hi'\'')'"#
+            r#"IFS= read -r KOLO_SECRET; export KOLO_SECRET; cd '/home/me/my dir' || exit 127; exec 3<&0; setsid env KOLO_RANK=1 'X=a b' python -c 'print('\''hi'\'')' </dev/null 3<&- & p=$!; setsid sh -c 'cat >/dev/null; kill -s KILL -- -$1' watch $p <&3 >/dev/null 2>&1 3<&- & w=$!; exec 3<&-; wait $p; s=$?; kill -s TERM -- -$w 2>/dev/null; exit $s"#
         );
     }
 
@@ -1714,7 +1714,8 @@ mod tests {
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        assert_eq!(argv.len(), 6, "{argv:?}");
+        assert_eq!(argv.len(), 7, "{argv:?}");
+        assert_eq!(argv[4..6], ["--", "node7"], "`--` before the host");
         assert!(!argv.iter().any(|a| a.contains(&secret)), "{argv:?}");
         assert!(c.get_envs().all(|(k, _)| k != "KOLO_SECRET"));
         // The remote line reads it from stdin: run it through sh, feeding the
@@ -1728,9 +1729,15 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        writeln!(child.stdin.take().unwrap(), "{secret}").unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), secret);
+        // Stdin stays open while the rank runs, as kolorun keeps it: its end
+        // would tell the watcher that kolorun is gone.
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{secret}").unwrap();
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        drop(stdin);
+        assert!(child.wait().unwrap().success());
+        assert_eq!(out, secret);
     }
 
     #[test]
