@@ -364,10 +364,7 @@ impl<'a> Timed<'a> {
             .until
             .saturating_duration_since(std::time::Instant::now());
         if d.is_zero() {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake deadline passed",
-            ))
+            Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))
         } else {
             Ok(d)
         }

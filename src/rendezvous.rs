@@ -93,7 +93,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections that may be in their handshake at once; more are closed
 /// at once, so strangers cannot make the store start unbounded threads.
 const MAX_PENDING_HANDSHAKES: usize = 256;
-/// How long the server gives a client to finish a frame it has started.
+/// Most clients connected at once (a thread each): far more than ranks of
+/// any job, far fewer than would exhaust the server's threads.
+const MAX_CLIENTS: usize = 16384;
+/// How long the server gives a client to finish a frame it has started, or
+/// to take a reply.
 const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bodies are read in chunks of at most this size, so a length prefix alone
 /// never makes anyone allocate more than this.
@@ -452,11 +456,11 @@ fn serve_conn(shared: &Shared, mut stream: TcpStream) -> ConnEnd {
         if shared.shutdown.load(Ordering::SeqCst) {
             return ConnEnd::Closed;
         }
-        // Once a frame has started, the rest must follow promptly.
-        if let Err(e) = stream.set_read_timeout(Some(FRAME_BODY_TIMEOUT)) {
-            return ConnEnd::Io(e);
-        }
-        if let Err(e) = stream.read_exact(&mut h[1..]) {
+        // Once a frame has started, the whole of it must follow within one
+        // deadline (not per read: a client trickling a byte at a time would
+        // hold its thread for ever).
+        let mut timed = auth::Timed::new(&stream, Instant::now() + FRAME_BODY_TIMEOUT);
+        if let Err(e) = timed.read_exact(&mut h[1..]) {
             return ConnEnd::Io(e);
         }
         let (cmd, len) = match parse_header(&h) {
@@ -472,7 +476,7 @@ fn serve_conn(shared: &Shared, mut stream: TcpStream) -> ConnEnd {
             }
             Some(_) => {}
         }
-        let body = match read_body(&mut stream, len) {
+        let body = match read_body(&mut timed, len) {
             Ok(b) => b,
             Err(e) => return ConnEnd::Io(e),
         };
@@ -484,7 +488,9 @@ fn serve_conn(shared: &Shared, mut stream: TcpStream) -> ConnEnd {
         if shared.shutdown.load(Ordering::SeqCst) {
             return ConnEnd::Closed;
         }
-        if let Err(e) = stream.write_all(&reply) {
+        // A client that does not read its reply is not waited for either.
+        let mut timed = auth::Timed::new(&stream, Instant::now() + FRAME_BODY_TIMEOUT);
+        if let Err(e) = timed.write_all(&reply) {
             return ConnEnd::Io(e);
         }
     }
@@ -646,11 +652,21 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
                 );
                 continue;
             }
-            shared.pending.fetch_add(1, Ordering::SeqCst);
+            if lock(&shared.conns).len() >= MAX_CLIENTS {
+                eprintln!(
+                    "kolo store: closing connection from {peer}: {MAX_CLIENTS} clients are \
+                     already connected"
+                );
+                continue;
+            }
             let _ = stream.set_nodelay(true);
+            // Before the slot is taken: a failure here (out of descriptors)
+            // must not leak one.
             let Ok(clone) = stream.try_clone() else {
+                eprintln!("kolo store: closing connection from {peer}: cannot clone its socket");
                 continue;
             };
+            shared.pending.fetch_add(1, Ordering::SeqCst);
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
             lock(&shared.conns).insert(id, clone);
             let sh = shared.clone();

@@ -1734,7 +1734,12 @@ mod tests {
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "{secret}").unwrap();
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         drop(stdin);
         assert!(child.wait().unwrap().success());
         assert_eq!(out, secret);
