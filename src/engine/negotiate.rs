@@ -233,7 +233,8 @@ pub struct Outcome {
 pub enum Failure {
     /// Ranks submitted it with different specs: (first rank, other rank, text).
     Mismatch(usize, usize, String),
-    /// A stall shutdown: ranks that never submitted it.
+    /// A stall shutdown: ranks that never submitted it. A rank among the
+    /// missing gets it too, for its late submission of the cancelled step.
     Stalled(Stall),
     /// The arguments can never run (e.g. a broadcast root out of range).
     Invalid(String),
@@ -271,8 +272,13 @@ pub struct State {
 struct Entry {
     specs: Vec<Option<Spec>>,
     error: Option<Failure>,
-    /// Ranks already told about `error`.
+    /// Ranks already told about `error`; a failed entry goes once every
+    /// rank that has not joined is. A stall fence starts with the ranks it
+    /// failed, which have announced nothing of the next step yet.
     told: Vec<bool>,
+    /// Further announcements of cancelled steps still to come from an
+    /// untold rank (late past more than one stall shutdown); each fails.
+    owed: Vec<u32>,
 }
 
 impl State {
@@ -338,7 +344,8 @@ impl State {
         self.rerun
     }
 
-    /// Names in the table (announced by some rank, not yet run or failed).
+    /// Names in the table: announced by some rank and not yet run, or
+    /// failed and still fenced until every rank has been told.
     pub fn waiting(&self) -> impl Iterator<Item = &str> {
         self.table.keys().map(|k| &**k)
     }
@@ -431,7 +438,13 @@ impl State {
             if let Some(f) = &e.error {
                 let new: Vec<usize> = announced.iter().copied().filter(|&r| !e.told[r]).collect();
                 for &r in &new {
-                    e.told[r] = true;
+                    if e.owed[r] > 0 {
+                        // Another of its old steps is still to come.
+                        e.owed[r] -= 1;
+                        e.specs[r] = None;
+                    } else {
+                        e.told[r] = true;
+                    }
                 }
                 if !new.is_empty() {
                     out.failed.push((name.clone(), new, f.clone()));
@@ -446,11 +459,10 @@ impl State {
                 table_ready.push(name.clone());
             }
         }
-        // A failed entry is kept until every rank has announced it, so that a
+        // A failed entry is kept until every rank has been told, so that a
         // rank arriving late gets the error too; joined ranks never will.
-        self.table.retain(|_, e| {
-            e.error.is_none() || (0..n).any(|r| e.specs[r].is_none() && !joined_at_start[r])
-        });
+        self.table
+            .retain(|_, e| e.error.is_none() || (0..n).any(|r| !e.told[r] && !joined_at_start[r]));
         // New submissions held back by a failed entry start afresh once it is
         // gone; they are looked at in the next round.
         for (r, s) in std::mem::take(&mut self.deferred) {
@@ -601,12 +613,7 @@ impl State {
                         out.join_cancelled.push(*r);
                     }
                 } else if !out.failed.iter().any(|(f, _, _)| **f == **name) {
-                    self.table.remove(name.as_str());
-                    out.failed.push((
-                        name.as_str().into(),
-                        st.have.clone(),
-                        Failure::Stalled(st.clone()),
-                    ));
+                    self.fence(st, out);
                 }
             }
         }
@@ -617,7 +624,9 @@ impl State {
     /// table fails.
     fn end_joins(&mut self, out: &mut Outcome) {
         let n = self.n;
-        for (name, e) in std::mem::take(&mut self.table) {
+        // Failed entries have told every rank that announced them.
+        let table = std::mem::take(&mut self.table);
+        for (name, e) in table.into_iter().filter(|(_, e)| e.error.is_none()) {
             let have: Vec<usize> = (0..n).filter(|&r| e.specs[r].is_some()).collect();
             out.failed.push((
                 name.clone(),
@@ -642,6 +651,7 @@ impl State {
             specs: vec![None; n],
             error: None,
             told: vec![false; n],
+            owed: vec![0; n],
         });
         e.told[r] = false;
         if e.error.is_none() {
@@ -676,6 +686,45 @@ impl State {
             self.gens[slot] = self.gens[slot].wrapping_add(1);
             out.evicted.push(name.clone());
         }
+    }
+
+    /// Fail `stall`'s tensor on the ranks that have it (a stall shutdown) and
+    /// fence the name as a mismatch does: its entry stays, failed, until
+    /// every missing rank has announced the name, so that a late rank's
+    /// submission of the cancelled step fails on that rank instead of
+    /// pairing with the others' next one. The name leaves the cache, where
+    /// the late rank would otherwise hold it.
+    fn fence(&mut self, stall: &Stall, out: &mut Outcome) {
+        let name: Name = stall.name.as_str().into();
+        self.evict(&name, out);
+        // Submissions held back by an earlier failure of the name fail now.
+        self.deferred
+            .retain(|(r, s)| s.name != name || !stall.have.contains(r));
+        let n = self.n;
+        let e = self.table.entry(name.clone()).or_insert_with(|| Entry {
+            specs: vec![None; n],
+            error: None,
+            told: vec![false; n],
+            owed: vec![0; n],
+        });
+        // A missing rank owes one more old step: the first if it was told
+        // of the earlier failure, another if it still owes that one.
+        let fenced = e.error.is_some();
+        for &r in &stall.missing {
+            if e.told[r] {
+                e.told[r] = false;
+                e.specs[r] = None;
+            } else if fenced {
+                e.owed[r] = e.owed[r].saturating_add(1);
+            }
+        }
+        for &r in &stall.have {
+            e.told[r] = true;
+            e.owed[r] = 0;
+        }
+        let f = Failure::Stalled(stall.clone());
+        e.error.get_or_insert_with(|| f.clone());
+        out.failed.push((name, stall.have.clone(), f));
     }
 
     fn is_allreduce(&self, name: &str) -> bool {

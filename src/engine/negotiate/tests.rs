@@ -361,5 +361,162 @@ fn census_names_missing_ranks_and_cancel_fails_them() {
     for o in &o {
         assert!(matches!(&o.failed[0], (n, r, Failure::Stalled(_)) if &**n == "s" && r == &[0, 1]));
     }
-    assert_eq!(st[2].waiting().count(), 0);
+    // The name stays fenced for rank 2, whose next "s" is the stalled one.
+    assert_eq!(st[2].waiting().collect::<Vec<_>>(), ["s"]);
+}
+
+/// What rank `r` sends for a new submission of `s`, as its worker would: the
+/// cache slot that holds it, or else an announcement.
+fn submission(st: &State, r: usize, s: Spec) -> (Local, Contribution) {
+    match st.cached(r, &s) {
+        Some(slot) => (
+            Local {
+                held: vec![slot],
+                ..Default::default()
+            },
+            Contribution::default(),
+        ),
+        None => (
+            Local {
+                has_content: true,
+                ..Default::default()
+            },
+            Contribution {
+                announce: vec![s],
+                ..Default::default()
+            },
+        ),
+    }
+}
+
+/// Issue 23 item 8: ranks 0 and 2 give step N of "w" up after the stall
+/// shutdown and submit step N+1; rank 1's late step N must fail alone, not
+/// pair with their step N+1, whether "w" was cached or not.
+#[test]
+fn stall_cancel_fences_the_late_rank_old_step() {
+    for cached in [true, false] {
+        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
+        let quiet = || (Local::default(), Contribution::default());
+        let go = |st: &mut [State], v: Vec<(Local, Contribution)>| {
+            let (l, c): (Vec<Local>, Vec<Contribution>) = v.into_iter().unzip();
+            round(st, &l, &c)
+        };
+        if cached {
+            let v = (0..3)
+                .map(|r| submission(&st[r], r, spec("w", 4)))
+                .collect();
+            assert!(go(&mut st, v).iter().all(|o| names(o) == ["w"]));
+        }
+        // Ranks 0 and 2 submit (step N, then N+1), rank 1 is late.
+        let all_but_1 = |st: &[State]| -> Vec<_> {
+            (0..3)
+                .map(|r| match r {
+                    1 => quiet(),
+                    _ => submission(&st[r], r, spec("w", 4)),
+                })
+                .collect()
+        };
+        let v = all_but_1(&st);
+        assert!(go(&mut st, v).iter().all(|o| o.ready.is_empty()));
+        // Rank 0's stall shutdown: a census and a cancel.
+        let mut v = all_but_1(&st);
+        for (r, (l, c)) in v.iter_mut().enumerate() {
+            l.has_content = r == 0;
+            l.wants_census = r == 0;
+            c.announce.clear();
+            c.pending = Some(if r == 1 { vec![] } else { vec!["w".into()] });
+            c.cancel = if r == 0 { vec!["w".into()] } else { vec![] };
+        }
+        for o in go(&mut st, v) {
+            assert!(o.ready.is_empty(), "cached={cached}");
+            assert!(
+                matches!(&o.failed[..], [(n, r, Failure::Stalled(_))] if &**n == "w" && r == &[0, 2]),
+                "cached={cached}: {:?}",
+                o.failed
+            );
+        }
+        // Step N+1 on ranks 0 and 2 (told of the failure).
+        let v = all_but_1(&st);
+        // What ranks 0 and 2 mark each round while it waits, as a worker does.
+        let held: Vec<Vec<usize>> = v.iter().map(|(l, _)| l.held.clone()).collect();
+        let o = go(&mut st, v);
+        assert!(o.iter().all(|o| o.ready.is_empty() && o.failed.is_empty()));
+        let with_1 = |late: (Local, Contribution)| -> Vec<_> {
+            let wait = |q: usize| {
+                let l = Local {
+                    held: held[q].clone(),
+                    ..Default::default()
+                };
+                (l, Contribution::default())
+            };
+            vec![wait(0), late, wait(2)]
+        };
+        // Rank 1's step N arrives: it fails, on rank 1 only, naming who gave up.
+        let v = with_1(submission(&st[1], 1, spec("w", 4)));
+        for o in go(&mut st, v) {
+            assert!(o.ready.is_empty(), "cached={cached}: late step N paired");
+            match &o.failed[..] {
+                [(n, r, Failure::Stalled(s))] if &**n == "w" && r == &[1] => {
+                    assert_eq!((&s.have[..], &s.missing[..]), (&[0, 2][..], &[1][..]))
+                }
+                f => panic!("cached={cached}: {f:?}"),
+            }
+        }
+        // Rank 1's step N+1 pairs with theirs.
+        let v = with_1(submission(&st[1], 1, spec("w", 4)));
+        for o in go(&mut st, v) {
+            assert!(o.failed.is_empty(), "cached={cached}: {:?}", o.failed);
+            assert_eq!(names(&o), ["w"], "cached={cached}");
+            assert_eq!(o.ready[0].contributors, 3);
+        }
+        assert!(st.iter().all(|s| s.waiting().count() == 0));
+    }
+}
+
+/// A rank late past two stall shutdowns owes two cancelled steps: both fail
+/// on it, and only its third submission pairs with the others' third.
+#[test]
+fn a_rank_late_past_two_stalls_fails_both_old_steps() {
+    let mut st: Vec<State> = (0..3).map(|_| State::new(3, 0)).collect();
+    let announce = |ranks: &[usize]| -> (Vec<Local>, Vec<Contribution>) {
+        (0..3)
+            .map(|r| match ranks.contains(&r) {
+                // Nothing is cached (capacity 0): every submission announces.
+                true => submission(&State::new(3, 0), r, spec("w", 4)),
+                false => (Local::default(), Contribution::default()),
+            })
+            .unzip()
+    };
+    // Rank 0 cancels what ranks 0 and 2 have pending; rank 1 has nothing.
+    let cancel = |st: &mut [State]| {
+        let (mut l, mut c): (Vec<Local>, Vec<Contribution>) =
+            (0..3).map(|_| Default::default()).unzip();
+        l[0].has_content = true;
+        l[0].wants_census = true;
+        for (r, c) in c.iter_mut().enumerate() {
+            c.pending = Some(if r == 1 { vec![] } else { vec!["w".into()] });
+        }
+        c[0].cancel = vec!["w".into()];
+        for o in round(st, &l, &c) {
+            assert!(matches!(&o.failed[..], [(_, r, Failure::Stalled(_))] if r == &[0, 2]));
+        }
+    };
+    for _ in 0..2 {
+        let (l, c) = announce(&[0, 2]);
+        assert!(round(&mut st, &l, &c).iter().all(|o| o.ready.is_empty()));
+        cancel(&mut st);
+    }
+    let (l, c) = announce(&[0, 2]);
+    round(&mut st, &l, &c);
+    for _ in 0..2 {
+        let (l, c) = announce(&[1]);
+        for o in round(&mut st, &l, &c) {
+            assert!(o.ready.is_empty(), "an old step of rank 1 paired");
+            assert!(matches!(&o.failed[..], [(_, r, Failure::Stalled(_))] if r == &[1]));
+        }
+    }
+    let (l, c) = announce(&[1]);
+    for o in round(&mut st, &l, &c) {
+        assert!(o.failed.is_empty() && names(&o) == ["w"] && o.ready[0].contributors == 3);
+    }
 }
