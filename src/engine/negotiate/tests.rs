@@ -520,3 +520,56 @@ fn a_rank_late_past_two_stalls_fails_both_old_steps() {
         assert!(o.failed.is_empty() && names(&o) == ["w"] && o.ready[0].contributors == 3);
     }
 }
+
+/// One round over four uncached ranks: `announce` submit "w"; with
+/// `cancel`, rank 0 gives "w" up, which the ranks in it have pending.
+fn four(st: &mut [State], announce: &[usize], cancel: Option<&[usize]>) -> Vec<Outcome> {
+    let (mut l, mut c): (Vec<Local>, Vec<Contribution>) = (0..4)
+        .map(|r| match announce.contains(&r) {
+            true => submission(&st[r], r, spec("w", 4)),
+            false => Default::default(),
+        })
+        .unzip();
+    if let Some(have) = cancel {
+        l[0].has_content = true;
+        l[0].wants_census = true;
+        c[0].cancel = vec!["w".into()];
+        for (r, c) in c.iter_mut().enumerate() {
+            c.pending = Some(have.contains(&r).then(|| "w".into()).into_iter().collect());
+        }
+    }
+    round(st, &l, &c)
+}
+
+/// A round of [`four`]: who announces, who has "w" pending when rank 0
+/// gives it up (if it does), and who fails.
+type Step<'a> = (&'a [usize], Option<&'a [usize]>, &'a [usize]);
+
+/// Ranks 2 and 3 are late; rank 2 catches up on step N only before ranks 0
+/// and 1 give step N+1 up too. Every late step fails on its own rank, and
+/// step N+2 runs on all four.
+#[test]
+fn each_late_rank_owes_every_step_given_up_since_it_was_told() {
+    let mut st: Vec<State> = (0..4).map(|_| State::new(4, 0)).collect();
+    let steps: [Step; 8] = [
+        (&[0, 1], None, &[]),
+        (&[], Some(&[0, 1]), &[0, 1]), // step N given up
+        (&[2], None, &[2]),            // rank 2's step N
+        (&[0, 1], None, &[]),
+        (&[], Some(&[0, 1]), &[0, 1]), // step N+1 given up
+        (&[2], None, &[2]),            // rank 2's step N+1
+        (&[3], None, &[3]),            // rank 3's step N
+        (&[3], None, &[3]),            // rank 3's step N+1
+    ];
+    for (i, (announce, cancel, fail)) in steps.into_iter().enumerate() {
+        for o in four(&mut st, announce, cancel) {
+            assert!(o.ready.is_empty(), "round {i}: {:?}", names(&o));
+            let failed: Vec<&[usize]> = o.failed.iter().map(|f| &f.1[..]).collect();
+            let want: Vec<&[usize]> = if fail.is_empty() { vec![] } else { vec![fail] };
+            assert_eq!(failed, want, "round {i}");
+        }
+    }
+    for o in four(&mut st, &[0, 1, 2, 3], None) {
+        assert!(o.failed.is_empty() && names(&o) == ["w"] && o.ready[0].contributors == 4);
+    }
+}
