@@ -367,6 +367,72 @@ fn stall_shutdown_names_the_missing_rank() {
     }
 }
 
+/// Issue 23 item 8: ranks 0 and 2 give step N of "w" up after the stall
+/// shutdown and resubmit "w" for step N+1 with other data. Rank 1's late
+/// step N must fail on rank 1 rather than be summed with their step N+1;
+/// their step N+1 runs with rank 1's, and a later step is exact everywhere.
+#[test]
+fn stall_cancel_never_mixes_steps() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Ranks 0 and 2 have resubmitted: rank 1 may send its late step N.
+    let resubmitted = AtomicUsize::new(0);
+    let res = run_ranks_with(
+        3,
+        |c| {
+            c.stall_warning = Duration::from_millis(500);
+            c.stall_shutdown = Some(Duration::from_secs(2));
+        },
+        |comm| {
+            let rank = comm.rank();
+            let e = Engine::start(comm).unwrap();
+            let w = |v: f32| e.allreduce_async("w", vec![v; 16], ReduceOp::Sum);
+            // A common step first, so that "w" is negotiated and cached.
+            let warm = w(0.5).and_then(|h| h.wait());
+            let (step_n, step_n1) = if rank == 1 {
+                let t = std::time::Instant::now();
+                while resubmitted.load(Ordering::SeqCst) < 2 {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(30),
+                        "ranks 0, 2 never resubmitted"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let n = w(1.0).and_then(|h| h.wait());
+                (n, w(1000.0).and_then(|h| h.wait()))
+            } else {
+                let n = w(1.0).and_then(|h| h.wait());
+                let next = w(1000.0);
+                resubmitted.fetch_add(1, Ordering::SeqCst);
+                (n, next.and_then(|h| h.wait()))
+            };
+            let fresh = e
+                .allreduce_async("fresh", vec![rank as f64 + 0.25; 5], ReduceOp::Sum)
+                .and_then(|h| h.wait());
+            (warm, step_n, step_n1, fresh)
+        },
+    );
+    for (rank, (warm, step_n, step_n1, fresh)) in res.into_iter().enumerate() {
+        assert_eq!(warm.unwrap(), vec![1.5; 16], "rank {rank}");
+        // Only step N+1's sum, 3000, may come out: 2001 or 1002 mix steps.
+        if let Ok(v) = &step_n {
+            panic!("rank {rank}: step N of \"w\" ran, giving {:?}", v[0]);
+        }
+        let e = step_n.unwrap_err().to_string();
+        let want: &[&str] = if rank == 1 {
+            &["\"w\"", "rank 1", "[0, 2]", "KOLO_STALL_SHUTDOWN_S"]
+        } else {
+            &["\"w\"", "stalled", "[1]"]
+        };
+        assert!(want.iter().all(|w| e.contains(w)), "rank {rank}: {e}");
+        assert_eq!(
+            step_n1.unwrap(),
+            vec![3000.0; 16],
+            "rank {rank}: step N+1 mixed with step N"
+        );
+        assert_eq!(fresh.unwrap(), vec![3.75; 5], "rank {rank}");
+    }
+}
+
 #[test]
 fn groups_and_raw_buffers() {
     let res = run_ranks(3, |comm| {

@@ -21,78 +21,10 @@ use std::sync::Arc;
 /// in-flight set, the engine's maps and the cache.
 pub type Name = Arc<str>;
 
-/// A tensor's dimensions, held inline up to four of them: building a
-/// [`Spec`] then allocates nothing, and a training step submits hundreds.
-/// Compares, prints and serializes as the list of dimensions.
-///
-/// ```
-/// use kolo::engine::negotiate::Shape;
-/// let s = Shape::from(&[64u64, 3, 3, 3][..]);
-/// assert_eq!((s.len(), s.iter().product::<u64>()), (4, 1728));
-/// assert_eq!(Shape::from(&[1u64, 2, 3, 4, 5][..])[4], 5);
-/// ```
-#[derive(Clone)]
-pub enum Shape {
-    /// At most four dimensions: the first `.0` of `.1`.
-    Inline(u8, [u64; 4]),
-    /// More than four.
-    Heap(Vec<u64>),
-}
-
-impl Shape {
-    /// A one-dimensional shape of `len` elements.
-    pub fn flat(len: u64) -> Shape {
-        Shape::Inline(1, [len, 0, 0, 0])
-    }
-}
-
-impl From<&[u64]> for Shape {
-    fn from(d: &[u64]) -> Shape {
-        if d.len() <= 4 {
-            let mut a = [0; 4];
-            a[..d.len()].copy_from_slice(d);
-            Shape::Inline(d.len() as u8, a)
-        } else {
-            Shape::Heap(d.to_vec())
-        }
-    }
-}
-
-impl std::ops::Deref for Shape {
-    type Target = [u64];
-    fn deref(&self) -> &[u64] {
-        match self {
-            Shape::Inline(n, a) => &a[..*n as usize],
-            Shape::Heap(v) => v,
-        }
-    }
-}
-
-impl PartialEq for Shape {
-    fn eq(&self, o: &Shape) -> bool {
-        **self == **o
-    }
-}
-
-impl Eq for Shape {}
-
-impl std::fmt::Debug for Shape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        (**self).fmt(f)
-    }
-}
-
-impl Serialize for Shape {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        (**self).serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Shape {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Shape, D::Error> {
-        Vec::<u64>::deserialize(d).map(|v| Shape::from(&v[..]))
-    }
-}
+mod flags;
+mod shape;
+pub use flags::{count_flags, pack_flags};
+pub use shape::Shape;
 
 /// The collective a named tensor asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -301,7 +233,8 @@ pub struct Outcome {
 pub enum Failure {
     /// Ranks submitted it with different specs: (first rank, other rank, text).
     Mismatch(usize, usize, String),
-    /// A stall shutdown: ranks that never submitted it.
+    /// A stall shutdown: ranks that never submitted it. A rank among the
+    /// missing gets it too, for its late submission of the cancelled step.
     Stalled(Stall),
     /// The arguments can never run (e.g. a broadcast root out of range).
     Invalid(String),
@@ -339,8 +272,13 @@ pub struct State {
 struct Entry {
     specs: Vec<Option<Spec>>,
     error: Option<Failure>,
-    /// Ranks already told about `error`.
+    /// Ranks already told about `error`; a failed entry goes once every
+    /// rank that has not joined is. A stall fence starts with the ranks it
+    /// failed, which have announced nothing of the next step yet.
     told: Vec<bool>,
+    /// Further announcements of cancelled steps still to come from an
+    /// untold rank (late past more than one stall shutdown); each fails.
+    owed: Vec<u32>,
 }
 
 impl State {
@@ -406,7 +344,8 @@ impl State {
         self.rerun
     }
 
-    /// Names in the table (announced by some rank, not yet run or failed).
+    /// Names in the table: announced by some rank and not yet run, or
+    /// failed and still fenced until every rank has been told.
     pub fn waiting(&self) -> impl Iterator<Item = &str> {
         self.table.keys().map(|k| &**k)
     }
@@ -487,43 +426,10 @@ impl State {
             });
         }
 
-        // The exchange, in rank order.
-        let mut census: Option<BTreeMap<String, BTreeSet<usize>>> = None;
-        let mut cancels: Vec<(usize, String)> = Vec::new();
-        if let Some(contribs) = contribs {
-            if summed[1] > 0 {
-                census = Some(BTreeMap::new());
-            }
-            for (r, cb) in contribs.iter().enumerate() {
-                for s in &cb.announce {
-                    let told_failure = self
-                        .table
-                        .get(&s.name)
-                        .is_some_and(|e| e.error.is_some() && e.told[r]);
-                    if told_failure {
-                        self.deferred.push((r, s.clone()));
-                    } else {
-                        self.announce(r, s, &mut out);
-                    }
-                }
-                if cb.stop {
-                    self.stopping[r] = true;
-                }
-                if cb.join && !self.joined[r] {
-                    self.joined[r] = true;
-                    self.last_joined = r;
-                    self.rerun = true;
-                }
-                if let (Some(census), Some(names)) = (census.as_mut(), &cb.pending) {
-                    for name in names {
-                        census.entry(name.clone()).or_default().insert(r);
-                    }
-                }
-                for name in &cb.cancel {
-                    cancels.push((r, name.clone()));
-                }
-            }
-        }
+        let (census, cancels) = match contribs {
+            Some(contribs) => self.take(contribs, summed[1] > 0, &mut out),
+            None => (None, Vec::new()),
+        };
 
         // Announced tensors: failures, and those every rank now has.
         let mut table_ready: Vec<Name> = Vec::new();
@@ -532,7 +438,13 @@ impl State {
             if let Some(f) = &e.error {
                 let new: Vec<usize> = announced.iter().copied().filter(|&r| !e.told[r]).collect();
                 for &r in &new {
-                    e.told[r] = true;
+                    if e.owed[r] > 0 {
+                        // Another of its old steps is still to come.
+                        e.owed[r] -= 1;
+                        e.specs[r] = None;
+                    } else {
+                        e.told[r] = true;
+                    }
                 }
                 if !new.is_empty() {
                     out.failed.push((name.clone(), new, f.clone()));
@@ -547,11 +459,10 @@ impl State {
                 table_ready.push(name.clone());
             }
         }
-        // A failed entry is kept until every rank has announced it, so that a
+        // A failed entry is kept until every rank has been told, so that a
         // rank arriving late gets the error too; joined ranks never will.
-        self.table.retain(|_, e| {
-            e.error.is_none() || (0..n).any(|r| e.specs[r].is_none() && !joined_at_start[r])
-        });
+        self.table
+            .retain(|_, e| e.error.is_none() || (0..n).any(|r| !e.told[r] && !joined_at_start[r]));
         // New submissions held back by a failed entry start afresh once it is
         // gone; they are looked at in the next round.
         for (r, s) in std::mem::take(&mut self.deferred) {
@@ -573,34 +484,80 @@ impl State {
             });
         }
 
-        // Group members run only together.
-        let mut members: HashMap<&str, u32> = HashMap::new();
-        for r in &ready {
-            if let Some((g, _)) = &r.spec().group {
-                *members.entry(g.as_str()).or_default() += 1;
-            }
-        }
-        let keep: Vec<bool> = ready
-            .iter()
-            .map(|r| match &r.spec().group {
-                Some((g, size)) => members.get(g.as_str()) == Some(size),
-                None => true,
-            })
-            .collect();
-        let kept: Vec<Ready> = ready
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(r, k)| k.then_some(r))
-            .collect();
+        let kept = whole_groups(ready);
         let kept_names: BTreeSet<Name> = if census.is_some() {
             kept.iter().map(|r| r.spec().name.clone()).collect()
         } else {
             BTreeSet::new()
         };
-        // Commit: announced tensors leave the table and enter the cache.
-        for r in &kept {
+        self.commit(&kept);
+        out.ready = kept;
+
+        if let Some(census) = census {
+            self.settle_stalls(&census, &cancels, &kept_names, &joined_at_start, &mut out);
+        }
+
+        if self.stopping.iter().all(|&s| s) {
+            out.stop = true;
+            self.stopping = vec![false; n];
+        }
+
+        // Joins: once every rank had joined at the start of a round, whatever
+        // could run has run; what is left can never complete.
+        if all_joined {
+            self.end_joins(&mut out);
+        }
+        out
+    }
+
+    /// Take the exchanged contributions, in rank order: announcements (held
+    /// back behind a failure the rank was told of), stops, joins, census
+    /// lists (when `want_census`) and cancels.
+    fn take(
+        &mut self,
+        contribs: &[Contribution],
+        want_census: bool,
+        out: &mut Outcome,
+    ) -> (Option<Census>, Vec<(usize, String)>) {
+        let mut census = want_census.then(Census::new);
+        let mut cancels = Vec::new();
+        for (r, cb) in contribs.iter().enumerate() {
+            for s in &cb.announce {
+                let told_failure = self
+                    .table
+                    .get(&s.name)
+                    .is_some_and(|e| e.error.is_some() && e.told[r]);
+                if told_failure {
+                    self.deferred.push((r, s.clone()));
+                } else {
+                    self.announce(r, s, out);
+                }
+            }
+            if cb.stop {
+                self.stopping[r] = true;
+            }
+            if cb.join && !self.joined[r] {
+                self.joined[r] = true;
+                self.last_joined = r;
+                self.rerun = true;
+            }
+            if let (Some(census), Some(names)) = (census.as_mut(), &cb.pending) {
+                for name in names {
+                    census.entry(name.clone()).or_default().insert(r);
+                }
+            }
+            for name in &cb.cancel {
+                cancels.push((r, name.clone()));
+            }
+        }
+        (census, cancels)
+    }
+
+    /// Announced tensors leave the table and enter the cache.
+    fn commit(&mut self, kept: &[Ready]) {
+        for r in kept {
             let name = &r.spec().name;
-            if self.table.remove(name).is_some() && self.capacity > 0 && r.contributors == n {
+            if self.table.remove(name).is_some() && self.capacity > 0 && r.contributors == self.n {
                 let free = self.cache.iter().position(|s| s.is_none());
                 let slot = match free {
                     Some(f) => Some(f),
@@ -618,87 +575,83 @@ impl State {
                 }
             }
         }
-        out.ready = kept;
+    }
 
-        // Stall census and shutdown cancels.
-        if let Some(census) = census {
-            let mut stalls = Vec::new();
-            for (name, have) in &census {
-                // A joined rank counts as present for a join and stands in
-                // for allreduces.
-                let present = |r: usize| {
-                    have.contains(&r)
-                        || (name == JOIN && self.joined[r])
-                        || (name != JOIN && self.is_allreduce(name) && joined_at_start[r])
-                };
-                let missing: Vec<usize> = (0..n).filter(|&r| !present(r)).collect();
-                if !missing.is_empty() && !kept_names.contains(name.as_str()) {
-                    stalls.push(Stall {
-                        name: name.clone(),
-                        have: have.iter().copied().collect(),
-                        missing,
-                    });
-                }
+    /// After a census: who is missing what (into `out.stalls`), and the
+    /// stall shutdown cancels of names still stalled.
+    fn settle_stalls(
+        &mut self,
+        census: &Census,
+        cancels: &[(usize, String)],
+        kept_names: &BTreeSet<Name>,
+        joined_at_start: &[bool],
+        out: &mut Outcome,
+    ) {
+        let mut stalls = Vec::new();
+        for (name, have) in census {
+            // A joined rank counts as present for a join and stands in
+            // for allreduces.
+            let present = |r: usize| {
+                have.contains(&r)
+                    || (name == JOIN && self.joined[r])
+                    || (name != JOIN && self.is_allreduce(name) && joined_at_start[r])
+            };
+            let missing: Vec<usize> = (0..self.n).filter(|&r| !present(r)).collect();
+            if !missing.is_empty() && !kept_names.contains(name.as_str()) {
+                stalls.push(Stall {
+                    name: name.clone(),
+                    have: have.iter().copied().collect(),
+                    missing,
+                });
             }
-            for (r, name) in &cancels {
-                if let Some(st) = stalls.iter().find(|s| &s.name == name) {
-                    if name == JOIN {
-                        if self.joined[*r] {
-                            self.joined[*r] = false;
-                            out.join_cancelled.push(*r);
-                        }
-                    } else if !out.failed.iter().any(|(f, _, _)| **f == **name) {
-                        self.table.remove(name.as_str());
-                        out.failed.push((
-                            name.as_str().into(),
-                            st.have.clone(),
-                            Failure::Stalled(st.clone()),
-                        ));
+        }
+        for (r, name) in cancels {
+            if let Some(st) = stalls.iter().find(|s| &s.name == name) {
+                if name == JOIN {
+                    if self.joined[*r] {
+                        self.joined[*r] = false;
+                        out.join_cancelled.push(*r);
                     }
+                } else if !out.failed.iter().any(|(f, _, _)| **f == **name) {
+                    self.fence(st, out);
                 }
             }
-            out.stalls = Some(stalls);
         }
+        out.stalls = Some(stalls);
+    }
 
-        if self.stopping.iter().all(|&s| s) {
-            out.stop = true;
-            self.stopping = vec![false; n];
+    /// Every rank had joined: the joins complete, and what is left in the
+    /// table fails.
+    fn end_joins(&mut self, out: &mut Outcome) {
+        let n = self.n;
+        // Failed entries have told every rank that announced them.
+        let table = std::mem::take(&mut self.table);
+        for (name, e) in table.into_iter().filter(|(_, e)| e.error.is_none()) {
+            let have: Vec<usize> = (0..n).filter(|&r| e.specs[r].is_some()).collect();
+            out.failed.push((
+                name.clone(),
+                have,
+                Failure::Joined(format!(
+                    "tensor {name:?} ({}) cannot run: every rank has joined and some never submitted it",
+                    e.specs.iter().flatten().next().map_or(String::new(), Spec::describe)
+                )),
+            ));
         }
-
-        // Joins: once every rank had joined at the start of a round, whatever
-        // could run has run; what is left can never complete.
-        if all_joined {
-            for (name, e) in std::mem::take(&mut self.table) {
-                let have: Vec<usize> = (0..n).filter(|&r| e.specs[r].is_some()).collect();
-                out.failed.push((
-                    name.clone(),
-                    have,
-                    Failure::Joined(format!(
-                        "tensor {name:?} ({}) cannot run: every rank has joined and some never submitted it",
-                        e.specs.iter().flatten().next().map_or(String::new(), Spec::describe)
-                    )),
-                ));
-            }
-            out.join_done = Some(self.last_joined);
-            self.joined = vec![false; n];
-            self.rerun = false;
-        }
-        out
+        out.join_done = Some(self.last_joined);
+        self.joined = vec![false; n];
+        self.rerun = false;
     }
 
     /// Enter rank `r`'s announcement of `s` into the table, noting a
     /// disagreement with an earlier rank's spec as the entry's failure.
     fn announce(&mut self, r: usize, s: &Spec, out: &mut Outcome) {
         let n = self.n;
-        if let Some(slot) = self.index.remove(&s.name) {
-            self.cache[slot] = None;
-            self.gens[slot] = self.gens[slot].wrapping_add(1);
-            out.evicted.push(s.name.clone());
-        }
+        self.evict(&s.name, out);
         let e = self.table.entry(s.name.clone()).or_insert_with(|| Entry {
             specs: vec![None; n],
             error: None,
             told: vec![false; n],
+            owed: vec![0; n],
         });
         e.told[r] = false;
         if e.error.is_none() {
@@ -725,6 +678,55 @@ impl State {
         e.specs[r] = Some(s.clone());
     }
 
+    /// Drop `name`'s cache entry, if it has one: ranks that hold it in
+    /// cached form must announce it.
+    fn evict(&mut self, name: &Name, out: &mut Outcome) {
+        if let Some(slot) = self.index.remove(name) {
+            self.cache[slot] = None;
+            self.gens[slot] = self.gens[slot].wrapping_add(1);
+            out.evicted.push(name.clone());
+        }
+    }
+
+    /// Fail `stall`'s tensor on the ranks that have it (a stall shutdown) and
+    /// fence the name as a mismatch does: its entry stays, failed, until
+    /// every missing rank has announced the name, so that a late rank's
+    /// submission of the cancelled step fails on that rank instead of
+    /// pairing with the others' next one. The name leaves the cache, where
+    /// the late rank would otherwise hold it.
+    fn fence(&mut self, stall: &Stall, out: &mut Outcome) {
+        let name: Name = stall.name.as_str().into();
+        self.evict(&name, out);
+        // Submissions held back by an earlier failure of the name fail now.
+        self.deferred
+            .retain(|(r, s)| s.name != name || !stall.have.contains(r));
+        let n = self.n;
+        let e = self.table.entry(name.clone()).or_insert_with(|| Entry {
+            specs: vec![None; n],
+            error: None,
+            told: vec![false; n],
+            owed: vec![0; n],
+        });
+        // A missing rank owes one more old step: the first if it was told
+        // of the earlier failure, another if it still owes that one.
+        let fenced = e.error.is_some();
+        for &r in &stall.missing {
+            if e.told[r] {
+                e.told[r] = false;
+                e.specs[r] = None;
+            } else if fenced {
+                e.owed[r] = e.owed[r].saturating_add(1);
+            }
+        }
+        for &r in &stall.have {
+            e.told[r] = true;
+            e.owed[r] = 0;
+        }
+        let f = Failure::Stalled(stall.clone());
+        e.error.get_or_insert_with(|| f.clone());
+        out.failed.push((name, stall.have.clone(), f));
+    }
+
     fn is_allreduce(&self, name: &str) -> bool {
         let in_cache = self
             .index
@@ -740,408 +742,31 @@ impl State {
     }
 }
 
-/// A round's vector (every entry 0 or 1) as bits, eight to a byte, to travel.
-///
-/// ```
-/// use kolo::engine::negotiate::{count_flags, pack_flags};
-/// let a = pack_flags(&[1, 0, 1]);
-/// let b = pack_flags(&[1, 1, 0]);
-/// assert_eq!(count_flags(&[a, b].concat(), 2, 3), [2, 1, 1]);
-/// ```
-pub fn pack_flags(v: &[i32]) -> Vec<u8> {
-    let mut w = vec![0u8; v.len().div_ceil(8)];
-    for (i, &f) in v.iter().enumerate() {
-        debug_assert!(f == 0 || f == 1, "vector entries are flags");
-        w[i / 8] |= u8::from(f != 0) << (i % 8);
-    }
-    w
-}
-
-/// The summed vector: for each of `len` entries, how many of the `n` ranks'
-/// packed vectors (laid end to end in `all`) have it set.
-pub fn count_flags(all: &[u8], n: usize, len: usize) -> Vec<i32> {
-    let bytes = len.div_ceil(8);
-    let mut v = vec![0i32; len];
-    for r in 0..n {
-        for (k, &b) in all[r * bytes..(r + 1) * bytes].iter().enumerate() {
-            let mut b = b;
-            while b != 0 {
-                let i = k * 8 + b.trailing_zeros() as usize;
-                if i < len {
-                    v[i] += 1;
-                }
-                b &= b - 1;
-            }
+/// Ready tensors less the members of groups not all ready: members run
+/// only together.
+fn whole_groups(ready: Vec<Ready>) -> Vec<Ready> {
+    let mut members: HashMap<&str, u32> = HashMap::new();
+    for r in &ready {
+        if let Some((g, _)) = &r.spec().group {
+            *members.entry(g.as_str()).or_default() += 1;
         }
     }
-    v
+    let keep: Vec<bool> = ready
+        .iter()
+        .map(|r| match &r.spec().group {
+            Some((g, size)) => members.get(g.as_str()) == Some(size),
+            None => true,
+        })
+        .collect();
+    ready
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(r, k)| k.then_some(r))
+        .collect()
 }
+
+/// A round's census: each pending name and the ranks that have it.
+type Census = BTreeMap<String, BTreeSet<usize>>;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packed_flags_count_like_the_sum() {
-        let mut x = 12345u64;
-        for n in 1..=6 {
-            for len in [0, 1, 2, 63, 64, 65, 130, 1000] {
-                let vs: Vec<Vec<i32>> = (0..n)
-                    .map(|_| {
-                        (0..len)
-                            .map(|_| {
-                                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                                (x >> 63) as i32
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let all: Vec<u8> = vs.iter().flat_map(|v| pack_flags(v)).collect();
-                let want: Vec<i32> = (0..len).map(|i| vs.iter().map(|v| v[i]).sum()).collect();
-                assert_eq!(count_flags(&all, n, len), want, "n={n} len={len}");
-            }
-        }
-    }
-
-    fn spec(name: &str, len: u64) -> Spec {
-        Spec {
-            name: name.into(),
-            coll: Coll::Allreduce,
-            dtype: crate::DType::F32.code(),
-            op: crate::ReduceOp::Sum.code(),
-            root: 0,
-            shape: Shape::flat(len),
-            group: None,
-            compression: String::new(),
-        }
-    }
-
-    /// Run one round over `n` simulated ranks given each rank's local view
-    /// and contribution; returns every rank's outcome.
-    fn round(states: &mut [State], locals: &[Local], contribs: &[Contribution]) -> Vec<Outcome> {
-        let n = states.len();
-        let vs: Vec<Vec<i32>> = (0..n).map(|r| states[r].vector(r, &locals[r])).collect();
-        let mut sum = vec![0i32; vs[0].len()];
-        for v in &vs {
-            assert_eq!(v.len(), sum.len(), "vector lengths agree on every rank");
-            for (s, x) in sum.iter_mut().zip(v) {
-                *s += x;
-            }
-        }
-        let ex = State::exchange_needed(&sum);
-        states
-            .iter_mut()
-            .map(|s| s.apply(&sum, ex.then_some(contribs)))
-            .collect()
-    }
-
-    fn names(o: &Outcome) -> Vec<String> {
-        o.ready.iter().map(|r| r.spec().name.to_string()).collect()
-    }
-
-    #[test]
-    fn announce_then_cache() {
-        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
-        let a = |name: &str| Contribution {
-            announce: vec![spec(name, 4)],
-            ..Default::default()
-        };
-        let local = || Local {
-            has_content: true,
-            ..Default::default()
-        };
-        // Ranks 0 and 1 announce "x"; rank 2 not yet: nothing ready.
-        let o = round(
-            &mut st,
-            &[local(), local(), Local::default()],
-            &[a("x"), a("x"), Contribution::default()],
-        );
-        assert!(o.iter().all(|o| o.ready.is_empty()));
-        // Rank 2 announces: ready everywhere, then cached.
-        let o = round(
-            &mut st,
-            &[Local::default(), Local::default(), local()],
-            &[Contribution::default(), Contribution::default(), a("x")],
-        );
-        assert!(o.iter().all(|o| names(o) == ["x"]));
-        let slot = st[0].cached(0, &spec("x", 4)).expect("cached");
-        // Next step: all hold slot 0, no exchange needed.
-        let held = || Local {
-            held: [slot].into(),
-            ..Default::default()
-        };
-        let o = round(&mut st, &[held(), held(), held()], &[]);
-        assert!(o
-            .iter()
-            .all(|o| names(o) == ["x"] && o.ready[0].contributors == 3));
-        // Only two hold it: not ready.
-        let o = round(&mut st, &[held(), held(), Local::default()], &[]);
-        assert!(o.iter().all(|o| o.ready.is_empty()));
-    }
-
-    #[test]
-    fn mismatch_reaches_every_rank_and_names_both() {
-        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
-        let c = |len| Contribution {
-            announce: vec![spec("w", len)],
-            ..Default::default()
-        };
-        let l = || Local {
-            has_content: true,
-            ..Default::default()
-        };
-        let o = round(
-            &mut st,
-            &[l(), l(), Local::default()],
-            &[c(4), c(5), Contribution::default()],
-        );
-        for o in &o {
-            let (name, ranks, f) = &o.failed[0];
-            assert_eq!(&**name, "w");
-            assert_eq!(ranks, &[0, 1]);
-            match f {
-                Failure::Mismatch(0, 1, m) => {
-                    assert!(
-                        m.contains("shape") && m.contains("[4]") && m.contains("[5]"),
-                        "{m}"
-                    )
-                }
-                f => panic!("{f:?}"),
-            }
-        }
-        // The late rank gets the same error, then the name is free again.
-        let o = round(
-            &mut st,
-            &[Local::default(), Local::default(), l()],
-            &[Contribution::default(), Contribution::default(), c(4)],
-        );
-        assert!(o
-            .iter()
-            .all(|o| o.failed.len() == 1 && o.failed[0].1 == [2]));
-        assert_eq!(st[0].waiting().count(), 0);
-    }
-
-    /// A rank told of a failure that resubmits the name before a late rank
-    /// has announced its old submission must not be handed the old error.
-    #[test]
-    fn resubmission_waits_for_the_failed_entry_to_clear() {
-        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
-        let c = |len| Contribution {
-            announce: vec![spec("w", len)],
-            ..Default::default()
-        };
-        let none = Contribution::default;
-        let l = |news: bool| Local {
-            has_content: news,
-            ..Default::default()
-        };
-        let o = round(
-            &mut st,
-            &[l(true), l(true), l(false)],
-            &[c(4), c(5), none()],
-        );
-        assert!(o.iter().all(|o| o.failed.len() == 1));
-        // Rank 0 resubmits correctly while rank 2's old submission is late.
-        let o = round(
-            &mut st,
-            &[l(true), l(false), l(false)],
-            &[c(4), none(), none()],
-        );
-        assert!(o.iter().all(|o| o.failed.is_empty() && o.ready.is_empty()));
-        // Rank 2's old one arrives: only rank 2 fails; rank 0's new one is
-        // admitted afresh and a round follows.
-        let o = round(
-            &mut st,
-            &[l(false), l(false), l(true)],
-            &[none(), none(), c(4)],
-        );
-        assert!(o
-            .iter()
-            .all(|o| o.failed.len() == 1 && o.failed[0].1 == [2]));
-        assert!(st.iter().all(|s| s.needs_round()));
-        // Ranks 1 and 2 resubmit: it runs on all three.
-        let o = round(
-            &mut st,
-            &[l(false), l(true), l(true)],
-            &[none(), c(4), c(4)],
-        );
-        assert!(o
-            .iter()
-            .all(|o| o.failed.is_empty() && names(o) == ["w"] && o.ready[0].contributors == 3));
-    }
-
-    #[test]
-    fn changed_shape_evicts_the_cache_entry() {
-        let mut st: Vec<State> = (0..2).map(|_| State::new(2, 8)).collect();
-        let c = |len| Contribution {
-            announce: vec![spec("b", len)],
-            ..Default::default()
-        };
-        let l = || Local {
-            has_content: true,
-            ..Default::default()
-        };
-        round(&mut st, &[l(), l()], &[c(4), c(4)]);
-        let slot = st[0].cached(0, &spec("b", 4)).unwrap();
-        // Rank 0 holds the cached form, rank 1 announces a new shape.
-        let held = Local {
-            held: [slot].into(),
-            ..Default::default()
-        };
-        let o = round(&mut st, &[held, l()], &[Contribution::default(), c(6)]);
-        assert!(o
-            .iter()
-            .all(|o| o.ready.is_empty() && o.evicted.len() == 1 && &*o.evicted[0] == "b"));
-        assert_eq!(st[1].cached(1, &spec("b", 4)), None);
-        // Rank 0 re-announces its (old) shape: a mismatch on both.
-        let o = round(
-            &mut st,
-            &[l(), Local::default()],
-            &[c(4), Contribution::default()],
-        );
-        assert!(o
-            .iter()
-            .all(|o| matches!(o.failed[0].2, Failure::Mismatch(..))));
-    }
-
-    #[test]
-    fn join_lets_the_others_finish_and_counts_contributors() {
-        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
-        let l = || Local {
-            has_content: true,
-            ..Default::default()
-        };
-        let join = Contribution {
-            join: true,
-            ..Default::default()
-        };
-        let a = Contribution {
-            announce: vec![spec("g", 2)],
-            ..Default::default()
-        };
-        // Rank 2 joins while ranks 0 and 1 announce g.
-        let o = round(
-            &mut st,
-            &[l(), l(), l()],
-            &[a.clone(), a.clone(), join.clone()],
-        );
-        assert!(o.iter().all(|o| o.ready.is_empty()));
-        assert!(st.iter().all(|s| s.is_joined(2) && s.needs_round()));
-        // The next round needs no news: g runs with two contributors, rank 2
-        // standing in.
-        let quiet = || Local::default();
-        let none = Contribution::default;
-        let o = round(
-            &mut st,
-            &[quiet(), quiet(), quiet()],
-            &[none(), none(), none()],
-        );
-        for o in &o {
-            assert_eq!(names(o), ["g"]);
-            assert_eq!(o.ready[0].contributors, 2);
-            assert_eq!(o.ready[0].specs[2], None);
-        }
-        // Ranks 0 and 1 join too; the round after completes the join, naming
-        // the last rank to join.
-        round(&mut st, &[l(), l(), quiet()], &[join.clone(), join, none()]);
-        assert!(st.iter().all(State::needs_round));
-        let o = round(
-            &mut st,
-            &[quiet(), quiet(), quiet()],
-            &[none(), none(), none()],
-        );
-        assert!(o.iter().all(|o| o.join_done == Some(1)));
-        assert!(st.iter().all(|s| !s.is_joined(0) && !s.needs_round()));
-    }
-
-    #[test]
-    fn groups_wait_for_all_members() {
-        let mut st: Vec<State> = (0..2).map(|_| State::new(2, 8)).collect();
-        let g = |name: &str| Spec {
-            group: Some(("grp".into(), 2)),
-            ..spec(name, 1)
-        };
-        let l = || Local {
-            has_content: true,
-            ..Default::default()
-        };
-        let o = round(
-            &mut st,
-            &[l(), l()],
-            &[
-                Contribution {
-                    announce: vec![g("a"), g("b")],
-                    ..Default::default()
-                },
-                Contribution {
-                    announce: vec![g("a")],
-                    ..Default::default()
-                },
-            ],
-        );
-        assert!(o.iter().all(|o| o.ready.is_empty()));
-        let o = round(
-            &mut st,
-            &[Local::default(), l()],
-            &[
-                Contribution::default(),
-                Contribution {
-                    announce: vec![g("b")],
-                    ..Default::default()
-                },
-            ],
-        );
-        assert!(o.iter().all(|o| names(o) == ["a", "b"]));
-    }
-
-    #[test]
-    fn census_names_missing_ranks_and_cancel_fails_them() {
-        let mut st: Vec<State> = (0..3).map(|_| State::new(3, 8)).collect();
-        let l = |census| Local {
-            has_content: true,
-            wants_census: census,
-            ..Default::default()
-        };
-        let c = Contribution {
-            announce: vec![spec("s", 1)],
-            pending: Some(vec!["s".into()]),
-            ..Default::default()
-        };
-        let quiet = Contribution {
-            pending: Some(vec![]),
-            ..Default::default()
-        };
-        let o = round(
-            &mut st,
-            &[l(true), l(false), Local::default()],
-            &[c.clone(), c.clone(), quiet.clone()],
-        );
-        for o in &o {
-            let s = &o.stalls.as_ref().unwrap()[0];
-            assert_eq!(
-                (s.name.as_str(), &s.have[..], &s.missing[..]),
-                ("s", &[0, 1][..], &[2][..])
-            );
-        }
-        let cancel = Contribution {
-            pending: Some(vec!["s".into()]),
-            cancel: vec!["s".into()],
-            ..Default::default()
-        };
-        let again = Contribution {
-            pending: Some(vec!["s".into()]),
-            ..Default::default()
-        };
-        let o = round(
-            &mut st,
-            &[l(true), Local::default(), Local::default()],
-            &[cancel, again, quiet],
-        );
-        for o in &o {
-            assert!(
-                matches!(&o.failed[0], (n, r, Failure::Stalled(_)) if &**n == "s" && r == &[0, 1])
-            );
-        }
-        assert_eq!(st[2].waiting().count(), 0);
-    }
-}
+mod tests;

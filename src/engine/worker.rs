@@ -688,6 +688,18 @@ impl Worker {
                 op: format!("engine tensor {name:?}"),
                 detail: text.clone(),
             },
+            // This rank is the late one: the others gave up on the step.
+            Failure::Stalled(s) if s.missing.contains(&self.me) => Error::Mismatch {
+                rank: self.me,
+                peer: s.have.first().copied().unwrap_or(self.me),
+                op: format!("engine tensor {name:?}"),
+                detail: format!(
+                    "rank {} submitted it late, for the step ranks {:?} gave up on \
+                     (KOLO_STALL_SHUTDOWN_S); it fails rather than be combined with \
+                     their next step's {name:?}, which pairs with this rank's next one",
+                    self.me, s.have
+                ),
+            },
             Failure::Stalled(s) => Error::Timeout {
                 rank: self.me,
                 op: format!("engine tensor {name:?}"),
