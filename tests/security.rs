@@ -390,3 +390,70 @@ fn an_amplifying_wait_and_a_flood_of_values_are_refused() {
     assert!(peak < 100_000_000, "peak RSS {} MiB", peak >> 20);
     println!("store held {stored} MiB; peak RSS {} MiB", peak >> 20);
 }
+
+/// 300 strangers that connect and say nothing, at the store and at a rank's
+/// data listener, while a job forms: each holds a handshake slot for at most
+/// its deadline, they are authenticated side by side instead of one after
+/// another (300 in turn at 2 s each would outlast the start timeout), and the
+/// job starts and reduces exactly.
+#[test]
+fn three_hundred_silent_strangers_do_not_stop_a_job_from_starting() {
+    let secret = Secret::new(SECRET);
+    let server = StoreServer::bind_with("127.0.0.1:0", secret.clone()).unwrap();
+    let store = server.local_addr();
+    let n = 4;
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let start_rank = |r: usize| {
+            let secret = secret.clone();
+            s.spawn(move || {
+                let mut cfg = common::config(r, n, store.port());
+                cfg.secret = secret;
+                cfg.start_timeout = Duration::from_secs(60);
+                let c = Communicator::init(cfg).unwrap_or_else(|e| panic!("rank {r}: {e}"));
+                let mut v = vec![r as i64 + 1; 1000];
+                c.allreduce(&mut v, ReduceOp::Sum).unwrap();
+                v.iter().all(|&x| x == 10)
+            })
+        };
+        // Ranks 0..3 publish their listeners and wait for rank 3.
+        let mut ranks: Vec<_> = (0..n - 1).map(start_rank).collect();
+        let mut look =
+            StoreClient::connect_with(&store.to_string(), 94, secret.as_ref(), soon()).unwrap();
+        let a = look.get("kolo/addr/0", soon()).unwrap();
+        let listener: SocketAddr = String::from_utf8(a).unwrap().parse().unwrap();
+        let silent: Vec<TcpStream> = (0..300)
+            .map(|_| TcpStream::connect(store).expect("a stranger connects"))
+            .collect();
+        // Rank 0 accepts only once the job forms: until then its backlog
+        // holds the strangers (and a connect past it waits in SYN retries).
+        let at_listener = s.spawn(move || {
+            (0..300)
+                .filter_map(|_| TcpStream::connect_timeout(&listener, Duration::from_secs(20)).ok())
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        ranks.push(start_rank(n - 1));
+        for (r, h) in ranks.into_iter().enumerate() {
+            assert!(h.join().unwrap(), "rank {r}: wrong sum");
+        }
+        let queued = at_listener.join().unwrap();
+        assert!(
+            queued.len() >= 100,
+            "only {} strangers reached rank 0",
+            queued.len()
+        );
+        println!(
+            "{} silent strangers at the store, {} at rank 0's listener",
+            silent.len(),
+            queued.len()
+        );
+        drop(silent);
+    });
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "the job took {took:?} to start and run"
+    );
+    println!("job formed and reduced past the strangers in {took:?}");
+}

@@ -946,69 +946,171 @@ fn accept_all(
     lanes: usize,
     stop: &AtomicBool,
 ) -> Result<Vec<Vec<(std::net::TcpStream, SocketAddr)>>> {
-    let mut rx: Vec<Vec<Option<(std::net::TcpStream, SocketAddr)>>> = (0..size)
-        .map(|_| (0..lanes).map(|_| None).collect())
-        .collect();
     listener
         .set_nonblocking(true)
         .map_err(|e| io_err("listener", e))?;
-    let mut missing = (size - 1) * lanes;
     let mut lst = TcpListener::from_std(listener);
     let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
-    let mut events = Events::with_capacity(64);
     poll.registry()
         .register(&mut lst, Token(usize::MAX), Interest::READABLE)
         .map_err(|e| io_err("epoll register", e))?;
-    while missing > 0 {
-        match lst.accept() {
-            Ok((s, from)) => {
-                let taken: Vec<Vec<bool>> = rx
-                    .iter()
-                    .map(|r| r.iter().map(Option::is_some).collect())
-                    .collect();
-                match accept_hello(
-                    s, rank, comm_id, size, &taken, deadline, sockbuf, secret, lanes,
-                ) {
-                    Ok((j, lane, stream)) => {
+    let job = Acceptor {
+        rank,
+        size,
+        comm_id,
+        deadline,
+        sockbuf,
+        secret,
+        lanes,
+    };
+    // Each connection is authenticated on a thread of its own, so silent or
+    // slow strangers (each held at most HANDSHAKE_LIMIT) delay no rank.
+    std::thread::scope(|sc| job.run(sc, &mut lst, &mut poll, stop))
+}
+
+/// What [`accept_all`]'s handshakes check a connection against.
+struct Acceptor<'a> {
+    rank: usize,
+    size: usize,
+    comm_id: u64,
+    deadline: Instant,
+    sockbuf: usize,
+    secret: Option<&'a Secret>,
+    lanes: usize,
+}
+
+/// A finished handshake: the peer's rank, connection and stream, or why not.
+type Shook = (
+    SocketAddr,
+    std::result::Result<(usize, usize, std::net::TcpStream), String>,
+);
+
+/// Most handshakes in flight at once on one data listener; connections
+/// beyond it are closed at once.
+const MAX_HANDSHAKES: usize = 1024;
+
+impl<'a> Acceptor<'a> {
+    fn run<'s>(
+        &'s self,
+        sc: &'s std::thread::Scope<'s, '_>,
+        lst: &mut TcpListener,
+        poll: &mut Poll,
+        stop: &AtomicBool,
+    ) -> Result<Vec<Vec<(std::net::TcpStream, SocketAddr)>>> {
+        let (rank, size, lanes) = (self.rank, self.size, self.lanes);
+        let mut rx: Vec<Vec<Option<(std::net::TcpStream, SocketAddr)>>> = (0..size)
+            .map(|_| (0..lanes).map(|_| None).collect())
+            .collect();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Shook>();
+        let mut events = Events::with_capacity(64);
+        let mut missing = (size - 1) * lanes;
+        let mut in_flight = 0usize;
+        while missing > 0 {
+            while let Ok((from, res)) = done_rx.try_recv() {
+                in_flight -= 1;
+                match res {
+                    Ok((j, lane, stream)) if rx[j][lane].is_none() => {
                         rx[j][lane] = Some((stream, from));
                         missing -= 1;
                     }
+                    Ok((j, lane, _)) => eprintln!(
+                        "kolo: rank {rank}: dropped connection from {from}: a second claim \
+                         of rank {j} (connection {lane})"
+                    ),
                     Err(e) => eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}"),
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let now = Instant::now();
-                if stop.load(Ordering::SeqCst) {
-                    return Err(Error::Io(format!("rank {rank}: stopped accepting")));
-                }
-                if now >= deadline {
-                    let waiting: Vec<String> = (0..size)
-                        .filter(|&j| j != rank && rx[j].iter().any(Option::is_none))
-                        .map(|j| j.to_string())
-                        .collect();
-                    return Err(Error::Timeout {
-                        rank,
-                        op: "connect".into(),
-                        waited: Duration::ZERO,
-                        detail: format!("ranks {} never connected", waiting.join(", ")),
-                    });
-                }
-                // Wake now and then to notice `stop`.
-                let nap = (deadline - now).min(Duration::from_millis(50));
-                match poll.poll(&mut events, Some(nap)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io_err("epoll wait", e)),
-                }
+            if missing == 0 {
+                break;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err("accept", e)),
+            match lst.accept() {
+                Ok((s, from)) if in_flight >= MAX_HANDSHAKES => {
+                    drop(s);
+                    eprintln!(
+                        "kolo: rank {rank}: dropped connection from {from}: {MAX_HANDSHAKES} \
+                         handshakes already in progress"
+                    );
+                }
+                Ok((s, from)) => {
+                    let taken: Vec<Vec<bool>> = rx
+                        .iter()
+                        .map(|r| r.iter().map(Option::is_some).collect())
+                        .collect();
+                    let tx = done_tx.clone();
+                    in_flight += 1;
+                    let spawned = std::thread::Builder::new()
+                        .name("kolo-handshake".into())
+                        .spawn_scoped(sc, move || {
+                            let _ = tx.send((from, self.hello(s, &taken)));
+                        });
+                    if let Err(e) = spawned {
+                        in_flight -= 1;
+                        eprintln!("kolo: rank {rank}: dropped connection from {from}: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.nap(poll, &mut events, stop, &rx)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("accept", e)),
+            }
+        }
+        Ok(rx
+            .into_iter()
+            .map(|r| r.into_iter().flatten().collect())
+            .collect())
+    }
+
+    fn hello(
+        &self,
+        s: TcpStream,
+        taken: &[Vec<bool>],
+    ) -> std::result::Result<(usize, usize, std::net::TcpStream), String> {
+        accept_hello(
+            s,
+            self.rank,
+            self.comm_id,
+            self.size,
+            taken,
+            self.deadline,
+            self.sockbuf,
+            self.secret,
+            self.lanes,
+        )
+    }
+
+    /// Sleep until the listener is ready or 20 ms pass (finished handshakes
+    /// and `stop` are looked at that often); an error at the deadline.
+    fn nap(
+        &self,
+        poll: &mut Poll,
+        events: &mut Events,
+        stop: &AtomicBool,
+        rx: &[Vec<Option<(std::net::TcpStream, SocketAddr)>>],
+    ) -> Result<()> {
+        let now = Instant::now();
+        if stop.load(Ordering::SeqCst) {
+            return Err(Error::Io(format!("rank {}: stopped accepting", self.rank)));
+        }
+        if now >= self.deadline {
+            let waiting: Vec<String> = (0..self.size)
+                .filter(|&j| j != self.rank && rx[j].iter().any(Option::is_none))
+                .map(|j| j.to_string())
+                .collect();
+            return Err(Error::Timeout {
+                rank: self.rank,
+                op: "connect".into(),
+                waited: Duration::ZERO,
+                detail: format!("ranks {} never connected", waiting.join(", ")),
+            });
+        }
+        let nap = (self.deadline - now).min(Duration::from_millis(20));
+        match poll.poll(events, Some(nap)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(io_err("epoll wait", e)),
         }
     }
-    Ok(rx
-        .into_iter()
-        .map(|r| r.into_iter().flatten().collect())
-        .collect())
 }
 
 /// The longest one incoming connection may take to authenticate: a silent or
