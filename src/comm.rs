@@ -342,7 +342,7 @@ impl Communicator {
         // `cost::select`): with a core per rank the ring is faster (16-core
         // host, N = 2..4), and so it is for two ranks that share memory
         // rings (2-core VM: 1.2-1.5x from 4 MiB; with 4 ranks the tree
-        // still wins there; README § Algorithms). The cores the ranks share
+        // still wins there; benches/RESULTS.md). The cores the ranks share
         // are the union of their affinity masks, not any one rank's: a
         // launcher that pins each rank to its own share leaves each seeing
         // only that.

@@ -34,7 +34,7 @@ pub const ENV_DOC: &[(&str, &str, &str)] = &[
     ("KOLO_ALPHA_US", "measured", "latency of one step in microseconds, for the algorithm choice (set: not measured)"),
     ("KOLO_BETA_GBPS", "measured", "bandwidth between neighbours in GB/s, for the algorithm choice (set: not measured)"),
     ("KOLO_GAMMA_GBPS", "measured", "reduction throughput in GB/s, for the algorithm choice (set: not measured)"),
-    ("KOLO_NSOCKS", "1", "TCP connections each way per peer (1 to 8); a message of at least twice KOLO_MIN_STRIPE is striped across them (no consistent gain measured on loopback; see the README)"),
+    ("KOLO_NSOCKS", "1", "TCP connections each way per peer (1 to 8); a message of at least twice KOLO_MIN_STRIPE is striped across them (no consistent gain measured on loopback; see benches/RESULTS.md)"),
     ("KOLO_MIN_STRIPE", "262144", "with KOLO_NSOCKS > 1, the smallest stripe in bytes: smaller messages stay on one connection"),
     ("KOLO_SHM_BYTES", "1048576", "shared-memory ring per direction and connection between ranks that advertise the same address (at most 64 MiB of rings per rank: smaller with many ranks, none below 128 KiB): bulk payloads (over 64 KiB) go through it when it has room, headers stay on TCP (0: everything over TCP)"),
     ("KOLO_SOCKET_BUFFER", "1048576", "SO_SNDBUF/SO_RCVBUF of data connections in bytes (0: kernel autotuning)"),

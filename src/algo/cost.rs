@@ -207,7 +207,7 @@ impl Model {
 /// 10% faster ([`SWITCH_MARGIN`]). Where the ring stays, up to 4 ranks on a
 /// `crowded` host (every rank on it, and no more cores than ranks) run the
 /// double binary tree instead: measured 1.1-1.6x the ring's busbw on 2 cores
-/// (README § Algorithms), because its reduce and broadcast overlap segment
+/// (benches/RESULTS.md, the algorithms section), because its reduce and broadcast overlap segment
 /// by segment, which a per-rank α-β-γ model cannot see (it flatters the tree
 /// at small sizes and undersells it on a CPU-bound host, so the tree is not
 /// ranked by the model). With a core per rank the ring wins again.
