@@ -134,3 +134,37 @@ fn a_late_but_live_rank_is_not_called_frozen() {
         assert_eq!(res.unwrap_or_else(|e| panic!("rank {r}: {e}")), 3.0);
     }
 }
+
+/// `Engine::shutdown` (and so `kolo_comm_destroy`) waits for the other
+/// ranks at most `KOLO_TIMEOUT`, then aborts: it never blocks for long when a
+/// peer never shuts down.
+#[test]
+fn engine_shutdown_is_bounded_by_the_timeout() {
+    let got = run_ranks_with(
+        2,
+        |cfg| cfg.timeout = Duration::from_secs(2),
+        |c| {
+            let r = c.rank();
+            let e = Engine::start(c).unwrap();
+            if r == 1 {
+                // Still busy long after rank 0 gave up.
+                std::thread::sleep(Duration::from_secs(6));
+            }
+            let t0 = Instant::now();
+            let res = e.shutdown().map(|_| ());
+            (r, res, t0.elapsed())
+        },
+    );
+    let (_, res0, took0) = &got[0];
+    assert!(res0.is_err(), "rank 0's shutdown cannot have agreed");
+    assert!(
+        *took0 < Duration::from_secs(4),
+        "rank 0's shutdown took {took0:?}"
+    );
+    let (_, res1, took1) = &got[1];
+    assert!(res1.is_err(), "rank 1 shut down alone");
+    assert!(
+        *took1 < Duration::from_secs(4),
+        "rank 1's shutdown took {took1:?}"
+    );
+}

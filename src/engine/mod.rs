@@ -587,6 +587,8 @@ pub struct Engine {
     size: usize,
     /// Pulled by [`Engine::abort`].
     switch: crate::transport::AbortSwitch,
+    /// How long [`Engine::shutdown`] waits for the other ranks (`KOLO_TIMEOUT`).
+    shutdown_limit: Duration,
 }
 
 impl Engine {
@@ -606,6 +608,7 @@ impl Engine {
     pub fn start(comm: Communicator) -> Result<Engine> {
         let waker = comm.waker()?;
         let switch = comm.abort_switch();
+        let shutdown_limit = comm.config().timeout;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (rank, size) = (comm.rank(), comm.size());
         let shared = Arc::new(Shared {
@@ -634,6 +637,7 @@ impl Engine {
             rank,
             size,
             switch,
+            shutdown_limit,
         })
     }
 
@@ -988,20 +992,25 @@ impl Engine {
 
     /// Stop the engine on every rank together and take the communicator
     /// back, ready for blocking collectives. Every rank must call it; it
-    /// returns once all have (bounded by `KOLO_STALL_SHUTDOWN_S`, else
-    /// `KOLO_TIMEOUT`). Operations still pending then fail.
+    /// returns once all have, or after `KOLO_TIMEOUT` with an error (the
+    /// communicator is then aborted, so this never hangs). Operations still
+    /// pending then fail.
     pub fn shutdown(mut self) -> Result<Communicator> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let agreed =
-            self.send(Msg::Shutdown(tx)).is_ok() && rx.recv_timeout(SHUTDOWN_LIMIT).is_ok();
+        let limit = self.shutdown_limit;
+        let agreed = self.send(Msg::Shutdown(tx)).is_ok() && rx.recv_timeout(limit).is_ok();
+        if !agreed {
+            // The thread may be blocked in the shutdown round: end it now.
+            self.switch.pull();
+        }
         let comm = self.stop();
         match (comm, agreed) {
             (Some(c), true) => Ok(c),
             (_, false) => Err(self.shared.dead().unwrap_or_else(|| Error::Timeout {
                 rank: self.rank,
                 op: "engine shutdown".into(),
-                waited: SHUTDOWN_LIMIT,
-                detail: "not every rank shut its engine down".into(),
+                waited: limit,
+                detail: "not every rank shut its engine down within KOLO_TIMEOUT".into(),
             })),
             (None, true) => Err(Error::Io(format!(
                 "rank {}: engine thread panicked",
@@ -1018,9 +1027,6 @@ impl Engine {
         t.join().ok()
     }
 }
-
-/// How long [`Engine::shutdown`] waits for the other ranks.
-const SHUTDOWN_LIMIT: Duration = Duration::from_secs(600);
 
 impl Drop for Engine {
     fn drop(&mut self) {
