@@ -278,6 +278,8 @@ struct Shared {
     secret: Option<Secret>,
     /// Connections accepted whose handshake has not finished.
     pending: AtomicUsize,
+    /// Of `pending`, per source address.
+    pending_from: Mutex<HashMap<std::net::IpAddr, usize>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -559,6 +561,7 @@ impl StoreServer {
             next_id: AtomicU64::new(0),
             secret,
             pending: AtomicUsize::new(0),
+            pending_from: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
         });
         let sh = shared.clone();
@@ -616,6 +619,54 @@ impl StoreServer {
     }
 }
 
+/// Handshakes in flight from which new strangers start to be turned away at
+/// random, more of them the fuller the table (OpenSSH's MaxStartups): a
+/// flood of silent connections cannot take every slot, and a real client,
+/// which retries, still gets through.
+const EARLY_DROP_FROM: usize = 64;
+/// Most handshakes in flight from one address.
+const MAX_PENDING_PER_SOURCE: usize = 128;
+
+/// Why a new connection is turned away before its handshake, given the
+/// handshakes in flight in all and from its address; `None` to take it.
+fn refuse_handshake(pending: usize, from_there: usize) -> Option<String> {
+    if pending >= MAX_PENDING_HANDSHAKES {
+        return Some(format!(
+            "{MAX_PENDING_HANDSHAKES} connections are already in their handshake"
+        ));
+    }
+    if from_there >= MAX_PENDING_PER_SOURCE {
+        return Some(format!(
+            "{from_there} connections from there are already in their handshake"
+        ));
+    }
+    if pending >= EARLY_DROP_FROM {
+        let mut r = [0u8; 2];
+        let roll = getrandom::getrandom(&mut r).map_or(0, |()| u16::from_le_bytes(r) as usize);
+        let span = MAX_PENDING_HANDSHAKES - EARLY_DROP_FROM;
+        if roll % span < pending - EARLY_DROP_FROM {
+            return Some(format!(
+                "{pending} handshakes in flight: dropped early, at random"
+            ));
+        }
+    }
+    None
+}
+
+impl Shared {
+    /// A connection's handshake ended (either way): free its slot.
+    fn handshake_over(&self, ip: std::net::IpAddr) {
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        let mut from = lock(&self.pending_from);
+        if let Some(n) = from.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                from.remove(&ip);
+            }
+        }
+    }
+}
+
 fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc<Shared>) {
     let mut events = mio::Events::with_capacity(16);
     loop {
@@ -645,11 +696,12 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
             if stream.set_nonblocking(false).is_err() {
                 continue;
             }
-            if shared.pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
-                eprintln!(
-                    "kolo store: closing connection from {peer}: {MAX_PENDING_HANDSHAKES} \
-                     connections are already in their handshake"
-                );
+            let from_there = lock(&shared.pending_from)
+                .get(&peer.ip())
+                .copied()
+                .unwrap_or(0);
+            if let Some(why) = refuse_handshake(shared.pending.load(Ordering::SeqCst), from_there) {
+                eprintln!("kolo store: closing connection from {peer}: {why}");
                 continue;
             }
             if lock(&shared.conns).len() >= MAX_CLIENTS {
@@ -667,6 +719,7 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
                 continue;
             };
             shared.pending.fetch_add(1, Ordering::SeqCst);
+            *lock(&shared.pending_from).entry(peer.ip()).or_insert(0) += 1;
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
             lock(&shared.conns).insert(id, clone);
             let sh = shared.clone();
@@ -681,7 +734,7 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
                             Err(format!("a data connection from rank {} (wrong port?)", h.from))
                         }
                     });
-                    sh.pending.fetch_sub(1, Ordering::SeqCst);
+                    sh.handshake_over(peer.ip());
                     let end = match shook {
                         Ok(_) => serve_conn(&sh, stream),
                         // A closed or silent connection ends quietly at shutdown.
@@ -710,7 +763,7 @@ fn accept_loop(mut poll: mio::Poll, listener: mio::net::TcpListener, shared: Arc
                     hs.push(h);
                 }
                 Err(e) => {
-                    shared.pending.fetch_sub(1, Ordering::SeqCst);
+                    shared.handshake_over(peer.ip());
                     eprintln!("kolo store: cannot start a thread for {peer}: {e}");
                     if let Some(s) = lock(&shared.conns).remove(&id) {
                         let _ = s.shutdown(Shutdown::Both);
@@ -1399,6 +1452,32 @@ pub fn agree(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn handshakes_are_refused_early_at_random_and_always_when_full() {
+        use super::{refuse_handshake as refuse, *};
+        assert!(refuse(0, 0).is_none());
+        assert!(
+            refuse(EARLY_DROP_FROM - 1, 0).is_none(),
+            "below the threshold: all taken"
+        );
+        assert!(refuse(MAX_PENDING_HANDSHAKES, 0).is_some());
+        assert!(
+            refuse(10, MAX_PENDING_PER_SOURCE).is_some(),
+            "one source's share is full"
+        );
+        // Halfway between the threshold and full, about half are dropped.
+        let mid = (EARLY_DROP_FROM + MAX_PENDING_HANDSHAKES) / 2;
+        let dropped = (0..2000).filter(|_| refuse(mid, 0).is_some()).count();
+        assert!(
+            (700..1300).contains(&dropped),
+            "{dropped} of 2000 dropped at {mid}"
+        );
+        let near_full = (0..2000)
+            .filter(|_| refuse(MAX_PENDING_HANDSHAKES - 2, 0).is_some())
+            .count();
+        assert!(near_full > 1900, "{near_full} of 2000 dropped near full");
+    }
+
     use super::*;
 
     fn secs(s: f64) -> Instant {
