@@ -46,7 +46,7 @@ def main():
         # Under kolorun: take rank and size from its variables; DDP's store on another port.
         os.environ.setdefault("RANK", os.environ.get("KOLO_RANK", "0"))
         os.environ.setdefault("WORLD_SIZE", os.environ.get("KOLO_SIZE", "1"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("KOLO_MASTER_ADDR", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", str(int(os.environ.get("KOLO_MASTER_PORT", "29500")) + 7))
         dist.init_process_group("gloo")
         rank, size = dist.get_rank(), dist.get_world_size()
