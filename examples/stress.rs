@@ -11,15 +11,22 @@
 //! - `KOLO_TEST_DIE_RANK`: that rank SIGKILLs itself `KOLO_TEST_DIE_MS` (default 300)
 //!   milliseconds after its first allreduce, from a timer thread, so mid-collective.
 //! - `KOLO_TEST_MISMATCH_RANK`: that rank passes one element more to every allreduce.
+//! - `KOLO_TEST_ERRORS_TO_STDOUT`: print errors to stdout instead.
 use kolo::{Communicator, ReduceOp};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// Print one whole line to stderr in a single write, so a rank stopped by its
+/// Print one whole line to stderr (stdout with `KOLO_TEST_ERRORS_TO_STDOUT=1`,
+/// as many programs log) in a single write, so a rank stopped by its
 /// launcher right after never leaves half a line.
 fn report(line: String) {
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+    let line = format!("{line}\n");
+    if std::env::var_os("KOLO_TEST_ERRORS_TO_STDOUT").is_some() {
+        let _ = std::io::stdout().write_all(line.as_bytes());
+    } else {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
 }
 
 fn var<T: std::str::FromStr>(k: &str) -> Option<T> {

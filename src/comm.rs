@@ -1032,6 +1032,7 @@ impl Communicator {
         };
         if let Err(e) = &res {
             inner.failed = Some(e.clone());
+            crate::report::publish(&self.cfg, e);
         }
         res
     }

@@ -53,6 +53,9 @@ pub enum Error {
         waited: Duration,
         /// What happened, in words.
         detail: String,
+        /// The rank this wait ended on, when known: the peer waited on, or
+        /// the head of a chain of waits (a stopped, frozen or cut-off rank).
+        hung: Option<usize>,
     },
     /// Rendezvous failed (store unreachable, ranks missing).
     Rendezvous {
@@ -80,6 +83,9 @@ pub enum Error {
         op: String,
         /// What happened, in words.
         detail: String,
+        /// The rank the failure is traced to, when known (see
+        /// [`Error::blamed`]): a lost or hung peer behind the abort.
+        hung: Option<usize>,
     },
     /// An OS-level I/O error outside a collective (bind, connect, spawn).
     Io(String),
@@ -122,6 +128,7 @@ impl fmt::Display for Error {
                 op,
                 waited,
                 detail,
+                ..
             } => write!(
                 f,
                 "rank {rank}: {op}: timed out after {:.1}s: {detail}",
@@ -136,6 +143,7 @@ impl fmt::Display for Error {
                 origin,
                 op,
                 detail,
+                ..
             } => write!(f, "rank {rank}: {op}: aborted by rank {origin}: {detail}"),
             Error::Io(m) => write!(f, "I/O error: {m}"),
             Error::MembershipChanged {
@@ -153,6 +161,29 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 impl Error {
+    /// The rank this failure is traced to, as typed data: a lost peer, a
+    /// peer that sent garbage, or the hung rank a wait ended on. The
+    /// launcher blames it (kolorun reads it from its store, not from any
+    /// output); `None` when no other rank is at fault (a mismatch, bad input).
+    ///
+    /// ```
+    /// let e = kolo::Error::PeerLost {
+    ///     rank: 0,
+    ///     peer: 2,
+    ///     host: "10.0.0.3".into(),
+    ///     op: "allreduce #7".into(),
+    ///     detail: "connection reset".into(),
+    /// };
+    /// assert_eq!(e.blamed(), Some(2));
+    /// ```
+    pub fn blamed(&self) -> Option<usize> {
+        match self {
+            Error::PeerLost { peer, .. } | Error::Protocol { peer, .. } => Some(*peer),
+            Error::Timeout { hung, .. } | Error::Aborted { hung, .. } => *hung,
+            _ => None,
+        }
+    }
+
     /// The peer rank this error is about, when it is about one.
     pub fn peer(&self) -> Option<usize> {
         match self {

@@ -372,10 +372,11 @@ fn chain_wait(timeout: Duration) -> Duration {
 fn find_hung(t: &Transport, e: Error, wait: Duration) -> Error {
     let me = t.rank();
     let start = match &e {
-        Error::Timeout { detail, .. } | Error::Aborted { detail, .. } => match waited_on(detail) {
-            Some(p) if p != me && p < t.size() => p,
-            _ => return e,
-        },
+        Error::Timeout { hung: Some(p), .. } | Error::Aborted { hung: Some(p), .. }
+            if *p != me && *p < t.size() =>
+        {
+            *p
+        }
         _ => return e,
     };
     // waits[a] = the rank that a's abort says it waits on.
@@ -422,22 +423,26 @@ fn find_hung(t: &Transport, e: Error, wait: Duration) -> Error {
             op,
             waited,
             detail,
+            ..
         } => Error::Timeout {
             rank,
             op,
             waited,
             detail: detail + &note,
+            hung: Some(head),
         },
         Error::Aborted {
             rank,
             origin,
             op,
             detail,
+            ..
         } => Error::Aborted {
             rank,
             origin,
             op,
             detail: detail + &note,
+            hung: Some(head),
         },
         e => e,
     }
@@ -743,6 +748,7 @@ fn frozen(t: &Transport, call: &Call, peer: usize, age: Duration, idle: Duration
             age.as_secs_f64(),
             t.host(peer)
         ),
+        hung: Some(peer),
     }
 }
 
@@ -754,6 +760,7 @@ pub(crate) fn aborted_here(t: &Transport, call: &Call) -> Error {
         origin: t.rank(),
         op: call.label(),
         detail: "aborted by the caller (Communicator::abort)".into(),
+        hung: None,
     }
 }
 
@@ -882,22 +889,18 @@ fn aborted(t: &Transport, call: &Call, origin: usize, text: String, pending: &st
             };
         }
     }
-    match waited_on(&text) {
-        Some(_) if !pending.is_empty() => {
-            return Error::Aborted {
-                rank: me,
-                origin,
-                op: call.label(),
-                detail: format!("{text}; this rank was itself still {pending}"),
-            };
-        }
-        _ => {}
-    }
+    // The abort frame carries the origin's words only: the rank it traces
+    // the failure to is read back from them here, in one place.
+    let detail = match waited_on(&text) {
+        Some(_) if !pending.is_empty() => format!("{text}; this rank was itself still {pending}"),
+        _ => text,
+    };
     Error::Aborted {
-        rank: t.rank(),
+        rank: me,
         origin,
         op: call.label(),
-        detail: text,
+        hung: blamed_in(&detail).filter(|&p| p < t.size()),
+        detail,
     }
 }
 
@@ -1254,6 +1257,17 @@ fn timeout(
     recvs: &[RecvState],
     mem: &Mem,
 ) -> Error {
+    // The peer named last in the description (a send's before a receive's).
+    let last_recv = recvs
+        .iter()
+        .filter(|r| !r.done)
+        .map(|r| r.inc.peer())
+        .next_back();
+    let last_send = sends
+        .iter()
+        .filter(|s| !s.done)
+        .map(|s| s.out.peer())
+        .next_back();
     Error::Timeout {
         rank: t.rank(),
         op: call.label(),
@@ -1262,7 +1276,27 @@ fn timeout(
             "nothing moved for that long; still {}",
             pending_desc(t, sends, recvs, mem)
         ),
+        hung: last_send.or(last_recv),
     }
+}
+
+/// The rank an abort's text traces the failure to: the last one it names as
+/// hung, lost, or waited on (nested reasons end with the deepest).
+fn blamed_in(text: &str) -> Option<usize> {
+    [
+        "lost peer rank ",
+        "receiving from rank ",
+        "sending to rank ",
+        "hung peer rank ",
+    ]
+    .iter()
+    .filter_map(|pat| {
+        let (i, _) = text.rmatch_indices(pat).next()?;
+        let (num, _) = text[i + pat.len()..].split_once(" (")?;
+        Some((i, num.parse::<usize>().ok()?))
+    })
+    .max()
+    .map(|(_, r)| r)
 }
 
 /// The unfinished operations of a round: `receiving from rank 3 (10.0.0.4):
@@ -1304,6 +1338,20 @@ mod tests {
         stripes(r, elem, lanes, min)
             .map(|(l, s)| (l, s.start, s.len))
             .collect()
+    }
+
+    #[test]
+    fn an_abort_text_is_traced_to_the_deepest_rank_it_names() {
+        let l = "rank 1: allreduce #9: lost peer rank 5 (10.213.0.3): connection reset";
+        assert_eq!(blamed_in(l), Some(5));
+        let l = "rank 0: allreduce #3: timed out after 5.0s: nothing moved for that long; still receiving from rank 2 (h3): 0 of 8 bytes";
+        assert_eq!(blamed_in(l), Some(2));
+        let l = "rank 7: allreduce #16: timed out after 4.0s: nothing moved for that long; still receiving from rank 6 (h4): 0 of 8 bytes; hung peer rank 5 (h3): waits 7 -> 6 -> 5, and rank 5 said nothing within 1.0s";
+        assert_eq!(blamed_in(l), Some(5));
+        assert_eq!(
+            blamed_in("rank 0: allreduce #3: mismatch with rank 1: count"),
+            None
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod host;
 pub mod net;
 pub mod reduce;
 pub mod rendezvous;
+pub mod report;
 pub mod simulate;
 #[cfg(feature = "torch")]
 pub mod torch;

@@ -582,6 +582,18 @@ impl StoreServer {
     }
 
     /// Set `key` directly, waking every GET/WAIT that waits on it.
+    /// The value of `key` as this server holds it, without a client: the
+    /// launcher reads the ranks' diagnoses ([`crate::report`]) this way.
+    ///
+    /// ```
+    /// let s = kolo::rendezvous::StoreServer::bind("127.0.0.1:0")?;
+    /// assert_eq!(s.peek("kolo/diag/0"), None);
+    /// # Ok::<(), kolo::Error>(())
+    /// ```
+    pub fn peek(&self, key: &str) -> Option<Vec<u8>> {
+        lock(&self.shared.data).get(key).cloned()
+    }
+
     /// The server's own entries (verdicts, the abort key): always stored,
     /// and counted like a client's.
     fn put(&self, key: &str, value: &[u8]) {

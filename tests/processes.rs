@@ -948,3 +948,64 @@ fn a_stopped_rank_is_named_within_15_s_by_its_heartbeat() {
         println!("{}: named the stopped rank after {took:?}", d.name);
     }
 }
+
+/// The pid of the child of `parent` whose environment says `KOLO_RANK=rank`.
+fn rank_pid(parent: u32, rank: usize) -> Option<i32> {
+    let want = format!("KOLO_RANK={rank}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat[stat.rfind(')')? + 2..]
+            .split(' ')
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        (ppid == parent && env.split(|&b| b == 0).any(|v| v == want.as_bytes())).then_some(pid)
+    })
+}
+
+/// kolorun blames from the ranks' typed diagnoses in its store, not from
+/// their output: a program that prints its errors to stdout, with rank 1
+/// stopped, still has rank 1 named by kolorun's verdict.
+#[test]
+fn kolorun_names_a_stopped_rank_whatever_the_program_prints() {
+    let ex = example("stress");
+    let mut c = kolorun(&["-np", "4"]);
+    clean_env(&mut c);
+    c.env("KOLO_TIMEOUT", "5")
+        .env("KOLO_TEST_SECONDS", "60")
+        .env("KOLO_TEST_ERRORS_TO_STDOUT", "1")
+        .arg(&ex);
+    let mut p = Proc::spawn("kolorun", c);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while p.stdout().matches("running").count() < 4 {
+        assert!(
+            Instant::now() < deadline && !p.poll(),
+            "ranks did not start: {}",
+            p.report()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let victim = rank_pid(p.child.id(), 1).expect("rank 1's pid");
+    // SAFETY: plain kill(2) on a process this test's kolorun started.
+    unsafe { libc::kill(victim, libc::SIGSTOP) };
+    let d = wait_all(vec![p], Duration::from_secs(60)).pop().unwrap();
+    assert_ne!(d.code(), Some(0), "{d:#?}");
+    assert!(
+        !d.stderr
+            .lines()
+            .any(|l| l.starts_with('[') && l.contains("error")),
+        "the ranks' errors went to stdout: {d:#?}"
+    );
+    let verdict = d
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("kolorun: rank "))
+        .unwrap_or_else(|| panic!("no verdict: {d:#?}"));
+    assert!(
+        verdict.starts_with("kolorun: rank 1 (host ") && verdict.contains("named by"),
+        "kolorun blamed another rank: {verdict}\n{d:#?}"
+    );
+}

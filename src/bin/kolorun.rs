@@ -828,26 +828,17 @@ struct Settling {
     others: usize,
 }
 
-/// The rank a kolo error line blames: the peer in `lost peer rank P (HOST): `
-/// (a peer that died or became unreachable, possibly as reported by another
-/// rank), in `receiving from rank P (` / `sending to rank P (` (a timed-out
-/// collective still waiting on it) or in `hung peer rank P (` (the head of a
-/// chain of waits), whichever comes last: nested reasons end with the deepest.
-fn named_peer(line: &str) -> Option<usize> {
-    [
-        "lost peer rank ",
-        "receiving from rank ",
-        "sending to rank ",
-        "hung peer rank ",
-    ]
-    .iter()
-    .filter_map(|pat| {
-        let (i, _) = line.rmatch_indices(pat).next()?;
-        let (num, _) = line[i + pat.len()..].split_once(" (")?;
-        Some((i, num.parse::<usize>().ok()?))
-    })
-    .max()
-    .map(|(_, r)| r)
+/// The rank each rank's diagnosis blames (see [`kolo::report`]): what the
+/// ranks wrote to this launcher's store when they failed, as typed data,
+/// whatever (or wherever) the program printed.
+fn diagnosed(store: &StoreServer, n: usize) -> Vec<Option<usize>> {
+    (0..n)
+        .map(|r| {
+            let raw = store.peek(&kolo::report::key(r))?;
+            let d: kolo::report::Diagnosis = serde_json::from_slice(&raw).ok()?;
+            d.blamed.filter(|_| d.rank == r)
+        })
+        .collect()
 }
 
 /// The rank most failing ranks' errors name (ties: the lowest), with the
@@ -872,8 +863,8 @@ fn most_named(named: &[Option<usize>], failures: &[Failure]) -> Option<(usize, V
 /// Blame the root cause of `s`, stop the job, and return the exit code.
 ///
 /// A rank killed by a signal on this host is the root cause. Otherwise, when
-/// the failing ranks' errors name a lost peer (`named`, parsed from their
-/// stderr), that peer is blamed, whether it exited (a remote rank killed by a
+/// the failing ranks' diagnoses blame a peer (`named`, from [`diagnosed`]),
+/// that peer is blamed, whether it exited (a remote rank killed by a
 /// signal shows up as ssh's status 255) or is still running (hung, or cut off
 /// from the network). Else the earliest failure.
 fn settle(job: &mut Job, s: Settling, named: &[Option<usize>]) -> i32 {
@@ -1089,8 +1080,6 @@ fn run(opts: Opts) -> i32 {
     }
     drop(tx);
 
-    // The peer each rank's first kolo error line blames (see `settle`).
-    let mut named: Vec<Option<usize>> = vec![None; np];
     let mut got_signal: Option<i32> = None;
     let mut all_exited_at: Option<Instant> = None;
     let mut settling: Option<Settling> = None;
@@ -1099,6 +1088,7 @@ fn run(opts: Opts) -> i32 {
             .as_ref()
             .is_some_and(|s| job.running() == 0 || Instant::now() >= s.until)
         {
+            let named = diagnosed(&store, np);
             exit_code = Some(settle(&mut job, settling.take().expect("checked"), &named));
         }
         let running = job.running();
@@ -1148,18 +1138,13 @@ fn run(opts: Opts) -> i32 {
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
         match msg {
-            Msg::Line { rank, err, line } => {
-                if err && named[rank].is_none() {
-                    named[rank] = named_peer(&String::from_utf8_lossy(&line));
-                }
-                forward_line(rank, err, &line, &mut logs);
-            }
+            Msg::Line { rank, err, line } => forward_line(rank, err, &line, &mut logs),
             Msg::PipeClosed => open_pipes -= 1,
             Msg::Hosts(_) => {}
             Msg::Signal(sig) => {
                 if let Some(s) = settling.take() {
                     // A failure came first: report it before forwarding the signal.
-                    exit_code = Some(settle(&mut job, s, &named));
+                    exit_code = Some(settle(&mut job, s, &diagnosed(&store, np)));
                 }
                 if got_signal.is_none() {
                     eprintln!(
@@ -1217,7 +1202,7 @@ fn run(opts: Opts) -> i32 {
         }
     }
     if let Some(s) = settling.take() {
-        exit_code = Some(settle(&mut job, s, &named));
+        exit_code = Some(settle(&mut job, s, &diagnosed(&store, np)));
     }
     let _ = std::io::stdout().flush();
     drop(store);
@@ -1951,16 +1936,6 @@ mod tests {
 
     #[test]
     fn blame_goes_to_the_rank_the_errors_name() {
-        let l = "[1] rank 1: error: rank 1: allreduce #9: lost peer rank 5 (10.213.0.3): connection reset";
-        assert_eq!(named_peer(l), Some(5));
-        let l = "rank 0: allreduce #3: timed out after 5.0s: nothing moved for that long; still receiving from rank 2 (h3): 0 of 8 bytes";
-        assert_eq!(named_peer(l), Some(2));
-        let l = "rank 7: allreduce #16: timed out after 4.0s: nothing moved for that long; still receiving from rank 6 (h4): 0 of 8 bytes; hung peer rank 5 (h3): waits 7 -> 6 -> 5, and rank 5 said nothing within 1.0s";
-        assert_eq!(named_peer(l), Some(5));
-        assert_eq!(
-            named_peer("rank 0: allreduce #3: mismatch with rank 1: count"),
-            None
-        );
         let t0 = Instant::now();
         let f = |rank| Failure {
             rank,

@@ -1011,6 +1011,7 @@ impl Engine {
                 op: "engine shutdown".into(),
                 waited: limit,
                 detail: "not every rank shut its engine down within KOLO_TIMEOUT".into(),
+                hung: None,
             })),
             (None, true) => Err(Error::Io(format!(
                 "rank {}: engine thread panicked",

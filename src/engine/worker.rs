@@ -658,6 +658,7 @@ impl Worker {
                     op: "engine join".into(),
                     waited: j.since.elapsed(),
                     detail: "not every rank joined within KOLO_STALL_SHUTDOWN_S".into(),
+                    hung: None,
                 }));
             }
         }
@@ -709,6 +710,7 @@ impl Worker {
                      (KOLO_STALL_SHUTDOWN_S)",
                     s.have, s.missing
                 ),
+                hung: (s.missing.len() == 1).then(|| s.missing[0]),
             },
             Failure::Invalid(m) | Failure::Joined(m) => {
                 Error::InvalidArgument(format!("rank {}: engine: {m}", self.me))

@@ -1102,6 +1102,7 @@ impl<'a> Acceptor<'a> {
                 op: "connect".into(),
                 waited: Duration::ZERO,
                 detail: format!("ranks {} never connected", waiting.join(", ")),
+                hung: None,
             });
         }
         let nap = (self.deadline - now).min(Duration::from_millis(20));
