@@ -46,7 +46,8 @@ launch() {  # wire n cmd...
     if [ "$wire" = loopback ]; then
         "$KOLORUN" -np "$n" "$@"
     else
-        $CLUSTER exec "${P}1" "$KOLORUN" -H "${P}1,${P}2" "$@"
+        # gloo finds its address from the host name (loopback here) unless told.
+        $CLUSTER exec "${P}1" "$KOLORUN" -H "${P}1,${P}2" -x GLOO_SOCKET_IFNAME=eth0 "$@"
     fi
 }
 netns_up() {
