@@ -307,9 +307,8 @@ impl Communicator {
                 match beat {
                     Some(hb) => transport.attach_heartbeat(hb),
                     None => eprintln!(
-                        "kolo: rank {rank}: no heartbeat (UDP {} taken): a frozen peer is \
-                         found only by KOLO_TIMEOUT",
-                        addrs[rank]
+                        "kolo: rank {rank}: no UDP socket for heartbeats: a frozen peer is \
+                         found only by KOLO_TIMEOUT"
                     ),
                 }
             }
