@@ -407,6 +407,12 @@ fn find_hung(t: &Transport, e: Error, wait: Duration) -> Error {
         }
     }
     let head = *chain.last().expect("non-empty");
+    let named = format!("hung peer rank {head} (");
+    if matches!(&e, Error::Timeout { detail, .. } | Error::Aborted { detail, .. } if detail.contains(&named))
+    {
+        // A frozen peer's error names it already.
+        return e;
+    }
     let path = chain
         .iter()
         .map(|r| r.to_string())
@@ -683,7 +689,11 @@ fn run_rounds(
             let mut wake = deadline;
             if let Some(limit) = opts.heartbeat_timeout {
                 if let Some((peer, age)) = t.frozen_peer(limit) {
-                    return Err(frozen(t, call, peer, age, now - since));
+                    // Silent since the last byte moved (the deadline is that plus the timeout).
+                    let stuck = opts
+                        .timeout
+                        .saturating_sub(deadline.saturating_duration_since(now));
+                    return Err(frozen(t, call, peer, age, stuck));
                 }
                 wake = wake.min(now + HEARTBEAT_CHECK);
             }
